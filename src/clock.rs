@@ -1,0 +1,107 @@
+//! Time, behind a trait, so every rule with a clock in it can be tested by moving time.
+//!
+//! Session limits, idle expiry, token expiry, trials and month rollover all read a [`Clock`]; the
+//! server uses [`SystemClock`], tests hand it a [`ManualClock`] and move it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
+
+/// A source of the current time.
+pub trait Clock: Send + Sync + 'static {
+    /// Now, in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> Millis;
+
+    /// Now, in whole seconds since the Unix epoch.
+    fn now_secs(&self) -> i64 {
+        self.now_ms().div_euclid(1000)
+    }
+}
+
+/// A shared clock handle; cloning is shallow.
+pub type SharedClock = Arc<dyn Clock>;
+
+/// The operating system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> Millis {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that moves only when told to; for tests.
+#[derive(Debug)]
+pub struct ManualClock {
+    // Relaxed suffices: the value is a standalone timestamp, no other memory is published with it.
+    now: AtomicI64,
+}
+
+impl ManualClock {
+    /// A clock standing at `start_ms`.
+    pub fn new(start_ms: Millis) -> Arc<Self> {
+        Arc::new(Self { now: AtomicI64::new(start_ms) })
+    }
+
+    /// A clock standing at the given RFC 3339 instant; panics on a malformed literal (tests only).
+    pub fn at(rfc3339: &str) -> Arc<Self> {
+        let t = chrono::DateTime::parse_from_rfc3339(rfc3339).expect("RFC 3339 instant");
+        Self::new(t.timestamp_millis())
+    }
+
+    /// Moves the clock forward by `ms` milliseconds.
+    pub fn advance_ms(&self, ms: i64) {
+        self.now.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Moves the clock forward by `secs` seconds.
+    pub fn advance_secs(&self, secs: i64) {
+        self.advance_ms(secs * 1000);
+    }
+
+    /// Sets the clock to `ms`.
+    pub fn set_ms(&self, ms: Millis) {
+        self.now.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> Millis {
+        self.now.load(Ordering::Relaxed)
+    }
+}
+
+/// Formats milliseconds since the epoch as an RFC 3339 UTC timestamp with millisecond precision,
+/// the form Direct Line clients expect (`2026-11-28T03:36:17.123Z`).
+pub fn rfc3339_ms(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let c = ManualClock::at("2026-11-28T00:00:00Z");
+        let t0 = c.now_ms();
+        assert_eq!(c.now_ms(), t0);
+        c.advance_secs(61);
+        assert_eq!(c.now_ms(), t0 + 61_000);
+        assert_eq!(c.now_secs(), t0 / 1000 + 61);
+    }
+
+    #[test]
+    fn formats_rfc3339_with_millis() {
+        assert_eq!(rfc3339_ms(1_764_300_977_123), "2025-11-28T03:36:17.123Z");
+    }
+}

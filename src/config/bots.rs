@@ -1,0 +1,191 @@
+//! `[[bots]]`: bots known at start-up, built in (topics) or upstream (a Bot Framework endpoint).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Invalid, invalid, validate_id};
+
+/// Where a bot's answers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BotKind {
+    /// Topics defined here, answered by the gateway itself.
+    Builtin,
+    /// A Bot Framework messaging endpoint.
+    Upstream,
+}
+
+/// Whether a topic is the user's business (billed) or the system's (never begins a session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicKind {
+    /// Triggered by what the user asks; the first one begins a billed session.
+    User,
+    /// Greeting, fallback, escalation, end of conversation; never begins a billed session.
+    System,
+}
+
+/// The role of a system topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemTopic {
+    /// Sent when the conversation starts (`conversationUpdate` or the `startConversation` event).
+    Greeting,
+    /// Answers a message no trigger matched.
+    Fallback,
+    /// Hands the user to a human: triggered by its phrases.
+    Escalate,
+    /// Ends the conversation: triggered by its phrases.
+    EndOfConversation,
+}
+
+/// One topic of a built-in bot.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// A display name. Required.
+    pub name: String,
+    /// `user` or `system`. Required.
+    pub kind: TopicKind,
+    /// For system topics: which one (`greeting`, `fallback`, `escalate`, `end_of_conversation`).
+    #[serde(default)]
+    pub system: Option<SystemTopic>,
+    /// Phrases that trigger the topic: it matches when the message contains one, ignoring case
+    /// and punctuation. Default none.
+    #[serde(default)]
+    pub triggers: Vec<String>,
+    /// The bot's answers, sent in order. At least one.
+    pub replies: Vec<String>,
+}
+
+/// `[[bots]]`: one bot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotConfig {
+    /// The bot id, used in URLs. Required.
+    pub id: String,
+    /// The tenant that owns it. Required, must be in `[[tenants]]`.
+    pub tenant: String,
+    /// A display name; also the `from.name` of its replies. Required.
+    pub name: String,
+    /// Whether bot users can reach it. Default true.
+    #[serde(default = "default_true")]
+    pub published: bool,
+    /// Whether a channel secret (or a token made from one) is required. Default false: anyone
+    /// who knows the bot id can get a token from `GET /api/v1/bots/{id}/directline/token`.
+    #[serde(default)]
+    pub secured_access: bool,
+    /// Browser origins allowed to call the channel for this bot, e.g. `https://www.contoso.com`;
+    /// `*` allows any. Default `["*"]`.
+    #[serde(default = "default_origins")]
+    pub allowed_origins: Vec<String>,
+    /// Up to two channel secrets (at least 16 characters each), kept hashed in memory. Default
+    /// none: secrets are then made by the authoring API.
+    #[serde(default)]
+    pub channel_secrets: Vec<String>,
+    /// `builtin` or `upstream`. Required.
+    pub kind: BotKind,
+    /// For `upstream`: the bot's messaging endpoint, e.g. `http://127.0.0.1:3978/api/messages`.
+    #[serde(default)]
+    pub endpoint: String,
+    /// For `builtin`: the topics.
+    #[serde(default)]
+    pub topics: Vec<TopicConfig>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_origins() -> Vec<String> {
+    vec!["*".to_string()]
+}
+
+impl BotConfig {
+    pub(super) fn validate(&self, key: &str) -> Result<(), Invalid> {
+        validate_id(&format!("{key}.id"), &self.id)?;
+        if self.name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        if self.channel_secrets.len() > 2 {
+            return Err(invalid(format!("{key}.channel_secrets"), "a bot has at most two secrets"));
+        }
+        for (i, s) in self.channel_secrets.iter().enumerate() {
+            if s.len() < 16 {
+                return Err(invalid(format!("{key}.channel_secrets[{i}]"), "must be at least 16 characters"));
+            }
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(invalid(
+                    format!("{key}.allowed_origins[{i}]"),
+                    "must be `*` or an origin such as https://www.example.com",
+                ));
+            }
+        }
+        match self.kind {
+            BotKind::Upstream => {
+                if !self.endpoint.starts_with("http://") && !self.endpoint.starts_with("https://") {
+                    return Err(invalid(
+                        format!("{key}.endpoint"),
+                        "an upstream bot needs an http:// or https:// endpoint",
+                    ));
+                }
+                if !self.topics.is_empty() {
+                    return Err(invalid(format!("{key}.topics"), "an upstream bot has no topics"));
+                }
+            }
+            BotKind::Builtin => {
+                if !self.endpoint.is_empty() {
+                    return Err(invalid(format!("{key}.endpoint"), "a built-in bot has no endpoint"));
+                }
+                validate_topics(key, &self.topics)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a built-in bot's topics: system topics name their role, user topics have triggers,
+/// every topic has a reply, and there is exactly one fallback.
+pub(crate) fn validate_topics(key: &str, topics: &[TopicConfig]) -> Result<(), Invalid> {
+    let mut fallbacks = 0;
+    for (i, t) in topics.iter().enumerate() {
+        let tk = format!("{key}.topics[{i}]");
+        if t.replies.is_empty() || t.replies.iter().any(|r| r.trim().is_empty()) {
+            return Err(invalid(format!("{tk}.replies"), "needs at least one non-empty reply"));
+        }
+        match (t.kind, t.system) {
+            (TopicKind::User, Some(_)) => {
+                return Err(invalid(format!("{tk}.system"), "only system topics have a `system` role"));
+            }
+            (TopicKind::User, None) if t.triggers.is_empty() => {
+                return Err(invalid(
+                    format!("{tk}.triggers"),
+                    "a user topic needs at least one trigger phrase",
+                ));
+            }
+            (TopicKind::System, None) => {
+                return Err(invalid(
+                    format!("{tk}.system"),
+                    "a system topic names its role: greeting, fallback, escalate or end_of_conversation",
+                ));
+            }
+            (TopicKind::System, Some(SystemTopic::Fallback)) => fallbacks += 1,
+            (TopicKind::System, Some(SystemTopic::Escalate | SystemTopic::EndOfConversation))
+                if t.triggers.is_empty() =>
+            {
+                return Err(invalid(
+                    format!("{tk}.triggers"),
+                    "escalate and end_of_conversation need trigger phrases",
+                ));
+            }
+            _ => {}
+        }
+        if t.triggers.iter().any(|p| p.trim().is_empty()) {
+            return Err(invalid(format!("{tk}.triggers"), "trigger phrases must not be empty"));
+        }
+    }
+    if fallbacks != 1 {
+        return Err(invalid(format!("{key}.topics"), "a built-in bot needs exactly one fallback topic"));
+    }
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! The scalar sections of the configuration: server, store, channel, upstream, metering, metrics.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{Invalid, invalid};
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_request_timeout_secs() -> u64 {
+    30
+}
+fn default_shutdown_grace_secs() -> u64 {
+    10
+}
+fn default_max_body_bytes() -> usize {
+    256 * 1024
+}
+
+/// `[server]`: listeners, timeouts and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the public listener (Direct Line channel, authoring and admin APIs,
+    /// bot callbacks). Default `127.0.0.1:8080`; port 0 picks a free port.
+    /// Overridden by `--listen` / `BOTGATE_LISTEN`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of the operations listener (`/metrics`, `/healthz`, `/readyz`).
+    /// Default `127.0.0.1:9464`. Overridden by `--admin-listen` / `BOTGATE_ADMIN_LISTEN`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// The base URL bots and clients reach the public listener at, e.g.
+    /// `https://chat.example.com`; used for the bot callback `serviceUrl`. Default: empty,
+    /// meaning `http://<bound public address>`. WebSocket `streamUrl`s follow the request's Host.
+    #[serde(default)]
+    pub public_url: String,
+    /// Longest time one HTTP request may take before it is answered 504, in seconds. Default 30.
+    /// WebSocket streams are not limited by it.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish, in seconds,
+    /// before the server closes them. Default 10.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+    /// Largest request body accepted, in bytes; larger is 413 `PayloadTooLarge`.
+    /// Default 262144 (256 KiB, the Direct Line activity limit).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            public_url: String::new(),
+            request_timeout_secs: default_request_timeout_secs(),
+            shutdown_grace_secs: default_shutdown_grace_secs(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if !self.public_url.is_empty()
+            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
+        {
+            return Err(invalid("server.public_url", "must start with http:// or https://"));
+        }
+        if self.request_timeout_secs == 0 {
+            return Err(invalid("server.request_timeout_secs", "must be at least 1"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+}
+
+/// Which engine keeps the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// An embedded SQLite file in `data_dir` (one node).
+    #[default]
+    Sqlite,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+/// `[store]`: where state is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The engine. Default `"sqlite"`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// The data folder: the SQLite database and the generated signing keys live here.
+    /// Created if missing. Default `./data`. Overridden by `--data-dir` / `BOTGATE_DATA_DIR`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { backend: StoreBackend::default(), data_dir: default_data_dir() }
+    }
+}
+
+impl StoreConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("store.data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+fn default_token_ttl_secs() -> u64 {
+    1800
+}
+fn default_max_conversations() -> usize {
+    1_000_000
+}
+fn default_max_retained_activities() -> usize {
+    500
+}
+fn default_idle_timeout_secs() -> u64 {
+    1800
+}
+fn default_sweep_interval_secs() -> u64 {
+    30
+}
+
+/// `[channel]`: the Direct Line channel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Lifetime of a Direct Line token, in seconds (`expires_in`). Default 1800.
+    #[serde(default = "default_token_ttl_secs")]
+    pub token_ttl_secs: u64,
+    /// Most conversations held at once; a new one beyond it is 503 `Overloaded`. Default 1000000.
+    #[serde(default = "default_max_conversations")]
+    pub max_conversations: usize,
+    /// Most activities a conversation keeps for polling; older ones are dropped (a client that
+    /// polls with an older watermark gets what is left). Default 500.
+    #[serde(default = "default_max_retained_activities")]
+    pub max_retained_activities: usize,
+    /// A conversation with no user message for this long ends (its id answers 404), in seconds.
+    /// Default 1800, matching the billed-session idle rule.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// How often ended conversations are swept from memory, in seconds. Default 30.
+    #[serde(default = "default_sweep_interval_secs")]
+    pub sweep_interval_secs: u64,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        Self {
+            token_ttl_secs: default_token_ttl_secs(),
+            max_conversations: default_max_conversations(),
+            max_retained_activities: default_max_retained_activities(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            sweep_interval_secs: default_sweep_interval_secs(),
+        }
+    }
+}
+
+impl ChannelConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.token_ttl_secs == 0 {
+            return Err(invalid("channel.token_ttl_secs", "must be at least 1"));
+        }
+        if self.max_conversations == 0 {
+            return Err(invalid("channel.max_conversations", "must be at least 1"));
+        }
+        if self.max_retained_activities == 0 {
+            return Err(invalid("channel.max_retained_activities", "must be at least 1"));
+        }
+        if self.idle_timeout_secs == 0 {
+            return Err(invalid("channel.idle_timeout_secs", "must be at least 1"));
+        }
+        if self.sweep_interval_secs == 0 {
+            return Err(invalid("channel.sweep_interval_secs", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn default_upstream_timeout_secs() -> u64 {
+    15
+}
+fn default_max_concurrency_per_bot() -> usize {
+    64
+}
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+
+/// `[upstream]`: calls to upstream Bot Framework bots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// How long a bot may take to answer one activity, callbacks included, in seconds; then
+    /// the user's message is answered 504 `BotTimeout`. Default 15.
+    #[serde(default = "default_upstream_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Most calls in flight to one bot; further calls wait (within the timeout), so a slow bot
+    /// does not take every connection. Default 64.
+    #[serde(default = "default_max_concurrency_per_bot")]
+    pub max_concurrency_per_bot: usize,
+    /// TCP connect timeout to a bot, in milliseconds. Default 2000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: default_upstream_timeout_secs(),
+            max_concurrency_per_bot: default_max_concurrency_per_bot(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.timeout_secs == 0 {
+            return Err(invalid("upstream.timeout_secs", "must be at least 1"));
+        }
+        if self.max_concurrency_per_bot == 0 {
+            return Err(invalid("upstream.max_concurrency_per_bot", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn default_session_idle_secs() -> u64 {
+    1800
+}
+fn default_session_max_secs() -> u64 {
+    3600
+}
+fn default_session_max_turns() -> u32 {
+    100
+}
+fn default_rate_limit_per_minute() -> u32 {
+    800
+}
+fn default_trial_capacity() -> u64 {
+    1000
+}
+fn default_tenant_license_sessions() -> u64 {
+    2000
+}
+fn default_addon_sessions() -> u64 {
+    1000
+}
+
+/// `[metering]`: the billed-session rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringConfig {
+    /// A billed session ends after this long without a user message, in seconds. Default 1800.
+    #[serde(default = "default_session_idle_secs")]
+    pub session_idle_secs: u64,
+    /// A billed session ends this long after it began; the next message begins a new one,
+    /// in seconds. Default 3600.
+    #[serde(default = "default_session_max_secs")]
+    pub session_max_secs: u64,
+    /// A billed session ends after this many turns; the next turn begins a new one. Default 100.
+    #[serde(default = "default_session_max_turns")]
+    pub session_max_turns: u32,
+    /// Most user messages one bot accepts per minute; beyond it 429 `RateLimited` with
+    /// `Retry-After`. Default 800.
+    #[serde(default = "default_rate_limit_per_minute")]
+    pub rate_limit_per_minute: u32,
+    /// Monthly sessions of a tenant with no tenant license but an active trial. Default 1000.
+    #[serde(default = "default_trial_capacity")]
+    pub trial_capacity: u64,
+    /// Monthly sessions one tenant license brings. Default 2000.
+    #[serde(default = "default_tenant_license_sessions")]
+    pub tenant_license_sessions: u64,
+    /// Monthly sessions one capacity add-on brings. Default 1000.
+    #[serde(default = "default_addon_sessions")]
+    pub addon_sessions: u64,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        Self {
+            session_idle_secs: default_session_idle_secs(),
+            session_max_secs: default_session_max_secs(),
+            session_max_turns: default_session_max_turns(),
+            rate_limit_per_minute: default_rate_limit_per_minute(),
+            trial_capacity: default_trial_capacity(),
+            tenant_license_sessions: default_tenant_license_sessions(),
+            addon_sessions: default_addon_sessions(),
+        }
+    }
+}
+
+impl MeteringConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.session_idle_secs == 0 {
+            return Err(invalid("metering.session_idle_secs", "must be at least 1"));
+        }
+        if self.session_max_secs < self.session_idle_secs {
+            return Err(invalid("metering.session_max_secs", "must be at least metering.session_idle_secs"));
+        }
+        if self.session_max_turns == 0 {
+            return Err(invalid("metering.session_max_turns", "must be at least 1"));
+        }
+        if self.rate_limit_per_minute == 0 {
+            return Err(invalid("metering.rate_limit_per_minute", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn default_max_bot_series() -> usize {
+    10_000
+}
+
+/// `[metrics]`: Prometheus exposition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Most per-bot series per metric; beyond it the smallest bots fold into `bot="_other"`
+    /// (tenant totals stay exact). Default 10000.
+    #[serde(default = "default_max_bot_series")]
+    pub max_bot_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { max_bot_series: default_max_bot_series() }
+    }
+}
+
+impl MetricsConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.max_bot_series == 0 {
+            return Err(invalid("metrics.max_bot_series", "must be at least 1"));
+        }
+        Ok(())
+    }
+}

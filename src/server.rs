@@ -1,0 +1,268 @@
+//! Listeners, the one function that builds the middleware stack, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderName, StatusCode, header};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::error::{ApiError, json_error_bodies, not_found_fallback};
+use crate::state::{AppState, StartError};
+use crate::telemetry::http_metrics::HttpMetricsLayer;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A started server: its bound addresses, its state, and the handle that stops it.
+pub struct Running {
+    /// The bound public address.
+    pub public_addr: SocketAddr,
+    /// The bound admin (operations) address.
+    pub admin_addr: SocketAddr,
+    state: AppState,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// The server's state (tests read counters and move the clock through it).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, flushes and
+    /// closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Opens the store, binds both listeners and starts serving. Returns once both are bound.
+pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartError> {
+    let public = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.server.listen, source })?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.server.admin_listen, source })?;
+    let public_addr =
+        public.local_addr().map_err(|source| StartError::Bind { addr: config.server.listen, source })?;
+    let admin_addr =
+        admin.local_addr().map_err(|source| StartError::Bind { addr: config.server.admin_listen, source })?;
+
+    let state = AppState::open(config, clock, public_addr).await?;
+    let public_app = public_router(&state)?;
+    let admin_app = admin_router(&state);
+
+    let (stop, stop_rx) = watch::channel(false);
+    let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
+    let task_state = state.clone();
+    let task = tokio::spawn(async move {
+        let serve_public = serve(public, public_app, stop_rx.clone());
+        let serve_admin = serve(admin, admin_app, stop_rx.clone());
+        let both = async { tokio::join!(serve_public, serve_admin) };
+        tokio::pin!(both);
+        let mut stop_rx = stop_rx;
+        tokio::select! {
+            _ = &mut both => {}
+            _ = async { let _ = stop_rx.wait_for(|s| *s).await; } => {
+                task_state.set_draining();
+                if tokio::time::timeout(grace, &mut both).await.is_err() {
+                    tracing::warn!(grace_secs = grace.as_secs(), "In-flight requests outlived the shutdown grace period; closing them.");
+                }
+            }
+        }
+        task_state.close().await;
+    });
+    Ok(Running { public_addr, admin_addr, state, stop, task })
+}
+
+async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        // Replies are small and written whole; Nagle would only add latency.
+        let _ = tcp.set_nodelay(true);
+    });
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "A listener failed.");
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C, then shuts down gracefully. Prints the one
+/// `botgate listening public=... admin=...` line on stdout once both listeners are bound.
+pub async fn run(config: Config, clock: SharedClock) -> Result<(), StartError> {
+    let running = start(config, clock).await?;
+    println!("botgate listening public={} admin={}", running.public_addr, running.admin_addr);
+    tracing::info!(public = %running.public_addr, admin = %running.admin_addr, "botgate is serving.");
+    shutdown_signal().await;
+    tracing::info!("Shutting down: no new connections; finishing in-flight requests.");
+    running.shutdown().await;
+    tracing::info!("Stopped.");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot listen for SIGTERM.");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// The public router and its middleware stack, outermost layer first.
+pub fn public_router(state: &AppState) -> Result<Router, StartError> {
+    let (routes, templates) = crate::routes::public(state);
+    let http_metrics = HttpMetricsLayer::new(state.metrics(), &templates).map_err(StartError::Metrics)?;
+    let server = &state.config().server;
+    let app = routes
+        // Innermost, per route: the route template is known here (MatchedPath), so requests are
+        // counted and timed by template, never by raw URI.
+        .layer(http_metrics)
+        .fallback(not_found_fallback)
+        .with_state(state.clone())
+        // Body limit: refuses oversized bodies before any handler buffers them (413).
+        .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
+        // Timeout: inside CORS so a 504 still carries CORS headers; WebSocket upgrades answer at
+        // once and their streams are not limited by it.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            Duration::from_secs(server.request_timeout_secs),
+        ))
+        // Catch panics: a bug answers 500 `InternalError` (cause logged) instead of dropping the
+        // connection; outside the handlers and the timeout so it sees every panic.
+        .layer(CatchPanicLayer::custom(panic_response))
+        // CORS: browsers (Web Chat) call from other origins; preflights are answered here
+        // before authentication, and every real response carries the allow-origin header.
+        .layer(crate::channel::cors::layer())
+        // Trace: one span per request with the request id, at DEBUG so the hot path logs
+        // nothing by default.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
+        )
+        // Propagate the request id to the response (after it is set, below).
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // Set a request id (keeps one the client sent) before the trace span is made.
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // Outermost: every error answer, from any layer above, leaves as the JSON error body.
+        .layer(axum::middleware::map_response(json_error_bodies));
+    Ok(app)
+}
+
+fn panic_response(cause: Box<dyn std::any::Any + Send + 'static>) -> Response<axum::body::Body> {
+    let cause = cause
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| cause.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown");
+    tracing::error!(cause, "A request handler panicked.");
+    ApiError::internal().into_response()
+}
+
+/// The admin (operations) router: metrics, liveness, readiness.
+pub fn admin_router(state: &AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found_fallback)
+        .with_state(state.clone())
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::map_response(json_error_bodies))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.encode_metrics();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+async fn healthz() -> Response {
+    (StatusCode::OK, axum::Json(serde_json::json!({"status": "alive"}))).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.is_draining() {
+        return ApiError::unavailable("ShuttingDown", "The gateway is shutting down.").into_response();
+    }
+    match state.check_store().await {
+        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "Readiness check: the store does not answer.");
+            ApiError::unavailable("StoreUnavailable", "The store does not answer.").into_response()
+        }
+    }
+}
+
+/// A flag read by `/readyz`: set when shutdown begins so load balancers stop sending traffic.
+#[derive(Debug, Default)]
+pub(crate) struct Draining(AtomicBool);
+
+impl Draining {
+    pub(crate) fn set(&self) {
+        // Relaxed: a standalone flag; readiness is advisory and nothing else is published with it.
+        self.0.store(true, Ordering::Relaxed);
+    }
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, ServiceExt};
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_json_500() {
+        let svc = CatchPanicLayer::custom(panic_response).layer(tower::service_fn(
+            |_req: http::Request<axum::body::Body>| async move {
+                if true {
+                    panic!("boom");
+                }
+                Ok::<_, std::convert::Infallible>(Response::new(axum::body::Body::empty()))
+            },
+        ));
+        let res = svc.oneshot(http::Request::new(axum::body::Body::empty())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "InternalError");
+        assert!(!String::from_utf8_lossy(&body).contains("boom"));
+    }
+}

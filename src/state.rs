@@ -1,0 +1,144 @@
+//! The application state every handler reaches: a cheap `Clone` handle over `Arc<Inner>`
+//! (cloning is shallow).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::clock::SharedClock;
+use crate::config::{Config, StoreBackend};
+use crate::server::Draining;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{SharedStore, StoreError};
+use crate::telemetry::registry::Metrics;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// A metric could not be registered (a programming error).
+    #[error("cannot register metrics: {0}")]
+    Metrics(prometheus::Error),
+    /// A generated key in the data folder could not be read or written.
+    #[error("cannot use key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The shared state of a running server; cloning is shallow.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    clock: SharedClock,
+    store: SharedStore,
+    metrics: Metrics,
+    draining: Draining,
+    public_addr: SocketAddr,
+}
+
+impl AppState {
+    /// Opens the store and builds the state.
+    pub async fn open(
+        config: Config,
+        clock: SharedClock,
+        public_addr: SocketAddr,
+    ) -> Result<Self, StartError> {
+        let store: SharedStore = match config.store.backend {
+            StoreBackend::Sqlite => {
+                let dir = config.store.data_dir.clone();
+                let store =
+                    tokio::task::spawn_blocking(move || SqliteStore::open(&dir)).await.map_err(|e| {
+                        StoreError::DataDir {
+                            path: config.store.data_dir.display().to_string(),
+                            source: std::io::Error::other(e.to_string()),
+                        }
+                    })??;
+                tracing::info!(path = store.path(), "Store opened.");
+                Arc::new(store)
+            }
+        };
+        let metrics = Metrics::new();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                clock,
+                store,
+                metrics,
+                draining: Draining::default(),
+                public_addr,
+            }),
+        })
+    }
+
+    /// The configuration the server started with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The clock every time rule reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+
+    /// The store.
+    pub fn store(&self) -> &SharedStore {
+        &self.inner.store
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The bound public address.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.inner.public_addr
+    }
+
+    /// The Prometheus exposition.
+    pub fn encode_metrics(&self) -> String {
+        self.inner.metrics.encode()
+    }
+
+    /// Checks the store off the runtime's worker threads.
+    pub async fn check_store(&self) -> Result<(), StoreError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.ping()).await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.inner.draining.set();
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.get()
+    }
+
+    /// Flushes and closes the store (at shutdown).
+    pub(crate) async fn close(&self) {
+        let store = self.inner.store.clone();
+        match tokio::task::spawn_blocking(move || store.close()).await {
+            Ok(Ok(())) => tracing::info!("Store flushed and closed."),
+            Ok(Err(e)) => tracing::error!(error = %e, "Closing the store failed."),
+            Err(e) => tracing::error!(error = %e, "Closing the store panicked."),
+        }
+    }
+}

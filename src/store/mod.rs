@@ -1,0 +1,119 @@
+//! Durable state behind one trait, so callers do not know which engine keeps it.
+//!
+//! [`sqlite::SqliteStore`] is the embedded default (one node). The trait is synchronous: callers
+//! on the async runtime reach it through `spawn_blocking` or a dedicated writer thread, never on
+//! the per-message path.
+
+mod migrations;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data folder could not be created or written.
+    #[error("cannot use the data folder {path}: {source}")]
+    DataDir {
+        /// The folder.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The database could not be opened, migrated or written.
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: String,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer botgate.
+    #[error(
+        "database {path} has schema version {found}, newer than this build's {supported}; upgrade botgate"
+    )]
+    TooNew {
+        /// The database file.
+        path: String,
+        /// Its schema version.
+        found: i64,
+        /// The newest this build knows.
+        supported: i64,
+    },
+    /// The store was closed.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// One billed session as the ledger records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// A unique id; recording the same id twice keeps one row.
+    pub id: String,
+    /// The tenant whose pool it drew from.
+    pub tenant: String,
+    /// The bot it was counted for.
+    pub bot: String,
+    /// When it began, milliseconds since the epoch (UTC); its month and day follow from this.
+    pub began_ms: i64,
+    /// Whether it was served beyond capacity (policy `allow_overage`).
+    pub overage: bool,
+}
+
+/// Sessions and turns of one bot on one day, as kept in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUsage {
+    /// The tenant.
+    pub tenant: String,
+    /// The bot.
+    pub bot: String,
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// Billed sessions that began that day (overage included).
+    pub sessions: u64,
+    /// Of those, overage sessions.
+    pub overage: u64,
+    /// Turns that day.
+    pub turns: u64,
+    /// Messages refused that day for capacity.
+    pub rejected_capacity: u64,
+    /// Messages refused that day for the rate limit.
+    pub rejected_rate: u64,
+}
+
+/// Counter increments to add to the store's daily usage (not billing-critical: flushed on a
+/// timer and at shutdown).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageDelta {
+    /// Turns.
+    pub turns: u64,
+    /// Capacity refusals.
+    pub rejected_capacity: u64,
+    /// Rate-limit refusals.
+    pub rejected_rate: u64,
+}
+
+/// The durable state of botgate.
+pub trait Store: Send + Sync + 'static {
+    /// Checks that the store answers (readiness).
+    fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records billed sessions in one durable transaction (one fsync for the batch). A session
+    /// id already recorded is kept once. Returns only when the batch is durable.
+    fn record_sessions(&self, batch: &[SessionRecord]) -> Result<(), StoreError>;
+
+    /// Adds non-billing counters for (tenant, bot, day).
+    fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError>;
+
+    /// Every day's usage of every bot, sessions counted from the ledger.
+    fn load_usage(&self) -> Result<Vec<DailyUsage>, StoreError>;
+
+    /// Ids of every recorded session (for exactness checks).
+    fn session_ids(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Flushes and closes; later calls fail with [`StoreError::Closed`].
+    fn close(&self) -> Result<(), StoreError>;
+}
+
+/// A shared store handle; cloning is shallow.
+pub type SharedStore = Arc<dyn Store>;
