@@ -13,12 +13,20 @@
 //! - [`clock`]: the `Clock` trait, the system clock and a manual clock for tests.
 //! - [`telemetry`]: tracing set-up, the metrics registry, the HTTP metrics layer.
 //! - [`store`]: the `Store` trait and its SQLite engine.
-//! - [`channel`]: the Direct Line 3.0 channel: tokens, conversations, WebSocket, CORS.
+//! - [`channel`]: the Direct Line 3.0 channel: tokens, the message path, WebSocket, the bot
+//!   connector, CORS.
+//! - [`conversation`]: conversation state: activity log, watermark, expiry, the map.
+//! - [`bots`]: the bot registry, built-in bots (topics) and upstream bots (Bot Framework).
+//! - [`metering`]: session tracker, per-bot counters, tenant pools by month, rate limit, the
+//!   durable ledger, the usage exposition.
 
+pub mod bots;
 pub mod channel;
 pub mod clock;
 pub mod config;
+pub mod conversation;
 pub mod error;
+pub mod metering;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -68,6 +68,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
     let admin_app = admin_router(&state);
 
     let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
     let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
     let task_state = state.clone();
     let task = tokio::spawn(async move {
@@ -89,6 +90,36 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
     });
     Ok(Running { public_addr, admin_addr, state, stop, task })
 }
+
+/// Sweeps expired conversations from memory and flushes the non-billing usage counters, on
+/// timers, until shutdown (which flushes once more).
+async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
+    let mut sweep = tokio::time::interval(Duration::from_secs(state.config().channel.sweep_interval_secs));
+    let mut flush = tokio::time::interval(FLUSH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {
+                let removed = state.sweep();
+                if removed > 0 {
+                    tracing::debug!(removed, "Swept expired conversations.");
+                }
+            }
+            _ = flush.tick() => {
+                let metering = state.metering().clone();
+                match tokio::task::spawn_blocking(move || metering.flush()).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "Flushing usage counters failed; will retry."),
+                    Err(e) => tracing::warn!(error = %e, "Flushing usage counters panicked."),
+                    Ok(Ok(())) => {}
+                }
+            }
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
+/// How often turns and refusals are written to the store (billed sessions are written before
+/// they are acknowledged; these counters are not billing).
+const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
     use axum::serve::ListenerExt;
@@ -260,7 +291,7 @@ mod tests {
         ));
         let res = svc.oneshot(http::Request::new(axum::body::Body::empty())).await.unwrap();
         assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = axum::body::to_bytes(res.into_body(), 1 << 16).await.unwrap();
+        let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"]["code"], "InternalError");
         assert!(!String::from_utf8_lossy(&body).contains("boom"));

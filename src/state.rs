@@ -4,8 +4,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::channel::Channel;
+use crate::channel::token::TokenSigner;
 use crate::clock::SharedClock;
 use crate::config::{Config, StoreBackend};
+use crate::metering::Metering;
+use crate::metering::exposition::UsageCollector;
 use crate::server::Draining;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{SharedStore, StoreError};
@@ -28,6 +32,9 @@ pub enum StartError {
     /// A metric could not be registered (a programming error).
     #[error("cannot register metrics: {0}")]
     Metrics(prometheus::Error),
+    /// The usage counters could not be rebuilt from the store.
+    #[error("cannot rebuild usage from the store: {0}")]
+    Metering(String),
     /// A generated key in the data folder could not be read or written.
     #[error("cannot use key file {path}: {source}")]
     KeyFile {
@@ -51,7 +58,11 @@ struct Inner {
     metrics: Metrics,
     draining: Draining,
     public_addr: SocketAddr,
+    channel: Channel,
 }
+
+/// The file in the data folder holding the channel token signing key.
+pub const CHANNEL_KEY_FILE: &str = "channel-token.key";
 
 impl AppState {
     /// Opens the store and builds the state.
@@ -75,7 +86,18 @@ impl AppState {
             }
         };
         let metrics = Metrics::new();
-        Ok(Self {
+        let key_file = config.store.data_dir.join(CHANNEL_KEY_FILE);
+        let signer = TokenSigner::load_or_create(&key_file)
+            .map_err(|source| StartError::KeyFile { path: key_file.display().to_string(), source })?;
+        let metering = {
+            let (config, clock, store) = (config.clone(), clock.clone(), store.clone());
+            tokio::task::spawn_blocking(move || Metering::start(&config, clock, store))
+                .await
+                .map_err(|e| StartError::Metering(e.to_string()))?
+                .map_err(|e| StartError::Metering(e.to_string()))?
+        };
+        let channel = Channel::new(&config, signer, metering.clone(), clock.clone(), public_addr);
+        let state = Self {
             inner: Arc::new(Inner {
                 config,
                 clock,
@@ -83,8 +105,16 @@ impl AppState {
                 metrics,
                 draining: Draining::default(),
                 public_addr,
+                channel,
             }),
-        })
+        };
+        let weak = Arc::downgrade(&state.inner);
+        state.inner.metrics.add_writer(Box::new(UsageCollector::new(
+            metering,
+            state.inner.config.metrics.max_bot_series,
+            Box::new(move || weak.upgrade().map_or(0, |i| i.channel.conversations.len() as u64)),
+        )));
+        Ok(state)
     }
 
     /// The configuration the server started with.
@@ -100,6 +130,22 @@ impl AppState {
     /// The store.
     pub fn store(&self) -> &SharedStore {
         &self.inner.store
+    }
+
+    /// The Direct Line channel.
+    pub fn channel(&self) -> &Channel {
+        &self.inner.channel
+    }
+
+    /// Billed-session metering.
+    pub fn metering(&self) -> &Metering {
+        &self.inner.channel.metering
+    }
+
+    /// Removes expired conversations (the sweeper calls it on a timer; tests call it after
+    /// moving the clock).
+    pub fn sweep(&self) -> usize {
+        self.inner.channel.conversations.sweep(self.inner.clock.now_ms())
     }
 
     /// The metrics registry.
@@ -132,10 +178,17 @@ impl AppState {
         self.inner.draining.get()
     }
 
-    /// Flushes and closes the store (at shutdown).
+    /// Flushes the usage counters, then closes the store (at shutdown).
     pub(crate) async fn close(&self) {
         let store = self.inner.store.clone();
-        match tokio::task::spawn_blocking(move || store.close()).await {
+        let metering = self.metering().clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            if let Err(e) = metering.flush() {
+                tracing::error!(error = %e, "Flushing usage counters failed.");
+            }
+            store.close()
+        });
+        match closed.await {
             Ok(Ok(())) => tracing::info!("Store flushed and closed."),
             Ok(Err(e)) => tracing::error!(error = %e, "Closing the store failed."),
             Err(e) => tracing::error!(error = %e, "Closing the store panicked."),

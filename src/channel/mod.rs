@@ -1,3 +1,182 @@
-//! The Direct Line 3.0 channel bot users reach anonymously.
+//! The Direct Line 3.0 channel that bot users reach anonymously: tokens, conversations,
+//! activities, the WebSocket stream, the connector bots call back on, and CORS.
 
+pub mod activity;
+pub mod auth;
+pub mod connector;
 pub mod cors;
+pub mod directline;
+pub mod stream;
+pub mod token;
+pub mod turn;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, StatusCode, header};
+
+use crate::bots::upstream::UpstreamClient;
+use crate::bots::{Bot, BotRegistry, secrets};
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::conversation::Conversation;
+use crate::conversation::registry::{Conversations, CreateError};
+use crate::error::ApiError;
+use crate::metering::Metering;
+use token::{Claims, TokenSigner};
+
+/// The channel's state; shared through `AppState`.
+pub struct Channel {
+    /// Signs and checks Direct Line tokens.
+    pub signer: TokenSigner,
+    /// The bots.
+    pub bots: BotRegistry,
+    /// The conversations.
+    pub conversations: Conversations,
+    /// Calls to upstream bots.
+    pub upstream: UpstreamClient,
+    /// Billed-session metering.
+    pub metering: Metering,
+    /// The clock.
+    pub clock: SharedClock,
+    /// Token lifetime, seconds.
+    pub token_ttl_secs: i64,
+    /// Activities kept per conversation.
+    pub max_retained: usize,
+    /// The base of the callback `serviceUrl` (without the connector path).
+    pub service_base: String,
+    /// The configured public URL, if any (decides ws:// or wss:// stream URLs).
+    pub public_url: String,
+}
+
+impl Channel {
+    /// Builds the channel: registers the configured bots.
+    pub fn new(
+        config: &Config,
+        signer: TokenSigner,
+        metering: Metering,
+        clock: SharedClock,
+        public_addr: std::net::SocketAddr,
+    ) -> Self {
+        let bots = BotRegistry::default();
+        for b in &config.bots {
+            let bot = Bot::from_config(b, secrets::random_id(24), config.upstream.max_concurrency_per_bot);
+            // Resolve the bot's counters now so they are exported from the start.
+            let _ = metering.counters(&bot.tenant, &bot.id);
+            bots.insert(Arc::new(bot));
+        }
+        let service_base = if config.server.public_url.is_empty() {
+            format!("http://{public_addr}")
+        } else {
+            config.server.public_url.trim_end_matches('/').to_string()
+        };
+        Self {
+            signer,
+            bots,
+            conversations: Conversations::new(
+                config.channel.max_conversations,
+                config.channel.idle_timeout_secs as i64 * 1000,
+            ),
+            upstream: UpstreamClient::new(
+                Duration::from_secs(config.upstream.timeout_secs),
+                Duration::from_millis(config.upstream.connect_timeout_ms),
+            ),
+            metering,
+            clock,
+            token_ttl_secs: config.channel.token_ttl_secs as i64,
+            max_retained: config.channel.max_retained_activities,
+            service_base,
+            public_url: config.server.public_url.clone(),
+        }
+    }
+
+    /// A new token for `claims` with a fresh expiry; returns it and its lifetime in seconds.
+    pub fn issue(&self, mut claims: Claims) -> (String, i64) {
+        claims.exp = self.clock.now_secs() + self.token_ttl_secs;
+        (self.signer.sign(&claims), self.token_ttl_secs)
+    }
+
+    /// Claims for a new conversation of `bot`.
+    pub fn new_claims(&self, bot: &Bot, user: Option<String>, slot: u8, test_chat: bool) -> Claims {
+        Claims {
+            bot: bot.id.clone(),
+            conversation: new_conversation_id(),
+            user,
+            exp: 0,
+            slot,
+            generation: bot.control.generation(slot),
+            test_chat,
+        }
+    }
+
+    /// The live bot of `id`, for a credential.
+    pub fn bot(&self, id: &str) -> Result<Arc<Bot>, ApiError> {
+        self.bots.get(id).ok_or_else(|| {
+            ApiError::new(StatusCode::FORBIDDEN, "BotNotFound", "There is no bot with this id.")
+        })
+    }
+
+    /// The live conversation `id`, or 404.
+    pub fn conversation(&self, id: &str) -> Result<Arc<Conversation>, ApiError> {
+        self.conversations.get(id, self.clock.now_ms()).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "ConversationNotFound",
+                "There is no such conversation, or it ended. Start a new conversation.",
+            )
+        })
+    }
+
+    /// Starts (or finds) the conversation of `claims`; returns it and whether it is new.
+    pub fn start(&self, bot: &Arc<Bot>, claims: &Claims) -> Result<(Arc<Conversation>, bool), ApiError> {
+        let now = self.clock.now_ms();
+        self.conversations
+            .get_or_create(&claims.conversation, now, || {
+                let meter = self.metering.meter_for(&bot.tenant, &bot.id, !claims.test_chat);
+                Conversation::new(
+                    Arc::from(claims.conversation.as_str()),
+                    bot.clone(),
+                    meter,
+                    now,
+                    self.max_retained,
+                )
+            })
+            .map_err(|CreateError::Full| {
+                tracing::warn!("The conversation cap is reached; refusing a new conversation.");
+                ApiError::unavailable(
+                    "Overloaded",
+                    "The gateway is holding as many conversations as it can. Try again shortly.",
+                )
+                .with_retry_after(30)
+            })
+    }
+
+    /// The WebSocket URL of a conversation, for a request that reached us with `headers`.
+    pub fn stream_url(
+        &self,
+        headers: &HeaderMap,
+        conversation: &str,
+        token: &str,
+        watermark: Option<u64>,
+    ) -> String {
+        let (scheme, host) = if self.public_url.is_empty() {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            ("ws", host.to_string())
+        } else if let Some(rest) = self.public_url.strip_prefix("https://") {
+            ("wss", rest.trim_end_matches('/').to_string())
+        } else {
+            ("ws", self.public_url.trim_start_matches("http://").trim_end_matches('/').to_string())
+        };
+        let mut url =
+            format!("{scheme}://{host}/v3/directline/conversations/{conversation}/stream?t={token}");
+        if let Some(w) = watermark {
+            url.push_str(&format!("&watermark={w}"));
+        }
+        url
+    }
+}
+
+/// A new conversation id: 128 random bits, url-safe.
+pub fn new_conversation_id() -> String {
+    secrets::random_id(16)
+}

@@ -1,0 +1,136 @@
+//! Built-in bots: topics with trigger phrases and replies, answered by the gateway itself.
+
+use crate::config::{SystemTopic, TopicConfig, TopicKind};
+
+/// One topic, with its trigger phrases normalized once at load.
+#[derive(Debug, Clone)]
+pub struct Topic {
+    /// Display name.
+    pub name: String,
+    /// User (billed) or system.
+    pub kind: TopicKind,
+    /// The role of a system topic.
+    pub system: Option<SystemTopic>,
+    /// The replies, in order.
+    pub replies: Vec<String>,
+    /// Normalized phrases, each wrapped in spaces for whole-word matching.
+    triggers: Vec<String>,
+}
+
+impl Topic {
+    /// Whether this topic ends the conversation.
+    pub fn ends_conversation(&self) -> bool {
+        self.system == Some(SystemTopic::EndOfConversation)
+    }
+}
+
+/// A bot defined by its topics.
+#[derive(Debug, Clone)]
+pub struct BuiltinBot {
+    topics: Vec<Topic>,
+    greeting: Option<usize>,
+    fallback: usize,
+}
+
+impl BuiltinBot {
+    /// Builds the bot from validated topics (validation guarantees one fallback).
+    pub fn new(topics: &[TopicConfig]) -> Self {
+        let topics: Vec<Topic> = topics
+            .iter()
+            .map(|t| Topic {
+                name: t.name.clone(),
+                kind: t.kind,
+                system: t.system,
+                replies: t.replies.clone(),
+                triggers: t.triggers.iter().map(|p| normalize(p)).collect(),
+            })
+            .collect();
+        let find = |role| topics.iter().position(|t| t.system == Some(role));
+        let greeting = find(SystemTopic::Greeting);
+        let fallback = find(SystemTopic::Fallback).unwrap_or(0);
+        Self { topics, greeting, fallback }
+    }
+
+    /// The topics.
+    pub fn topics(&self) -> &[Topic] {
+        &self.topics
+    }
+
+    /// The greeting topic, if the bot has one.
+    pub fn greeting(&self) -> Option<&Topic> {
+        self.greeting.map(|i| &self.topics[i])
+    }
+
+    /// The topic a user message triggers: the one with the longest trigger phrase contained in
+    /// the message (whole words, ignoring case and punctuation), earlier topics winning ties;
+    /// the fallback when none matches.
+    pub fn classify(&self, text: &str) -> &Topic {
+        let text = normalize(text);
+        let mut best: Option<(usize, usize)> = None;
+        for (i, t) in self.topics.iter().enumerate() {
+            for p in &t.triggers {
+                if text.contains(p.as_str()) && best.is_none_or(|(_, len)| p.len() > len) {
+                    best = Some((i, p.len()));
+                }
+            }
+        }
+        &self.topics[best.map_or(self.fallback, |(i, _)| i)]
+    }
+}
+
+/// Lower-cases letters and digits, keeps apostrophes, turns everything else into single
+/// spaces, and wraps the result in spaces so `" vpn "` matches whole words only.
+fn normalize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(' ');
+    for c in s.chars() {
+        if c.is_alphanumeric() || c == '\'' {
+            out.extend(c.to_lowercase());
+        } else if !out.ends_with(' ') {
+            out.push(' ');
+        }
+    }
+    if !out.ends_with(' ') {
+        out.push(' ');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn helpdesk() -> BuiltinBot {
+        let c = Config::embedded_default().unwrap();
+        let b = c.bots.iter().find(|b| b.id == "helpdesk").unwrap();
+        BuiltinBot::new(&b.topics)
+    }
+
+    #[test]
+    fn matches_whole_words_ignoring_case_and_punctuation() {
+        let bot = helpdesk();
+        assert_eq!(bot.classify("I forgot my PASSWORD!").name, "Reset password");
+        assert_eq!(bot.classify("vpn?").name, "VPN");
+        assert_eq!(bot.classify("openvpn").name, "Fallback");
+        assert_eq!(bot.classify("").name, "Fallback");
+    }
+
+    #[test]
+    fn system_topics_are_marked() {
+        let bot = helpdesk();
+        let bye = bot.classify("ok bye");
+        assert_eq!(bye.kind, TopicKind::System);
+        assert!(bye.ends_conversation());
+        assert_eq!(bot.classify("talk to a human").system, Some(SystemTopic::Escalate));
+        assert_eq!(bot.greeting().unwrap().kind, TopicKind::System);
+        assert_eq!(bot.classify("hours please").kind, TopicKind::User);
+    }
+
+    #[test]
+    fn longest_phrase_wins() {
+        let bot = helpdesk();
+        // "remote access" (VPN) is longer than "open" (Opening hours).
+        assert_eq!(bot.classify("is remote access open").name, "VPN");
+    }
+}

@@ -1,0 +1,128 @@
+//! Channel credentials: a channel secret or a token, from `Authorization: Bearer` (or the
+//! `t` query parameter of a stream URL), checked without I/O.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode, header};
+
+use super::Channel;
+use super::token::{Claims, TOKEN_PREFIX, TokenError};
+use crate::bots::Bot;
+use crate::conversation::Conversation;
+use crate::error::ApiError;
+
+/// A checked credential.
+pub enum Credential {
+    /// A token; its bot was checked to be published and its secret generation current.
+    Token(Claims),
+    /// A channel secret of `bot` (slot 1 or 2).
+    Secret {
+        /// The bot.
+        bot: Arc<Bot>,
+        /// The slot.
+        slot: u8,
+    },
+}
+
+impl Credential {
+    /// The bot id it is for.
+    pub fn bot_id(&self) -> &str {
+        match self {
+            Credential::Token(c) => &c.bot,
+            Credential::Secret { bot, .. } => &bot.id,
+        }
+    }
+}
+
+fn forbidden(code: &'static str, message: &'static str) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, code, message)
+}
+
+/// The bearer value of the Authorization header.
+pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "MissingAuthorization",
+            "Send `Authorization: Bearer <channel secret or token>`.",
+        )
+    })?;
+    let value = value.to_str().unwrap_or("");
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    token.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "MalformedAuthorization",
+            "The Authorization header must be `Bearer <channel secret or token>`.",
+        )
+    })
+}
+
+/// Checks a bearer value: a token (signature, expiry) or a channel secret.
+pub fn check(channel: &Channel, value: &str, now_secs: i64) -> Result<Credential, ApiError> {
+    if value.starts_with(TOKEN_PREFIX) {
+        let claims = channel.signer.verify(value, now_secs).map_err(|e| match e {
+            TokenError::Expired => forbidden("TokenExpired", "The token has expired. Get a new token."),
+            TokenError::Invalid => forbidden("InvalidToken", "The token is not valid for this gateway."),
+        })?;
+        return Ok(Credential::Token(claims));
+    }
+    let (bot, slot) = channel
+        .bots
+        .by_secret(value)
+        .ok_or_else(|| forbidden("InvalidSecret", "The channel secret is not valid."))?;
+    Ok(Credential::Secret { bot, slot })
+}
+
+/// Checks that the bot serves bot users, and that a token's secret was not regenerated since
+/// and that an open-bot token is not used after secured access was switched on.
+pub fn check_bot(bot: &Bot, cred: &Credential) -> Result<(), ApiError> {
+    if !bot.control.published() {
+        return Err(forbidden("BotNotPublished", "This bot is not published."));
+    }
+    if let Credential::Token(c) = cred {
+        if c.slot == 0 && bot.control.secured_access() && !c.test_chat {
+            return Err(forbidden(
+                "SecuredAccessRequired",
+                "This bot requires a channel secret, or a token made from one.",
+            ));
+        }
+        if c.slot != 0 && bot.control.generation(c.slot) != c.generation {
+            return Err(forbidden(
+                "InvalidToken",
+                "The channel secret this token was made from has been regenerated. Get a new token.",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a credential may act on `conv`: a token only on its own conversation, a secret
+/// only on its bot's conversations.
+pub fn check_conversation(cred: &Credential, conv: &Conversation) -> Result<(), ApiError> {
+    let ok = match cred {
+        Credential::Token(c) => c.conversation.as_str() == &*conv.id && c.bot == conv.bot.id,
+        Credential::Secret { bot, .. } => bot.id == conv.bot.id,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(forbidden("WrongConversation", "This credential is not valid for this conversation."))
+    }
+}
+
+/// Checks a browser's `Origin` against the bot's allowed origins (requests without an Origin
+/// are not from a browser page and pass).
+pub fn check_origin(headers: &HeaderMap, bot: &Bot) -> Result<(), ApiError> {
+    match headers.get(header::ORIGIN) {
+        Some(origin) if !bot.origin_allowed(origin.as_bytes()) => Err(forbidden(
+            "OriginNotAllowed",
+            "This website's origin is not allowed to use this bot. The bot's author can allow it.",
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,259 @@
+//! The Direct Line 3.0 REST endpoints (the message path itself is in `turn`).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Channel;
+use super::auth::{self, Credential, bearer, check_bot, check_conversation, check_origin};
+use super::token::Claims;
+use super::turn;
+use crate::bots::{Bot, Engine};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The token answer.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenAnswer {
+    conversation_id: String,
+    token: String,
+    #[serde(rename = "expires_in")]
+    expires_in: i64,
+}
+
+/// The conversation answer.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConversationAnswer {
+    conversation_id: String,
+    token: String,
+    #[serde(rename = "expires_in")]
+    expires_in: i64,
+    stream_url: String,
+}
+
+/// An optional `{"user":{"id":...}}` body.
+fn user_from_body(body: &[u8]) -> Result<Option<String>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("The body is not valid JSON: {e}.")))?;
+    match v.get("user").and_then(|u| u.get("id")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= 256 => Ok(Some(id.clone())),
+        Some(_) => Err(ApiError::bad_request("`user.id` must be a string of 1 to 256 characters.")),
+    }
+}
+
+fn credential(ch: &Channel, headers: &HeaderMap) -> Result<Credential, ApiError> {
+    auth::check(ch, bearer(headers)?, ch.clock.now_secs())
+}
+
+/// `POST /v3/directline/tokens/generate`: a token for a new conversation, from a secret.
+pub async fn generate_token(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let Credential::Secret { bot, slot } = credential(ch, &headers)? else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "SecretRequired",
+            "Generating a token needs the bot's channel secret; refresh a token with tokens/refresh.",
+        ));
+    };
+    check_bot(&bot, &Credential::Secret { bot: bot.clone(), slot })?;
+    check_origin(&headers, &bot)?;
+    let user = user_from_body(&body)?;
+    let claims = ch.new_claims(&bot, user, slot, false);
+    Ok(token_answer(ch, claims).into_response())
+}
+
+fn token_answer(ch: &Channel, claims: Claims) -> Json<TokenAnswer> {
+    let conversation_id = claims.conversation.clone();
+    let (token, expires_in) = ch.issue(claims);
+    Json(TokenAnswer { conversation_id, token, expires_in })
+}
+
+/// `POST /v3/directline/tokens/refresh`: the same grant with a new expiry.
+pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let cred = credential(ch, &headers)?;
+    let Credential::Token(claims) = cred else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "TokenRequired",
+            "Refresh needs a token, not a secret.",
+        ));
+    };
+    let bot = ch.bot(&claims.bot)?;
+    let cred = Credential::Token(claims);
+    check_bot(&bot, &cred)?;
+    check_origin(&headers, &bot)?;
+    let Credential::Token(claims) = cred else { unreachable!() };
+    Ok(token_answer(ch, claims).into_response())
+}
+
+/// `GET /api/v1/bots/{botId}/directline/token`: a token for an open bot's website channel,
+/// without a secret.
+pub async fn open_bot_token(
+    State(app): State<AppState>,
+    Path(bot_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let bot = ch.bot(&bot_id)?;
+    if !bot.control.published() {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "BotNotPublished", "This bot is not published."));
+    }
+    if bot.control.secured_access() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "SecuredAccessRequired",
+            "This bot requires a channel secret; exchange it at /v3/directline/tokens/generate.",
+        ));
+    }
+    check_origin(&headers, &bot)?;
+    let claims = ch.new_claims(&bot, None, 0, false);
+    Ok(token_answer(ch, claims).into_response())
+}
+
+/// `POST /v3/directline/conversations`: starts the conversation (201), or answers 200 when this
+/// token's conversation already started.
+pub async fn start_conversation(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let cred = credential(ch, &headers)?;
+    let bot = ch.bot(cred.bot_id())?;
+    check_bot(&bot, &cred)?;
+    check_origin(&headers, &bot)?;
+    let (claims, token, expires_in) = match cred {
+        Credential::Token(claims) => {
+            let token = bearer(&headers)?.to_string();
+            let left = claims.exp - ch.clock.now_secs();
+            (claims, token, left)
+        }
+        Credential::Secret { slot, .. } => {
+            let user = user_from_body(&body)?;
+            let claims = ch.new_claims(&bot, user, slot, false);
+            let (token, ttl) = ch.issue(claims.clone());
+            (claims, token, ttl)
+        }
+    };
+    let (conv, created) = ch.start(&bot, &claims)?;
+    if created {
+        turn::on_start(&app, &conv, claims.user.as_deref()).await;
+    }
+    let stream_url = ch.stream_url(&headers, &conv.id, &token, None);
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let answer = ConversationAnswer { conversation_id: conv.id.to_string(), token, expires_in, stream_url };
+    Ok((status, Json(answer)).into_response())
+}
+
+/// The `watermark` query parameter: empty or absent means from the start.
+#[derive(Deserialize)]
+pub struct WatermarkQuery {
+    watermark: Option<String>,
+}
+
+impl WatermarkQuery {
+    /// The parsed watermark.
+    pub fn parse(&self) -> Result<u64, ApiError> {
+        match self.watermark.as_deref().map(str::trim) {
+            None | Some("") => Ok(0),
+            Some(w) => w.parse().map_err(|_| ApiError::bad_request("`watermark` must be a number or empty.")),
+        }
+    }
+}
+
+/// Credential, conversation and bot checks shared by the per-conversation endpoints.
+pub fn open_conversation(
+    ch: &Channel,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(Credential, Arc<crate::conversation::Conversation>), ApiError> {
+    let cred = credential(ch, headers)?;
+    // A token for another conversation is refused before revealing whether `id` exists.
+    if let Credential::Token(c) = &cred
+        && c.conversation != id
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "WrongConversation",
+            "This credential is not valid for this conversation.",
+        ));
+    }
+    let conv = ch.conversation(id)?;
+    check_conversation(&cred, &conv)?;
+    check_bot(&conv.bot, &cred)?;
+    check_origin(headers, &conv.bot)?;
+    Ok((cred, conv))
+}
+
+/// `GET /v3/directline/conversations/{id}?watermark=W`: reconnect; a fresh stream URL.
+pub async fn resume_conversation(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WatermarkQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let watermark = q.parse()?;
+    let (cred, conv) = open_conversation(ch, &headers, &id)?;
+    let (token, expires_in) = match cred {
+        Credential::Token(claims) => (bearer(&headers)?.to_string(), claims.exp - ch.clock.now_secs()),
+        Credential::Secret { bot, slot } => {
+            let mut claims = ch.new_claims(&bot, None, slot, false);
+            claims.conversation = conv.id.to_string();
+            ch.issue(claims)
+        }
+    };
+    let stream_url = ch.stream_url(&headers, &conv.id, &token, Some(watermark));
+    Ok(Json(ConversationAnswer { conversation_id: conv.id.to_string(), token, expires_in, stream_url })
+        .into_response())
+}
+
+/// `GET /v3/directline/conversations/{id}/activities?watermark=W`: the activities since W.
+pub async fn get_activities(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WatermarkQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let watermark = q.parse()?;
+    let (_, conv) = open_conversation(ch, &headers, &id)?;
+    let (body, _) = conv.activities_since(watermark);
+    Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// `POST /v3/directline/conversations/{id}/upload`: not supported yet.
+pub async fn upload(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    open_conversation(app.channel(), &headers, &id)?;
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "NotSupported",
+        "Attachment upload is not supported by this gateway; send attachments by URL in an activity.",
+    ))
+}
+
+/// Whether a bot is built in (tests and reports).
+pub fn is_builtin(bot: &Bot) -> bool {
+    matches!(bot.engine, Engine::Builtin(_))
+}

@@ -1,0 +1,104 @@
+//! The WebSocket `streamUrl`: ActivitySet text frames, empty keep-alive frames both ways, one
+//! socket per conversation (a new one closes the old).
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+use super::auth::{self, Credential, check_bot, check_conversation, check_origin};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How often the gateway sends an empty keep-alive frame.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// The stream URL's query: the token (browsers cannot set headers on a WebSocket) and the
+/// watermark to resume from.
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    t: Option<String>,
+    watermark: Option<String>,
+}
+
+/// `GET /v3/directline/conversations/{id}/stream?t=TOKEN[&watermark=W]` (WebSocket upgrade).
+pub async fn stream(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let token = match (&q.t, auth::bearer(&headers)) {
+        (Some(t), _) => t.as_str(),
+        (None, Ok(b)) => b,
+        (None, Err(e)) => return Err(e),
+    };
+    let cred = auth::check(ch, token, ch.clock.now_secs())?;
+    if let Credential::Token(c) = &cred
+        && c.conversation != id
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "WrongConversation",
+            "This token is for another conversation.",
+        ));
+    }
+    let conv = ch.conversation(&id)?;
+    check_conversation(&cred, &conv)?;
+    check_bot(&conv.bot, &cred)?;
+    check_origin(&headers, &conv.bot)?;
+    let watermark = match q.watermark.as_deref().map(str::trim) {
+        None | Some("") => 0,
+        Some(w) => w.parse().map_err(|_| ApiError::bad_request("`watermark` must be a number or empty."))?,
+    };
+    let generation = conv.new_socket();
+    Ok(ws.on_upgrade(move |socket| run(socket, conv, generation, watermark)))
+}
+
+async fn run(
+    mut socket: WebSocket,
+    conv: std::sync::Arc<crate::conversation::Conversation>,
+    generation: u64,
+    mut sent: u64,
+) {
+    let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
+    keep_alive.tick().await;
+    loop {
+        // Register for the next append before reading, so an append in between is not missed.
+        let changed = conv.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if !conv.socket_current(generation) {
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
+        // Replays everything from the watermark on connect (clients may post before the socket
+        // is open), then whatever is new.
+        if conv.watermark() > sent {
+            let (set, watermark) = conv.activities_since(sent);
+            if socket.send(Message::Text(set.into())).await.is_err() {
+                return;
+            }
+            sent = watermark;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = keep_alive.tick() => {
+                if socket.send(Message::Text("".into())).await.is_err() {
+                    return;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                // Empty text frames are the client's keep-alives; the channel takes activities
+                // by POST only, so other text is ignored too.
+                Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+            },
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The path of one user message: `POST /v3/directline/conversations/{id}/activities`.
+//!
+//! Credential check (signature, no I/O) → conversation handle (sharded map) → parse → classify
+//! → meter (429 before the bot sees anything) → append the user's activity (echoed on the
+//! stream) → dispatch to the bot → append replies → answer `{"id"}`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use serde_json::{Map, Value, json};
+
+use super::activity::{self, bot_message, end_of_conversation};
+use super::auth::Credential;
+use super::directline::open_conversation;
+use crate::bots::Engine;
+use crate::bots::builtin::Topic;
+use crate::config::TopicKind;
+use crate::conversation::Conversation;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// `POST /v3/directline/conversations/{id}/activities`.
+pub async fn post_activity(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let ch = app.channel();
+    let (cred, conv) = open_conversation(ch, &headers, &id)?;
+    if conv.ended() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "ConversationEnded",
+            "This conversation has ended. Start a new conversation.",
+        ));
+    }
+    let mut a = activity::parse(&body)?;
+    let token_user = match &cred {
+        Credential::Token(c) => c.user.as_deref(),
+        Credential::Secret { .. } => None,
+    };
+    activity::set_user(&mut a, token_user)?;
+    let id = match activity::kind(&a) {
+        "message" => message(&app, &conv, a).await?,
+        "event" if activity::name(&a) == "startConversation" => greet_event(&app, &conv, a).await?,
+        "conversationUpdate" => greet_event(&app, &conv, a).await?,
+        "endOfConversation" => {
+            let id = append_user(&app, &conv, &mut a);
+            conv.meter.end_session();
+            conv.end();
+            forward(&app, &conv, a).await?;
+            id
+        }
+        // Typing and other activities are echoed; an upstream bot receives events and invokes.
+        "typing" => append_user(&app, &conv, &mut a),
+        _ => {
+            let id = append_user(&app, &conv, &mut a);
+            forward(&app, &conv, a).await?;
+            id
+        }
+    };
+    Ok(id_answer(&id))
+}
+
+/// `{"id": ...}` as JSON (clients retry on an empty body).
+pub fn id_answer(id: &str) -> Response {
+    let body = json!({ "id": id }).to_string();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn append_user(app: &AppState, conv: &Conversation, a: &mut Map<String, Value>) -> String {
+    let now = app.clock().now_ms();
+    let conv_id = conv.id.clone();
+    conv.append(now, 0, |id, ts| activity::stamp(a, id, ts, &conv_id)).id
+}
+
+/// A user message: classified, metered, echoed, answered.
+async fn message(
+    app: &AppState,
+    conv: &Arc<Conversation>,
+    mut a: Map<String, Value>,
+) -> Result<String, ApiError> {
+    let ch = app.channel();
+    let topic: Option<&Topic> = match &conv.bot.engine {
+        Engine::Builtin(b) => Some(b.classify(activity::text(&a))),
+        Engine::Upstream(_) => None,
+    };
+    // Built-in bots begin a billed session on a user topic; upstream bots on any user message.
+    let user_topic = topic.is_none_or(|t| t.kind == TopicKind::User);
+    ch.metering.on_user_turn(&conv.id, &conv.meter, user_topic).await?;
+    conv.touch(app.clock().now_ms());
+    let appended = {
+        let now = app.clock().now_ms();
+        let conv_id = conv.id.clone();
+        conv.append(now, 0, |id, ts| activity::stamp(&mut a, id, ts, &conv_id))
+    };
+    match topic {
+        Some(t) => {
+            reply_with_topic(app, conv, t, Some(&appended.id), appended.ts);
+            if t.ends_conversation() {
+                end_by_bot(app, conv, &appended.id, appended.ts);
+            }
+        }
+        None => {
+            a.insert("id".into(), Value::String(appended.id.clone()));
+            deliver(app, conv, a, Some((&appended.id, appended.ts))).await?;
+        }
+    }
+    Ok(appended.id)
+}
+
+/// The bot ends the conversation: its `endOfConversation`, and the billed session closes.
+fn end_by_bot(app: &AppState, conv: &Conversation, reply_to: &str, not_before: i64) {
+    let bot = conv.bot.clone();
+    let conv_id = conv.id.clone();
+    conv.append(app.clock().now_ms(), not_before, |id, ts| {
+        end_of_conversation(&bot, id, ts, &conv_id, reply_to)
+    });
+    conv.meter.end_session();
+    conv.end();
+}
+
+/// A client's `startConversation` event or `conversationUpdate`: echoed; a built-in bot greets
+/// (once), an upstream bot receives it. Never billed.
+async fn greet_event(
+    app: &AppState,
+    conv: &Arc<Conversation>,
+    mut a: Map<String, Value>,
+) -> Result<String, ApiError> {
+    let id = append_user(app, conv, &mut a);
+    match &conv.bot.engine {
+        Engine::Builtin(b) => {
+            if let Some(g) = b.greeting()
+                && conv.mark_greeted()
+            {
+                reply_with_topic(app, conv, g, Some(&id), 0);
+            }
+        }
+        Engine::Upstream(_) => forward(app, conv, a).await?,
+    }
+    Ok(id)
+}
+
+fn reply_with_topic(
+    app: &AppState,
+    conv: &Conversation,
+    topic: &Topic,
+    reply_to: Option<&str>,
+    not_before: i64,
+) {
+    let bot = conv.bot.clone();
+    let conv_id = conv.id.clone();
+    for text in &topic.replies {
+        conv.append(app.clock().now_ms(), not_before, |id, ts| {
+            bot_message(&bot, id, ts, &conv_id, text, reply_to)
+        });
+    }
+}
+
+/// What happens when a conversation starts: a built-in bot greets; an upstream bot receives a
+/// `conversationUpdate` with the members added (failures are logged: the bot may come back).
+pub async fn on_start(app: &AppState, conv: &Arc<Conversation>, user: Option<&str>) {
+    match &conv.bot.engine {
+        Engine::Builtin(b) => {
+            if let Some(g) = b.greeting()
+                && conv.mark_greeted()
+            {
+                reply_with_topic(app, conv, g, None, 0);
+            }
+        }
+        Engine::Upstream(_) => {
+            let user_id = user.unwrap_or("user");
+            let update = json!({
+                "type": "conversationUpdate",
+                "id": format!("{}|start", conv.id),
+                "timestamp": crate::clock::rfc3339_ms(app.clock().now_ms()),
+                "channelId": activity::CHANNEL_ID,
+                "conversation": { "id": &*conv.id },
+                "from": { "id": user_id, "role": "user" },
+                "membersAdded": [ { "id": conv.bot.id, "name": conv.bot.name }, { "id": user_id } ],
+            });
+            let Value::Object(update) = update else { return };
+            if let Err(e) = deliver(app, conv, update, None).await {
+                tracing::debug!(conversation = %conv.id, error = %e, "The bot did not take the conversation start.");
+            }
+        }
+    }
+}
+
+/// Sends a non-message activity to an upstream bot (built-in bots ignore it).
+async fn forward(app: &AppState, conv: &Arc<Conversation>, a: Map<String, Value>) -> Result<(), ApiError> {
+    if matches!(conv.bot.engine, Engine::Upstream(_)) {
+        deliver(app, conv, a, None).await?;
+    }
+    Ok(())
+}
+
+/// Delivers an activity to the conversation's upstream bot and appends its inline replies.
+async fn deliver(
+    app: &AppState,
+    conv: &Arc<Conversation>,
+    mut a: Map<String, Value>,
+    reply_to: Option<(&str, i64)>,
+) -> Result<(), ApiError> {
+    let Engine::Upstream(up) = &conv.bot.engine else { return Ok(()) };
+    let ch = app.channel();
+    let service_url = format!("{}/connector/{}", ch.service_base, up.connector_key());
+    a.insert("serviceUrl".into(), Value::String(service_url));
+    a.insert("recipient".into(), json!({ "id": conv.bot.id, "name": conv.bot.name, "role": "bot" }));
+    a.entry("channelId").or_insert_with(|| Value::String(activity::CHANNEL_ID.into()));
+    a.entry("conversation").or_insert_with(|| json!({ "id": &*conv.id }));
+    let body = Bytes::from(serde_json::to_vec(&a).unwrap_or_default());
+    let inline = ch.upstream.deliver(up, &conv.bot.id, body).await?;
+    for reply in inline {
+        if let Value::Object(reply) = reply {
+            super::connector::append_bot_activity(app, conv, reply, reply_to.map(|(id, _)| id));
+        }
+    }
+    Ok(())
+}

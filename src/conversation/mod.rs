@@ -1,0 +1,229 @@
+//! Conversation state: the ordered activity log with its watermark, expiry, and the
+//! per-conversation handles resolved when the conversation started.
+
+pub mod registry;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::bots::Bot;
+use crate::clock::Millis;
+use crate::metering::ConversationMeter;
+
+/// One conversation between a bot user and a bot.
+pub struct Conversation {
+    /// The conversation id.
+    pub id: Arc<str>,
+    /// The bot, resolved when the conversation started.
+    pub bot: Arc<Bot>,
+    /// The billing handles and session state, resolved when the conversation started.
+    pub meter: ConversationMeter,
+    /// Time of the last user message (or of the start), for idle expiry.
+    // Relaxed: a standalone timestamp; expiry tolerates reading a slightly old value.
+    last_user_ms: AtomicI64,
+    /// Bumped by each new WebSocket; an older socket that sees a newer value closes.
+    socket_generation: AtomicU64,
+    /// The log. A std mutex: held only to append or copy out, never across an await.
+    log: Mutex<Log>,
+    /// Wakes WebSocket streams when the log grows.
+    notify: Notify,
+}
+
+/// The retained activities; `base` is the watermark of the first retained one.
+struct Log {
+    items: VecDeque<Arc<str>>,
+    base: u64,
+    last_ts: Millis,
+    ended: bool,
+    greeted: bool,
+    max_retained: usize,
+}
+
+/// An activity appended to the log.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// Its id.
+    pub id: String,
+    /// Its timestamp.
+    pub ts: Millis,
+}
+
+impl Conversation {
+    /// A new, empty conversation.
+    pub fn new(
+        id: Arc<str>,
+        bot: Arc<Bot>,
+        meter: ConversationMeter,
+        now: Millis,
+        max_retained: usize,
+    ) -> Self {
+        Self {
+            id,
+            bot,
+            meter,
+            last_user_ms: AtomicI64::new(now),
+            socket_generation: AtomicU64::new(0),
+            log: Mutex::new(Log {
+                items: VecDeque::new(),
+                base: 0,
+                last_ts: 0,
+                ended: false,
+                greeted: false,
+                max_retained,
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends an activity: assigns its id and a timestamp that is never earlier than `not_before`,
+    /// than `now`, or than the previous activity's, lets `build` serialize it with them, and wakes
+    /// the streams.
+    pub fn append(
+        &self,
+        now: Millis,
+        not_before: Millis,
+        build: impl FnOnce(&str, Millis) -> String,
+    ) -> Appended {
+        let appended = {
+            let mut log = self.lock();
+            let seq = log.base + log.items.len() as u64;
+            let id = format!("{}|{:07}", self.id, seq);
+            // Strictly increasing: clients order the transcript by timestamp.
+            let ts = now.max(not_before).max(log.last_ts + 1);
+            log.last_ts = ts;
+            let json = build(&id, ts);
+            log.items.push_back(Arc::from(json));
+            if log.items.len() > log.max_retained {
+                log.items.pop_front();
+                log.base += 1;
+            }
+            Appended { id, ts }
+        };
+        self.notify.notify_waiters();
+        appended
+    }
+
+    /// The ActivitySet JSON of the activities from `watermark` on, and the new watermark.
+    pub fn activities_since(&self, watermark: u64) -> (String, u64) {
+        let log = self.lock();
+        let end = log.base + log.items.len() as u64;
+        let from = watermark.clamp(log.base, end);
+        let skip = (from - log.base) as usize;
+        let len: usize = log.items.iter().skip(skip).map(|a| a.len() + 1).sum();
+        let mut out = String::with_capacity(len + 48);
+        out.push_str("{\"activities\":[");
+        for (i, a) in log.items.iter().skip(skip).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(a);
+        }
+        out.push_str("],\"watermark\":\"");
+        out.push_str(itoa::Buffer::new().format(end));
+        out.push_str("\"}");
+        (out, end)
+    }
+
+    /// The watermark after the last activity.
+    pub fn watermark(&self) -> u64 {
+        let log = self.lock();
+        log.base + log.items.len() as u64
+    }
+
+    /// A future that completes at the next append; create it before reading so none is missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Records a user message for idle expiry.
+    pub fn touch(&self, now: Millis) {
+        self.last_user_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Time of the last user message (or of the start).
+    pub fn last_user_ms(&self) -> Millis {
+        self.last_user_ms.load(Ordering::Relaxed)
+    }
+
+    /// Marks the conversation ended (End of Conversation); further user messages are refused.
+    pub fn end(&self) {
+        self.lock().ended = true;
+    }
+
+    /// Whether the conversation has ended.
+    pub fn ended(&self) -> bool {
+        self.lock().ended
+    }
+
+    /// Marks the greeting sent; returns whether it had not been sent yet.
+    pub fn mark_greeted(&self) -> bool {
+        !std::mem::replace(&mut self.lock().greeted, true)
+    }
+
+    /// Registers a new WebSocket; older sockets of this conversation close at their next wake.
+    pub fn new_socket(&self) -> u64 {
+        // AcqRel: the new generation must be visible to the old socket after it is woken.
+        let generation = self.socket_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.notify.notify_waiters();
+        generation
+    }
+
+    /// Whether `generation` is still the newest socket.
+    pub fn socket_current(&self, generation: u64) -> bool {
+        self.socket_generation.load(Ordering::Acquire) == generation
+    }
+
+    /// Wakes every stream (used at shutdown and when the conversation ends).
+    pub fn wake(&self) {
+        self.notify.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn conv(max: usize) -> Conversation {
+        let c = Config::embedded_default().unwrap();
+        let bot = Arc::new(Bot::from_config(&c.bots[0], "k".into(), 1));
+        Conversation::new(Arc::from("c1"), bot, ConversationMeter::unmetered(), 1000, max)
+    }
+
+    #[test]
+    fn ids_watermarks_and_timestamps() {
+        let c = conv(10);
+        let a = c.append(1000, 0, |id, ts| format!("{{\"id\":\"{id}\",\"ts\":{ts}}}"));
+        let b = c.append(900, 0, |id, ts| format!("{{\"id\":\"{id}\",\"ts\":{ts}}}"));
+        assert_eq!(a.id, "c1|0000000");
+        assert_eq!(b.id, "c1|0000001");
+        assert!(b.ts > a.ts, "timestamps never go backwards");
+        let r = c.append(1000, 5000, |_, _| "{}".into());
+        assert_eq!(r.ts, 5000, "a reply is never earlier than its message");
+        let (json, w) = c.activities_since(1);
+        assert_eq!(w, 3);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["activities"].as_array().unwrap().len(), 2);
+        assert_eq!(v["watermark"], "3");
+        let (json, _) = c.activities_since(3);
+        assert_eq!(json, r#"{"activities":[],"watermark":"3"}"#);
+    }
+
+    #[test]
+    fn retention_is_capped() {
+        let c = conv(2);
+        for _ in 0..5 {
+            c.append(0, 0, |id, _| format!("\"{id}\""));
+        }
+        let (json, w) = c.activities_since(0);
+        assert_eq!(w, 5);
+        assert_eq!(json, r#"{"activities":["c1|0000003","c1|0000004"],"watermark":"5"}"#);
+    }
+}

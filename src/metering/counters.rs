@@ -1,0 +1,154 @@
+//! Per-bot counters and the per-bot message rate limit: plain atomics, resolved once per
+//! conversation, so a turn costs a few atomic operations.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::clock::Millis;
+
+use super::pool::TenantPool;
+
+/// The usage counters of one bot, since the ledger began (rebuilt from the store at start).
+///
+/// Relaxed everywhere: each is a monotonic counter read on its own at scrape time; billing
+/// exactness rests on the pool's CAS and the ledger, not on these.
+#[derive(Debug)]
+pub struct BotCounters {
+    /// The tenant.
+    pub tenant: String,
+    /// The bot.
+    pub bot: String,
+    /// The tenant's pool.
+    pub pool: Arc<TenantPool>,
+    billed: AtomicU64,
+    overage: AtomicU64,
+    turns: AtomicU64,
+    rejected_capacity: AtomicU64,
+    rejected_rate: AtomicU64,
+    rate: RateLimit,
+}
+
+/// A snapshot of a bot's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Billed sessions (overage included).
+    pub billed: u64,
+    /// Overage sessions.
+    pub overage: u64,
+    /// Turns.
+    pub turns: u64,
+    /// Messages refused because capacity was used up.
+    pub rejected_capacity: u64,
+    /// Messages refused by the rate limit.
+    pub rejected_rate: u64,
+}
+
+impl BotCounters {
+    /// Counters starting from `start`, with a rate limit of `per_minute`.
+    pub fn new(
+        tenant: &str,
+        bot: &str,
+        pool: Arc<TenantPool>,
+        start: CounterSnapshot,
+        per_minute: u32,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            bot: bot.to_string(),
+            pool,
+            billed: AtomicU64::new(start.billed),
+            overage: AtomicU64::new(start.overage),
+            turns: AtomicU64::new(start.turns),
+            rejected_capacity: AtomicU64::new(start.rejected_capacity),
+            rejected_rate: AtomicU64::new(start.rejected_rate),
+            rate: RateLimit::new(per_minute),
+        }
+    }
+
+    pub(super) fn add_billed(&self, overage: bool) {
+        self.billed.fetch_add(1, Ordering::Relaxed);
+        if overage {
+            self.overage.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pub(super) fn unbill(&self, overage: bool) {
+        self.billed.fetch_sub(1, Ordering::Relaxed);
+        if overage {
+            self.overage.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    pub(super) fn add_turn(&self) {
+        self.turns.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(super) fn add_rejected_capacity(&self) {
+        self.rejected_capacity.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(super) fn add_rejected_rate(&self) {
+        self.rejected_rate.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(super) fn rate(&self) -> &RateLimit {
+        &self.rate
+    }
+
+    /// The current values.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            billed: self.billed.load(Ordering::Relaxed),
+            overage: self.overage.load(Ordering::Relaxed),
+            turns: self.turns.load(Ordering::Relaxed),
+            rejected_capacity: self.rejected_capacity.load(Ordering::Relaxed),
+            rejected_rate: self.rejected_rate.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A fixed one-minute window: the minute index and the count packed in one `AtomicU64`
+/// (minute in the high 32 bits), so a new window starts in the same CAS that counts.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_minute: u32,
+    state: AtomicU64,
+}
+
+impl RateLimit {
+    /// A limit of `per_minute` messages per calendar minute.
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute, state: AtomicU64::new(0) }
+    }
+
+    /// Takes one message at `now`; `Err(seconds)` until the window ends when over the limit.
+    pub fn take(&self, now: Millis) -> Result<(), u64> {
+        let minute = (now.max(0) / 60_000) as u64;
+        // Relaxed: the CAS decides; the count protects no other memory.
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            let (m, n) = (cur >> 32, cur & 0xffff_ffff);
+            let n = if m == minute { n } else { 0 };
+            if n >= u64::from(self.per_minute) {
+                let until_next = 60 - (now.max(0) / 1000 % 60) as u64;
+                return Err(until_next.max(1));
+            }
+            let next = (minute.max(m) << 32) | (n + 1);
+            match self.state.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_per_minute_and_resets() {
+        let r = RateLimit::new(3);
+        let t = 1_800_000_000_000 - 1_800_000_000_000 % 60_000 + 45_000; // 45 s into a minute
+        assert!(r.take(t).is_ok());
+        assert!(r.take(t).is_ok());
+        assert!(r.take(t).is_ok());
+        assert_eq!(r.take(t), Err(15));
+        assert!(r.take(t + 15_000).is_ok(), "the next minute starts a new window");
+    }
+}

@@ -1,0 +1,295 @@
+//! A tenant's pooled monthly capacity: a lock-free draw that never goes below zero.
+//!
+//! The month and the units used in it are packed into one `AtomicU64` (month index in the high
+//! 24 bits, used units in the low 40), so the month rolls over in the same compare-and-swap that
+//! draws: there is no separate reset that could race with a draw.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use chrono::{Datelike, NaiveDate};
+
+use crate::clock::Millis;
+use crate::config::{CapacityPolicy, SubscriptionConfig, SubscriptionKind};
+
+const USED_BITS: u32 = 40;
+const USED_MASK: u64 = (1 << USED_BITS) - 1;
+
+/// Months since year 0: `year * 12 + month0`.
+pub type MonthIndex = u32;
+
+/// The month index of a timestamp (UTC).
+pub fn month_of(ms: Millis) -> MonthIndex {
+    let d = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().date_naive();
+    (d.year().max(0) as u32) * 12 + d.month0()
+}
+
+/// `YYYY-MM` of a month index.
+pub fn month_label(m: MonthIndex) -> String {
+    format!("{:04}-{:02}", m / 12, m % 12 + 1)
+}
+
+/// The first instant of a month, in milliseconds.
+pub fn month_start_ms(m: MonthIndex) -> Millis {
+    NaiveDate::from_ymd_opt((m / 12) as i32, m % 12 + 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_millis())
+        .unwrap_or(0)
+}
+
+/// Parses `YYYY-MM`.
+pub fn parse_month(s: &str) -> Option<MonthIndex> {
+    let (y, m) = s.split_once('-')?;
+    let (y, m): (u32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    (y.to_string().len() == 4 && (1..=12).contains(&m) && s.len() == 7).then(|| y * 12 + m - 1)
+}
+
+/// What the tenant bought, as it decides the capacity of each month.
+#[derive(Debug, Clone, Default)]
+pub struct CapacityPlan {
+    /// The subscriptions.
+    pub subscriptions: Vec<SubscriptionConfig>,
+    /// Sessions per tenant license per month.
+    pub per_license: u64,
+    /// Sessions per add-on per month.
+    pub per_addon: u64,
+    /// Capacity when no tenant license is active but a trial is (0 when no trial is active).
+    pub trial_capacity: u64,
+    /// What to do when the month's capacity is used up.
+    pub policy: CapacityPolicy,
+}
+
+impl CapacityPlan {
+    /// The capacity of month `m`: the licenses and add-ons active on any day of it, or the trial
+    /// capacity when no license is.
+    pub fn capacity(&self, m: MonthIndex) -> u64 {
+        let first = NaiveDate::from_ymd_opt((m / 12) as i32, m % 12 + 1, 1).unwrap_or_default();
+        let next = m + 1;
+        let last = NaiveDate::from_ymd_opt((next / 12) as i32, next % 12 + 1, 1)
+            .and_then(|d| d.pred_opt())
+            .unwrap_or(first);
+        let active = |s: &&SubscriptionConfig| s.start <= last && s.end.is_none_or(|e| e >= first);
+        let count = |kind| -> u64 {
+            self.subscriptions
+                .iter()
+                .filter(active)
+                .filter(|s| s.kind == kind)
+                .map(|s| u64::from(s.quantity))
+                .sum()
+        };
+        let licenses = count(SubscriptionKind::TenantLicense);
+        if licenses == 0 {
+            return self.trial_capacity;
+        }
+        licenses * self.per_license + count(SubscriptionKind::CapacityAddon) * self.per_addon
+    }
+}
+
+/// The outcome of a draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    /// One unit drawn in `month`; `used` is the month's count after it.
+    Drawn {
+        /// The month it counts in.
+        month: MonthIndex,
+        /// Units used in that month, this one included.
+        used: u64,
+        /// The month's capacity.
+        capacity: u64,
+    },
+    /// The month's capacity is used up.
+    Exhausted {
+        /// The month.
+        month: MonthIndex,
+    },
+}
+
+/// A tenant's pool; shared by every conversation of the tenant (cloning the `Arc` is shallow).
+pub struct TenantPool {
+    /// The tenant id.
+    pub tenant: String,
+    state: AtomicU64,
+    /// The month whose capacity `capacity` holds, packed like `state`.
+    capacity_cache: AtomicU64,
+    plan: ArcSwap<CapacityPlan>,
+}
+
+impl std::fmt::Debug for TenantPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantPool").field("tenant", &self.tenant).finish_non_exhaustive()
+    }
+}
+
+fn pack(month: MonthIndex, n: u64) -> u64 {
+    (u64::from(month) << USED_BITS) | (n & USED_MASK)
+}
+fn unpack(v: u64) -> (MonthIndex, u64) {
+    ((v >> USED_BITS) as MonthIndex, v & USED_MASK)
+}
+
+impl TenantPool {
+    /// A pool with `used` units already drawn in `month` (rebuilt from the ledger).
+    pub fn new(tenant: &str, plan: CapacityPlan, month: MonthIndex, used: u64) -> Arc<Self> {
+        Arc::new(Self {
+            tenant: tenant.to_string(),
+            state: AtomicU64::new(pack(month, used)),
+            capacity_cache: AtomicU64::new(u64::MAX),
+            plan: ArcSwap::from_pointee(plan),
+        })
+    }
+
+    /// Replaces the plan (a purchase or a trial changed the capacity).
+    pub fn set_plan(&self, plan: CapacityPlan) {
+        self.plan.store(Arc::new(plan));
+        // Relaxed: a stale cache only costs one recomputation; the plan itself is published by
+        // the ArcSwap.
+        self.capacity_cache.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// The policy when exhausted.
+    pub fn policy(&self) -> CapacityPolicy {
+        self.plan.load().policy
+    }
+
+    /// The capacity of month `m`, cached for the current month so a draw does no date math.
+    pub fn capacity(&self, m: MonthIndex) -> u64 {
+        let cached = self.capacity_cache.load(Ordering::Relaxed);
+        if cached != u64::MAX {
+            let (cm, cap) = unpack(cached);
+            if cm == m {
+                return cap;
+            }
+        }
+        let cap = self.plan.load().capacity(m).min(USED_MASK);
+        self.capacity_cache.store(pack(m, cap), Ordering::Relaxed);
+        cap
+    }
+
+    /// Draws one unit for a session beginning at `now`; never exceeds the month's capacity.
+    pub fn try_draw(&self, now: Millis) -> Draw {
+        let mut want = month_of(now);
+        // Relaxed load: the CAS below decides; a stale value only costs a retry.
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            let (month, used) = unpack(cur);
+            // A draw that computed its month just before another thread rolled the pool over
+            // counts in the newer month: months only move forward.
+            if month > want {
+                want = month;
+            }
+            let used = if month == want { used } else { 0 };
+            let capacity = self.capacity(want);
+            if used >= capacity {
+                return Draw::Exhausted { month: want };
+            }
+            // AcqRel: the draw is the decision point for billing; pairs with other draws' CAS.
+            match self.state.compare_exchange_weak(
+                cur,
+                pack(want, used + 1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Draw::Drawn { month: want, used: used + 1, capacity },
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Gives back a unit drawn in `month` whose session could not be recorded.
+    pub fn refund(&self, month: MonthIndex) {
+        let _ = self.state.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+            let (m, used) = unpack(v);
+            (m == month && used > 0).then(|| pack(m, used - 1))
+        });
+    }
+
+    /// Units used in month `m` (0 for a month the pool is not in).
+    pub fn used(&self, m: MonthIndex) -> u64 {
+        let (month, used) = unpack(self.state.load(Ordering::Relaxed));
+        if month == m { used } else { 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+
+    fn plan(licenses: u32, addons: u32) -> CapacityPlan {
+        let sub = |kind, q| SubscriptionConfig {
+            kind,
+            quantity: q,
+            start: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+            end: None,
+        };
+        let mut subscriptions = vec![sub(SubscriptionKind::TenantLicense, licenses)];
+        if addons > 0 {
+            subscriptions.push(sub(SubscriptionKind::CapacityAddon, addons));
+        }
+        CapacityPlan {
+            subscriptions,
+            per_license: 2000,
+            per_addon: 1000,
+            trial_capacity: 1000,
+            policy: CapacityPolicy::Reject,
+        }
+    }
+
+    #[test]
+    fn capacity_counts_active_purchases() {
+        let m = parse_month("2026-11").unwrap();
+        assert_eq!(plan(1, 0).capacity(m), 2000);
+        assert_eq!(plan(2, 3).capacity(m), 7000);
+        assert_eq!(
+            plan(1, 0).capacity(parse_month("2025-12").unwrap()),
+            1000,
+            "before the license: trial capacity"
+        );
+        assert_eq!(month_label(m), "2026-11");
+        assert_eq!(month_of(month_start_ms(m)), m);
+        assert_eq!(month_of(month_start_ms(m) - 1), m - 1);
+        assert!(parse_month("2026-13").is_none());
+    }
+
+    #[test]
+    fn exactly_capacity_under_two_threads() {
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let mut p = plan(1, 0);
+        p.per_license = 10_000;
+        let pool = TenantPool::new("t", p, month_of(clock.now_ms()), 0);
+        let now = clock.now_ms();
+        let drawn: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..20_000).filter(|_| matches!(pool.try_draw(now), Draw::Drawn { .. })).count()
+                            as u64
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(drawn, 10_000);
+        assert_eq!(pool.used(month_of(now)), 10_000);
+        assert_eq!(pool.try_draw(now), Draw::Exhausted { month: month_of(now) });
+    }
+
+    #[test]
+    fn month_rolls_over_in_the_draw() {
+        let clock = ManualClock::at("2026-11-30T23:59:59Z");
+        let mut p = plan(1, 0);
+        p.per_license = 2;
+        let pool = TenantPool::new("t", p, month_of(clock.now_ms()), 0);
+        assert!(matches!(pool.try_draw(clock.now_ms()), Draw::Drawn { used: 1, .. }));
+        assert!(matches!(pool.try_draw(clock.now_ms()), Draw::Drawn { used: 2, .. }));
+        assert!(matches!(pool.try_draw(clock.now_ms()), Draw::Exhausted { .. }));
+        clock.advance_secs(1);
+        let dec = parse_month("2026-12").unwrap();
+        assert_eq!(pool.try_draw(clock.now_ms()), Draw::Drawn { month: dec, used: 1, capacity: 2 });
+        // A late draw computed for November counts in December.
+        assert_eq!(pool.try_draw(clock.now_ms() - 5_000), Draw::Drawn { month: dec, used: 2, capacity: 2 });
+        pool.refund(dec);
+        assert_eq!(pool.used(dec), 1);
+    }
+}

@@ -1,0 +1,149 @@
+//! The billed-session rules of one conversation: when a session begins, continues and ends.
+
+use crate::clock::Millis;
+
+/// The rules, from `[metering]`.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRules {
+    /// A session ends after this long without a user message.
+    pub idle_ms: i64,
+    /// A session ends this long after it began.
+    pub max_ms: i64,
+    /// A session ends after this many turns.
+    pub max_turns: u32,
+}
+
+/// The session state of one conversation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionState {
+    open: bool,
+    began_ms: Millis,
+    last_ms: Millis,
+    turns: u32,
+    /// How many sessions this conversation began (names the next session id).
+    pub ordinal: u32,
+}
+
+/// What a user turn does to billing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The turn belongs to the open session.
+    Continue,
+    /// The turn begins a new billed session (the state is updated only by [`SessionState::begin`]).
+    Begin,
+    /// No session is open and this turn does not begin one (a system topic).
+    Nothing,
+}
+
+impl SessionState {
+    /// Decides a user turn at `now`. `user_topic` says whether the turn triggers a user topic
+    /// (built-in bots) or is a user message (upstream bots). Closes a session that ended by the
+    /// idle, duration or turn rule first; a continuing turn is counted here.
+    pub fn decide(&mut self, rules: &SessionRules, now: Millis, user_topic: bool) -> Decision {
+        if self.open
+            && (now - self.last_ms >= rules.idle_ms
+                || now - self.began_ms >= rules.max_ms
+                || self.turns >= rules.max_turns)
+        {
+            self.open = false;
+        }
+        if self.open {
+            self.turns += 1;
+            self.last_ms = now;
+            return Decision::Continue;
+        }
+        if user_topic { Decision::Begin } else { Decision::Nothing }
+    }
+
+    /// Opens a session at `now` (its first turn counted); returns its ordinal.
+    pub fn begin(&mut self, now: Millis) -> u32 {
+        self.open = true;
+        self.began_ms = now;
+        self.last_ms = now;
+        self.turns = 1;
+        self.ordinal += 1;
+        self.ordinal
+    }
+
+    /// Undoes a [`begin`](Self::begin) whose session could not be recorded.
+    pub fn abort(&mut self) {
+        self.open = false;
+        self.ordinal -= 1;
+    }
+
+    /// Ends the open session (the user or the bot ended the conversation).
+    pub fn end(&mut self) {
+        self.open = false;
+    }
+
+    /// Whether a session is open.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: SessionRules = SessionRules { idle_ms: 30 * 60_000, max_ms: 60 * 60_000, max_turns: 100 };
+
+    fn begin(s: &mut SessionState, now: Millis) {
+        assert_eq!(s.decide(&RULES, now, true), Decision::Begin);
+        s.begin(now);
+    }
+
+    #[test]
+    fn system_topics_begin_nothing() {
+        let mut s = SessionState::default();
+        assert_eq!(s.decide(&RULES, 0, false), Decision::Nothing);
+        begin(&mut s, 1);
+        assert_eq!(
+            s.decide(&RULES, 2, false),
+            Decision::Continue,
+            "a system topic inside a session is a turn"
+        );
+    }
+
+    #[test]
+    fn the_101st_turn_begins_a_new_session() {
+        let mut s = SessionState::default();
+        begin(&mut s, 0);
+        for i in 2..=100 {
+            assert_eq!(s.decide(&RULES, i, true), Decision::Continue, "turn {i}");
+        }
+        assert_eq!(s.decide(&RULES, 101, true), Decision::Begin);
+    }
+
+    #[test]
+    fn the_61st_minute_begins_a_new_session() {
+        let mut s = SessionState::default();
+        begin(&mut s, 0);
+        for minute in (20..60).step_by(20) {
+            assert_eq!(s.decide(&RULES, minute * 60_000, true), Decision::Continue);
+        }
+        assert_eq!(s.decide(&RULES, 59 * 60_000 + 59_999, true), Decision::Continue);
+        assert_eq!(s.decide(&RULES, 60 * 60_000, true), Decision::Begin);
+    }
+
+    #[test]
+    fn thirty_idle_minutes_end_it() {
+        let mut s = SessionState::default();
+        begin(&mut s, 0);
+        assert_eq!(s.decide(&RULES, 29 * 60_000, true), Decision::Continue);
+        assert_eq!(s.decide(&RULES, 59 * 60_000, true), Decision::Begin);
+    }
+
+    #[test]
+    fn ending_closes_and_abort_undoes() {
+        let mut s = SessionState::default();
+        begin(&mut s, 0);
+        s.end();
+        assert_eq!(s.decide(&RULES, 1, true), Decision::Begin);
+        s.begin(1);
+        assert_eq!(s.ordinal, 2);
+        s.abort();
+        assert_eq!(s.ordinal, 1);
+        assert!(!s.is_open());
+    }
+}
