@@ -180,10 +180,10 @@ pub fn public_router(state: &AppState) -> Result<Router, StartError> {
     let http_metrics = HttpMetricsLayer::new(state.metrics(), &templates).map_err(StartError::Metrics)?;
     let server = &state.config().server;
     let app = routes
-        // Innermost, per route: the route template is known here (MatchedPath), so requests are
-        // counted and timed by template, never by raw URI.
-        .layer(http_metrics)
+        // Innermost, per route and on the fallback: the route template is known here
+        // (MatchedPath), so requests are counted and timed by template, never by raw URI.
         .fallback(not_found_fallback)
+        .layer(http_metrics)
         .with_state(state.clone())
         // Body limit: refuses oversized bodies before any handler buffers them (413).
         .layer(RequestBodyLimitLayer::new(server.max_body_bytes))

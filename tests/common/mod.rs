@@ -1,0 +1,253 @@
+//! Shared helpers: start the real server on 127.0.0.1:0 (in process, with a manual clock, or as
+//! the real binary), and talk HTTP to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use botgate::clock::ManualClock;
+use botgate::config::Config;
+use botgate::server::{Running, start};
+use serde_json::{Value, json};
+
+/// A server started in this process.
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub base: String,
+    pub admin: String,
+    pub clock: Arc<ManualClock>,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+/// The embedded default with both listeners on port 0.
+pub fn default_config() -> Config {
+    let mut c = Config::embedded_default().unwrap();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+/// The instant test clocks start at.
+pub const T0: &str = "2026-11-28T10:00:00Z";
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(edit: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::in_dir(dir, ManualClock::at(T0), edit).await
+    }
+
+    pub async fn in_dir(
+        dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        edit: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut config = default_config();
+        config.store.data_dir = dir.path().join("data");
+        edit(&mut config);
+        let running = start(config, clock.clone()).await.unwrap();
+        let base = format!("http://{}", running.public_addr);
+        let admin = format!("http://{}", running.admin_addr);
+        Self { running: Some(running), base, admin, clock, dir, http: reqwest::Client::new() }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.as_ref().unwrap().public_addr
+    }
+
+    pub fn state(&self) -> &botgate::state::AppState {
+        self.running.as_ref().unwrap().state()
+    }
+
+    /// Stops the server and keeps its data folder (for restart tests).
+    pub async fn stop(mut self) -> (tempfile::TempDir, Arc<ManualClock>) {
+        self.running.take().unwrap().shutdown().await;
+        (self.dir, self.clock)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A token for an open bot, from the website channel endpoint.
+    pub async fn open_token(&self, bot: &str) -> (String, String) {
+        let res =
+            self.http.get(self.url(&format!("/api/v1/bots/{bot}/directline/token"))).send().await.unwrap();
+        assert_eq!(res.status(), 200, "token for {bot}");
+        let v: Value = res.json().await.unwrap();
+        (v["token"].as_str().unwrap().to_string(), v["conversationId"].as_str().unwrap().to_string())
+    }
+
+    /// A started conversation of `bot`: (token, conversation id, start answer).
+    pub async fn conversation(&self, bot: &str) -> (String, String, Value) {
+        let (token, conv) = self.open_token(bot).await;
+        let res = self
+            .http
+            .post(self.url("/v3/directline/conversations"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["conversationId"], conv.as_str());
+        (token, conv, v)
+    }
+
+    /// Posts a message; returns the response.
+    pub async fn say(&self, token: &str, conv: &str, text: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/v3/directline/conversations/{conv}/activities")))
+            .bearer_auth(token)
+            .json(&json!({"type": "message", "from": {"id": "dl_user"}, "text": text}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Posts a message that must be accepted; returns its id.
+    pub async fn say_ok(&self, token: &str, conv: &str, text: &str) -> String {
+        let res = self.say(token, conv, text).await;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls activities from `watermark` (None sends `watermark=`).
+    pub async fn poll(&self, token: &str, conv: &str, watermark: Option<&str>) -> Value {
+        let res = self
+            .http
+            .get(self.url(&format!(
+                "/v3/directline/conversations/{conv}/activities?watermark={}",
+                watermark.unwrap_or("")
+            )))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+
+    /// The admin listener's /metrics text.
+    pub async fn metrics(&self) -> String {
+        self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
+    }
+}
+
+/// The value of a sample line `name{labels} value` in a metrics text, or `None`.
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Asserts an error answer: status and code.
+pub async fn assert_error(res: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status().as_u16(), status);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    v
+}
+
+/// The built binary.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_botgate")
+}
+
+/// The real binary, serving; its stdout's `botgate listening` line parsed.
+pub struct BinaryServer {
+    pub child: Child,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl BinaryServer {
+    pub fn spawn(args: &[&str], data_dir: &Path) -> Self {
+        let mut child = Command::new(binary())
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let parse = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        assert!(line.starts_with("botgate listening "), "{line}");
+        let (public, admin) = (parse("public="), parse("admin="));
+        Self { child, public, admin }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A stand-in messaging endpoint that answers every POST 200 after `delay_ms`, counting calls
+/// (for timeouts and shutdown; the real SDK bot is driven in `tests/node_clients.rs`).
+pub async fn slow_bot(delay_ms: u64) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = axum::Router::new().route(
+        "/api/messages",
+        axum::routing::post(move || {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, calls)
+}
+
+/// A configuration file with the demo tenant and an upstream bot `up` at `endpoint`.
+pub fn upstream_config_toml(endpoint: &str, extra: &str) -> String {
+    format!(
+        r#"
+[upstream]
+timeout_secs = 2
+
+[[tenants]]
+id = "contoso"
+subscriptions = [{{ kind = "tenant_license", quantity = 1 }}]
+
+[[bots]]
+id = "up"
+tenant = "contoso"
+name = "Upstream"
+kind = "upstream"
+endpoint = "{endpoint}"
+{extra}
+"#
+    )
+}
