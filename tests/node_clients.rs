@@ -1,0 +1,88 @@
+//! The real clients and bots: a Bot Framework SDK echo bot (npm `botbuilder`) as an upstream,
+//! driven through botgate by the official Direct Line JS client (npm `botframework-directlinejs`)
+//! in polling and in WebSocket mode. The packages are pinned in `tests/node/package-lock.json`
+//! and installed by `tests/node/install.sh` (`npm ci`), which this test runs itself.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+fn node_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
+}
+
+struct EchoBot {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for EchoBot {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_echo_bot() -> EchoBot {
+    let status = Command::new("bash").arg(node_dir().join("install.sh")).status().expect("bash");
+    assert!(status.success(), "tests/node/install.sh failed");
+    let mut child = Command::new("node")
+        .arg(node_dir().join("echo-bot.js"))
+        .env("PORT", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().strip_prefix("echo-bot listening port=").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
+    EchoBot { child, port }
+}
+
+async fn drive(s: &TestServer, bot: &str, mode: &str) -> Value {
+    let (token, _) = s.open_token(bot).await;
+    let out = tokio::process::Command::new("node")
+        .arg(node_dir().join("directline-client.js"))
+        .args(["--domain", &s.url("/v3/directline"), "--token", &token, "--mode", mode, "--messages", "3", "--quiet"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{v}");
+    v
+}
+
+#[tokio::test]
+async fn official_directline_client_and_sdk_bot_through_botgate() {
+    let echo = start_echo_bot();
+    let endpoint = format!("http://127.0.0.1:{}/api/messages", echo.port);
+    let s = TestServer::with(|c| {
+        let toml = upstream_config_toml(&endpoint, "");
+        let extra = botgate::config::Config::from_str(&toml, "t").unwrap();
+        c.bots.extend(extra.bots);
+        c.upstream.timeout_secs = 15;
+    })
+    .await;
+
+    let polling = drive(&s, "up", "polling").await;
+    assert_eq!(polling["ok"], true);
+    assert_eq!((polling["sent"].as_u64(), polling["echoed"].as_u64(), polling["replies"].as_u64()), (Some(3), Some(3), Some(3)));
+    assert_eq!(polling["websockets"], 0);
+
+    let ws = drive(&s, "up", "websocket").await;
+    assert_eq!(ws["ok"], true);
+    assert_eq!((ws["sent"].as_u64(), ws["replies"].as_u64()), (Some(3), Some(3)));
+    assert!(ws["websockets"].as_u64().unwrap() >= 1, "{ws}");
+
+    // Each conversation began one billed session (an upstream bot bills its first user message).
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="up"}"#), Some(2), "{m}");
+    assert_eq!(metric(&m, r#"botgate_turns_total{tenant="contoso",bot="up"}"#), Some(6));
+}
