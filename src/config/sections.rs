@@ -70,9 +70,8 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     pub(super) fn validate(&self) -> Result<(), Invalid> {
-        if !self.public_url.is_empty()
-            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
-        {
+        let url = &self.public_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid("server.public_url", "must start with http:// or https://"));
         }
         if self.request_timeout_secs == 0 {
