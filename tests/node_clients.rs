@@ -40,7 +40,12 @@ fn start_echo_bot() -> EchoBot {
         .expect("node");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port = line.trim().strip_prefix("echo-bot listening port=").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("echo-bot listening port=")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .parse()
+        .unwrap();
     EchoBot { child, port }
 }
 
@@ -48,13 +53,24 @@ async fn drive(s: &TestServer, bot: &str, mode: &str) -> Value {
     let (token, _) = s.open_token(bot).await;
     let out = tokio::process::Command::new("node")
         .arg(node_dir().join("directline-client.js"))
-        .args(["--domain", &s.url("/v3/directline"), "--token", &token, "--mode", mode, "--messages", "3", "--quiet"])
+        .args([
+            "--domain",
+            &s.url("/v3/directline"),
+            "--token",
+            &token,
+            "--mode",
+            mode,
+            "--messages",
+            "3",
+            "--quiet",
+        ])
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or("");
-    let v: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)));
+    let v: Value = serde_json::from_str(line)
+        .unwrap_or_else(|_| panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)));
     assert!(out.status.success(), "{v}");
     v
 }
@@ -73,7 +89,10 @@ async fn official_directline_client_and_sdk_bot_through_botgate() {
 
     let polling = drive(&s, "up", "polling").await;
     assert_eq!(polling["ok"], true);
-    assert_eq!((polling["sent"].as_u64(), polling["echoed"].as_u64(), polling["replies"].as_u64()), (Some(3), Some(3), Some(3)));
+    assert_eq!(
+        (polling["sent"].as_u64(), polling["echoed"].as_u64(), polling["replies"].as_u64()),
+        (Some(3), Some(3), Some(3))
+    );
     assert_eq!(polling["websockets"], 0);
 
     let ws = drive(&s, "up", "websocket").await;
