@@ -157,6 +157,31 @@ pub async fn json_error_bodies(res: Response) -> Response {
     new
 }
 
+/// A JSON request body whose errors answer 400 `BadRequest` with the parser's explanation.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes =
+            <Bytes as axum::extract::FromRequest<S>>::from_request(req, state).await.map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "PayloadTooLarge",
+                        "The request body is too large.",
+                    )
+                } else {
+                    ApiError::bad_request("The request body could not be read.")
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("The body is not the expected JSON: {e}.")))
+    }
+}
+
 /// The answer for a route that does not exist.
 pub async fn not_found_fallback() -> ApiError {
     ApiError::not_found("No such route. See the README for the Direct Line and API routes.")

@@ -16,16 +16,24 @@
 //! - [`channel`]: the Direct Line 3.0 channel: tokens, the message path, WebSocket, the bot
 //!   connector, CORS.
 //! - [`conversation`]: conversation state: activity log, watermark, expiry, the map.
+//! - [`identity`]: authors' JWTs: verification, the verified-token cache, the dev issuer.
+//! - [`licensing`]: tenants, purchases, seats, trials, settings, audit; the read-mostly snapshot;
+//!   the author layer; the admin API.
+//! - [`authoring`]: the authoring API: bots, secrets, publishing, test chat, who-am-I, trials,
+//!   usage reports.
 //! - [`bots`]: the bot registry, built-in bots (topics) and upstream bots (Bot Framework).
 //! - [`metering`]: session tracker, per-bot counters, tenant pools by month, rate limit, the
 //!   durable ledger, the usage exposition.
 
+pub mod authoring;
 pub mod bots;
 pub mod channel;
 pub mod clock;
 pub mod config;
 pub mod conversation;
 pub mod error;
+pub mod identity;
+pub mod licensing;
 pub mod metering;
 pub mod routes;
 pub mod server;

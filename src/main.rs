@@ -29,6 +29,36 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Print an author token signed by the development issuer (HS256 key in the data folder).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// Tenant id (`tid`).
+    #[arg(long)]
+    tenant: String,
+    /// User id (`oid`).
+    #[arg(long)]
+    user: String,
+    /// Display name (`name`).
+    #[arg(long)]
+    name: Option<String>,
+    /// A group id (`groups`); repeat for several.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Add the TenantAdmin role.
+    #[arg(long)]
+    admin: bool,
+    /// Lifetime: 90s, 30m, 1h, 2d.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    /// Configuration file (for the issuer, audience and data folder). Default: the embedded one.
+    #[arg(long, short = 'c', env = "BOTGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data folder holding the development key, overriding `store.data_dir`.
+    #[arg(long, env = "BOTGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -64,6 +94,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Token(args)) => token(args),
         None => serve(cli.serve),
     }
 }
@@ -109,4 +140,45 @@ fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    use botgate::identity::dev_issuer;
+    let config = match &args.config {
+        Some(path) => Config::load(path),
+        None => Config::embedded_default(),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("botgate: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ttl_secs = match dev_issuer::parse_ttl(&args.ttl) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("botgate token: --ttl {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let data_dir = args.data_dir.unwrap_or(config.store.data_dir.clone());
+    let key = match dev_issuer::load_or_create(&data_dir) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("botgate token: cannot use {}: {e}", dev_issuer::key_path(&data_dir).display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let req = dev_issuer::TokenRequest {
+        tenant: args.tenant,
+        user: args.user,
+        name: args.name,
+        groups: args.groups,
+        admin: args.admin,
+        ttl_secs,
+    };
+    let now = botgate::clock::Clock::now_secs(&SystemClock);
+    println!("{}", dev_issuer::sign(&key, &config.identity.issuer, &config.identity.audience, &req, now));
+    ExitCode::SUCCESS
 }

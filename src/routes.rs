@@ -2,13 +2,16 @@
 //! and the per-route metrics are built from the same source.
 
 use axum::Router;
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, get, post, put};
 
+use crate::authoring::{bots, me, reports};
 use crate::channel::{connector, directline, stream, turn};
+use crate::licensing::admin;
+use crate::licensing::layer::AuthorLayer;
 use crate::state::AppState;
 
 /// The public router's routes (without the stack) and their templates.
-pub fn public(_state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
+pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
     let table: Vec<(&'static str, MethodRouter<AppState>)> = vec![
         // Direct Line 3.0, for bot users.
         ("/v3/directline/tokens/generate", post(directline::generate_token)),
@@ -27,11 +30,39 @@ pub fn public(_state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
         ("/connector/{key}/v3/conversations/{id}/activities", post(connector::send)),
         ("/connector/{key}/v3/conversations/{id}/activities/{reply_to}", post(connector::reply)),
     ];
+    // Authors and admins: every route behind the author layer (JWT, then license resolution).
+    let authoring: Vec<(&'static str, MethodRouter<AppState>)> = vec![
+        ("/api/v1/me", get(me::me)),
+        ("/api/v1/trial", post(me::start_trial)),
+        ("/api/v1/trial/extend", post(me::extend_trial)),
+        ("/api/v1/bots", get(bots::list).post(bots::create)),
+        ("/api/v1/bots/{bot_id}", get(bots::get).patch(bots::patch).delete(bots::delete)),
+        ("/api/v1/bots/{bot_id}/publish", post(bots::publish)),
+        ("/api/v1/bots/{bot_id}/unpublish", post(bots::unpublish)),
+        ("/api/v1/bots/{bot_id}/secrets", get(bots::list_secrets)),
+        ("/api/v1/bots/{bot_id}/secrets/{slot}/regenerate", post(bots::regenerate)),
+        ("/api/v1/bots/{bot_id}/testchat", post(me::test_chat)),
+        ("/api/v1/bots/{bot_id}/analytics", get(reports::analytics)),
+        ("/api/v1/admin/subscriptions", get(admin::list_subscriptions).post(admin::add_subscription)),
+        ("/api/v1/admin/licenses", get(admin::licenses)),
+        ("/api/v1/admin/licenses/users/{user_id}", put(admin::assign_user).delete(admin::remove_user)),
+        ("/api/v1/admin/licenses/groups/{group_id}", put(admin::assign_group).delete(admin::remove_group)),
+        ("/api/v1/admin/settings", get(admin::settings).patch(admin::patch_settings)),
+        ("/api/v1/admin/audit", get(admin::audit)),
+        ("/api/v1/admin/usage", get(reports::tenant_usage)),
+    ];
+    let mut templates = Vec::with_capacity(table.len() + authoring.len());
     let mut router = Router::new();
-    let mut templates = Vec::with_capacity(table.len());
     for (path, handler) in table {
         router = router.route(path, handler);
         templates.push(path);
     }
-    (router, templates)
+    let mut authored = Router::new();
+    for (path, handler) in authoring {
+        authored = authored.route(path, handler);
+        templates.push(path);
+    }
+    let authored =
+        authored.route_layer(AuthorLayer::new(state.verifier().clone(), state.licensing().clone()));
+    (router.merge(authored), templates)
 }

@@ -4,10 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::authoring::Authoring;
 use crate::channel::Channel;
 use crate::channel::token::TokenSigner;
 use crate::clock::SharedClock;
 use crate::config::{Config, StoreBackend};
+use crate::identity::jwt::Verifier;
+use crate::licensing::Licensing;
 use crate::metering::Metering;
 use crate::metering::exposition::UsageCollector;
 use crate::server::Draining;
@@ -32,6 +35,9 @@ pub enum StartError {
     /// A metric could not be registered (a programming error).
     #[error("cannot register metrics: {0}")]
     Metrics(prometheus::Error),
+    /// The control plane (licensing, stored bots, identity keys) could not be loaded.
+    #[error("cannot load the control plane: {0}")]
+    Control(String),
     /// The usage counters could not be rebuilt from the store.
     #[error("cannot rebuild usage from the store: {0}")]
     Metering(String),
@@ -59,6 +65,9 @@ struct Inner {
     draining: Draining,
     public_addr: SocketAddr,
     channel: Channel,
+    licensing: Arc<Licensing>,
+    verifier: Arc<Verifier>,
+    authoring: Authoring,
 }
 
 /// The file in the data folder holding the channel token signing key.
@@ -97,6 +106,27 @@ impl AppState {
                 .map_err(|e| StartError::Metering(e.to_string()))?
         };
         let channel = Channel::new(&config, signer, metering.clone(), clock.clone(), public_addr);
+        let authoring = Authoring::load(&store, &channel.bots, config.upstream.max_concurrency_per_bot)
+            .map_err(StartError::Control)?;
+        let licensing = {
+            let (config, clock, store, metering) =
+                (config.clone(), clock.clone(), store.clone(), metering.clone());
+            tokio::task::spawn_blocking(move || Licensing::open(&config, store, clock, metering))
+                .await
+                .map_err(|e| StartError::Control(e.to_string()))?
+                .map_err(|e| StartError::Control(e.to_string()))?
+        };
+        let dev_key = if config.identity.algorithms.iter().any(|a| a == "HS256") {
+            let path = crate::identity::dev_issuer::key_path(&config.store.data_dir);
+            Some(
+                crate::identity::dev_issuer::load_or_create(&config.store.data_dir)
+                    .map_err(|source| StartError::KeyFile { path: path.display().to_string(), source })?,
+            )
+        } else {
+            None
+        };
+        let verifier = Verifier::new(&config.identity, dev_key.as_deref(), clock.clone())
+            .map_err(|e| StartError::Control(e.to_string()))?;
         let state = Self {
             inner: Arc::new(Inner {
                 config,
@@ -106,6 +136,9 @@ impl AppState {
                 draining: Draining::default(),
                 public_addr,
                 channel,
+                licensing: Arc::new(licensing),
+                verifier: Arc::new(verifier),
+                authoring,
             }),
         };
         let weak = Arc::downgrade(&state.inner);
@@ -135,6 +168,21 @@ impl AppState {
     /// The Direct Line channel.
     pub fn channel(&self) -> &Channel {
         &self.inner.channel
+    }
+
+    /// Licensing.
+    pub fn licensing(&self) -> &Arc<Licensing> {
+        &self.inner.licensing
+    }
+
+    /// The authors' token verifier.
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.inner.verifier
+    }
+
+    /// Authoring state.
+    pub fn authoring(&self) -> &Authoring {
+        &self.inner.authoring
     }
 
     /// Billed-session metering.

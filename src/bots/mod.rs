@@ -70,11 +70,16 @@ impl BotControl {
     /// Replaces secret `slot` (1 or 2) and bumps its generation, which disconnects the tokens
     /// made from the old secret.
     pub fn set_secret(&self, slot: u8, hash: SecretHash) {
+        self.restore_secret(slot, hash, self.generation(slot.clamp(1, 2)) + 1);
+    }
+
+    /// Sets secret `slot` with a known generation (loading a stored bot).
+    pub fn restore_secret(&self, slot: u8, hash: SecretHash, generation: u32) {
         let i = usize::from(slot.clamp(1, 2) - 1);
         self.hashes.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(hash);
         // Release pairs with the Acquire in `generation`: a request that sees the new generation
         // also sees the new hash.
-        self.generations[i].fetch_add(1, Ordering::Release);
+        self.generations[i].store(generation, Ordering::Release);
     }
     /// The hashes of both slots.
     pub fn hashes(&self) -> [Option<SecretHash>; 2] {
@@ -96,31 +101,59 @@ pub struct Bot {
     pub engine: Engine,
     /// Publishing, access and secrets.
     pub control: Arc<BotControl>,
+    /// The definition it was built from (what the authoring API shows and edits).
+    pub definition: BotConfig,
+    /// The author who created it through the authoring API (none for configured bots).
+    pub owner: Option<String>,
 }
 
 impl Bot {
     /// Builds a bot from its configuration; `connector_key` is the unguessable path segment
     /// upstream bots call back on.
     pub fn from_config(c: &BotConfig, connector_key: String, max_in_flight: usize) -> Self {
-        let engine = match c.kind {
-            BotKind::Builtin => Engine::Builtin(builtin::BuiltinBot::new(&c.topics)),
-            BotKind::Upstream => {
-                Engine::Upstream(upstream::UpstreamBot::new(&c.endpoint, connector_key, max_in_flight))
-            }
-        };
         let control = BotControl::default();
         control.set_published(c.published);
         control.set_secured_access(c.secured_access);
         for (i, s) in c.channel_secrets.iter().enumerate() {
             control.set_secret(i as u8 + 1, secrets::hash(s));
         }
+        Self::with_control(c, connector_key, max_in_flight, Arc::new(control), None)
+    }
+
+    /// Builds a bot around an existing control block (an edited bot keeps its publishing state,
+    /// secrets and the tokens made from them).
+    pub fn with_control(
+        c: &BotConfig,
+        connector_key: String,
+        max_in_flight: usize,
+        control: Arc<BotControl>,
+        owner: Option<String>,
+    ) -> Self {
+        let engine = match c.kind {
+            BotKind::Builtin => Engine::Builtin(builtin::BuiltinBot::new(&c.topics)),
+            BotKind::Upstream => {
+                Engine::Upstream(upstream::UpstreamBot::new(&c.endpoint, connector_key, max_in_flight))
+            }
+        };
+        let mut definition = c.clone();
+        definition.channel_secrets.clear();
         Self {
             id: c.id.clone(),
             tenant: c.tenant.clone(),
             name: c.name.clone(),
             allowed_origins: c.allowed_origins.clone(),
             engine,
-            control: Arc::new(control),
+            control,
+            definition,
+            owner,
+        }
+    }
+
+    /// The callback key of an upstream bot.
+    pub fn connector_key(&self) -> Option<&str> {
+        match &self.engine {
+            Engine::Upstream(u) => Some(u.connector_key()),
+            Engine::Builtin(_) => None,
         }
     }
 

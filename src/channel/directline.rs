@@ -14,7 +14,7 @@ use super::Channel;
 use super::auth::{self, Credential, bearer, check_bot, check_conversation, check_origin};
 use super::token::Claims;
 use super::turn;
-use crate::bots::{Bot, Engine};
+use crate::bots::Bot;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -53,6 +53,20 @@ fn user_from_body(body: &[u8]) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// A bot published by a trial user of an unlicensed tenant serves bot users until the grace
+/// period after the trial ends; then new conversations are refused.
+fn check_serving(app: &AppState, bot: &Bot) -> Result<(), ApiError> {
+    let now = app.clock().now_ms();
+    match app.licensing().serving_until(&bot.tenant, bot.owner.as_deref(), now) {
+        Some(until) if now >= until => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "BotTrialEnded",
+            "This bot was published during a trial that has ended; it no longer serves new conversations.",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn credential(ch: &Channel, headers: &HeaderMap) -> Result<Credential, ApiError> {
     auth::check(ch, bearer(headers)?, ch.clock.now_secs())
 }
@@ -73,6 +87,7 @@ pub async fn generate_token(
     };
     check_bot(&bot, &Credential::Secret { bot: bot.clone(), slot })?;
     check_origin(&headers, &bot)?;
+    check_serving(&app, &bot)?;
     let user = user_from_body(&body)?;
     let claims = ch.new_claims(&bot, user, slot, false);
     Ok(token_answer(ch, claims).into_response())
@@ -123,6 +138,7 @@ pub async fn open_bot_token(
         ));
     }
     check_origin(&headers, &bot)?;
+    check_serving(&app, &bot)?;
     let claims = ch.new_claims(&bot, None, 0, false);
     Ok(token_answer(ch, claims).into_response())
 }
@@ -139,6 +155,7 @@ pub async fn start_conversation(
     let bot = ch.bot(cred.bot_id())?;
     check_bot(&bot, &cred)?;
     check_origin(&headers, &bot)?;
+    check_serving(&app, &bot)?;
     let (claims, token, expires_in) = match cred {
         Credential::Token(claims) => {
             let token = bearer(&headers)?.to_string();
@@ -251,9 +268,4 @@ pub async fn upload(
         "NotSupported",
         "Attachment upload is not supported by this gateway; send attachments by URL in an activity.",
     ))
-}
-
-/// Whether a bot is built in (tests and reports).
-pub fn is_builtin(bot: &Bot) -> bool {
-    matches!(bot.engine, Engine::Builtin(_))
 }

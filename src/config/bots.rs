@@ -58,7 +58,7 @@ pub struct TopicConfig {
 }
 
 /// `[[bots]]`: one bot.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BotConfig {
     /// The bot id, used in URLs. Required.
@@ -80,7 +80,7 @@ pub struct BotConfig {
     pub allowed_origins: Vec<String>,
     /// Up to two channel secrets (at least 16 characters each), kept hashed in memory. Default
     /// none: secrets are then made by the authoring API.
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub channel_secrets: Vec<String>,
     /// `builtin` or `upstream`. Required.
     pub kind: BotKind,
@@ -100,7 +100,7 @@ fn default_origins() -> Vec<String> {
 }
 
 impl BotConfig {
-    pub(super) fn validate(&self, key: &str) -> Result<(), Invalid> {
+    pub(crate) fn validate(&self, key: &str) -> Result<(), Invalid> {
         validate_id(&format!("{key}.id"), &self.id)?;
         if self.name.trim().is_empty() {
             return Err(invalid(format!("{key}.name"), "must not be empty"));

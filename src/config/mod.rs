@@ -13,7 +13,8 @@ use serde::Deserialize;
 
 pub use bots::{BotConfig, BotKind, SystemTopic, TopicConfig, TopicKind};
 pub use sections::{
-    ChannelConfig, MeteringConfig, MetricsConfig, ServerConfig, StoreBackend, StoreConfig, UpstreamConfig,
+    ChannelConfig, IdentityConfig, LicensingConfig, MeteringConfig, MetricsConfig, ServerConfig,
+    StoreBackend, StoreConfig, UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 
@@ -45,6 +46,12 @@ pub struct Config {
     /// Prometheus exposition limits.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// How bot authors' JWTs are checked.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Trials and their grace period.
+    #[serde(default)]
+    pub licensing: LicensingConfig,
     /// Tenants known at start-up (more can be created through the admin API).
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -84,11 +91,13 @@ pub enum ConfigError {
     },
 }
 
-/// A validation failure before the file name is attached.
+/// A validation failure before a file name is attached.
 #[derive(Debug)]
-pub(crate) struct Invalid {
-    pub(crate) key: String,
-    pub(crate) problem: String,
+pub struct Invalid {
+    /// The dotted key.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
 }
 
 pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Invalid {
@@ -130,6 +139,8 @@ impl Config {
         self.upstream.validate()?;
         self.metering.validate()?;
         self.metrics.validate()?;
+        self.identity.validate()?;
+        self.licensing.validate()?;
         let mut tenant_ids = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             t.validate(&format!("tenants[{i}]"))?;

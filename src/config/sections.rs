@@ -357,3 +357,135 @@ impl MetricsConfig {
         Ok(())
     }
 }
+
+fn default_issuer() -> String {
+    "botgate-dev".to_string()
+}
+fn default_audience() -> String {
+    "botgate".to_string()
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["HS256".to_string()]
+}
+fn default_leeway_secs() -> u64 {
+    30
+}
+fn default_cache_capacity() -> usize {
+    10_000
+}
+fn default_trial_days() -> u32 {
+    60
+}
+fn default_trial_extension_days() -> u32 {
+    30
+}
+fn default_grace_days() -> u32 {
+    90
+}
+
+/// `[identity]`: how bot authors' JWTs are checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The required `iss` claim. Default `botgate-dev` (the embedded development issuer).
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// The required `aud` claim. Default `botgate`.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Accepted algorithms: `HS256` (only with the development issuer's key, created in the data
+    /// folder at first start), `RS256`, `ES256` (keys from `jwks_file`). Default `["HS256"]`.
+    /// Anything else, `none` included, is refused.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// A JWKS file (`{"keys":[...]}`) with the RS256/ES256 public keys. Default none.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    /// Most verified tokens cached (keyed by a hash of the token, until they expire), so repeat
+    /// requests skip the signature check. Default 10000.
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: usize,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            issuer: default_issuer(),
+            audience: default_audience(),
+            algorithms: default_algorithms(),
+            jwks_file: None,
+            leeway_secs: default_leeway_secs(),
+            cache_capacity: default_cache_capacity(),
+        }
+    }
+}
+
+impl IdentityConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.algorithms.is_empty() {
+            return Err(invalid("identity.algorithms", "name at least one of HS256, RS256, ES256"));
+        }
+        for (i, a) in self.algorithms.iter().enumerate() {
+            if !matches!(a.as_str(), "HS256" | "RS256" | "ES256") {
+                return Err(invalid(
+                    format!("identity.algorithms[{i}]"),
+                    format!("`{a}` is not one of HS256, RS256, ES256"),
+                ));
+            }
+        }
+        if self.algorithms.iter().any(|a| a != "HS256") && self.jwks_file.is_none() {
+            return Err(invalid(
+                "identity.jwks_file",
+                "RS256 and ES256 need a JWKS file with the public keys",
+            ));
+        }
+        if self.issuer.is_empty() {
+            return Err(invalid("identity.issuer", "must not be empty"));
+        }
+        if self.audience.is_empty() {
+            return Err(invalid("identity.audience", "must not be empty"));
+        }
+        if self.cache_capacity == 0 {
+            return Err(invalid("identity.cache_capacity", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// `[licensing]`: trials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicensingConfig {
+    /// Length of a trial, in days. Default 60.
+    #[serde(default = "default_trial_days")]
+    pub trial_days: u32,
+    /// How much the one extension adds, in days. Default 30.
+    #[serde(default = "default_trial_extension_days")]
+    pub trial_extension_days: u32,
+    /// How long a trial user's published bots keep serving after the trial expired, in days.
+    /// Default 90.
+    #[serde(default = "default_grace_days")]
+    pub grace_days: u32,
+}
+
+impl Default for LicensingConfig {
+    fn default() -> Self {
+        Self {
+            trial_days: default_trial_days(),
+            trial_extension_days: default_trial_extension_days(),
+            grace_days: default_grace_days(),
+        }
+    }
+}
+
+impl LicensingConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.trial_days == 0 {
+            return Err(invalid("licensing.trial_days", "must be at least 1"));
+        }
+        Ok(())
+    }
+}

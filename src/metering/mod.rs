@@ -147,6 +147,16 @@ impl Metering {
             .clone()
     }
 
+    /// Replaces a tenant's capacity plan (a purchase, a setting or a trial changed).
+    pub fn set_plan(&self, tenant: &str, plan: CapacityPlan) {
+        self.pool(tenant).set_plan(plan);
+    }
+
+    /// The metering configuration.
+    pub fn config(&self) -> &MeteringConfig {
+        &self.inner.config
+    }
+
     /// The counters of a bot, created (from the rebuilt totals) on first use.
     pub fn counters(&self, tenant: &str, bot: &str) -> Arc<BotCounters> {
         if let Some(c) = self.inner.bots.get(bot) {
@@ -328,7 +338,8 @@ pub fn plan_of(t: &TenantConfig, m: &MeteringConfig) -> CapacityPlan {
         subscriptions: t.subscriptions.clone(),
         per_license: m.tenant_license_sessions,
         per_addon: m.addon_sessions,
-        trial_capacity: 0,
+        trial_capacity: m.trial_capacity,
+        trials: Vec::new(),
         policy: t.capacity_policy,
     }
 }

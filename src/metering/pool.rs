@@ -54,8 +54,10 @@ pub struct CapacityPlan {
     pub per_license: u64,
     /// Sessions per add-on per month.
     pub per_addon: u64,
-    /// Capacity when no tenant license is active but a trial is (0 when no trial is active).
+    /// Capacity of a month with no tenant license but an active trial.
     pub trial_capacity: u64,
+    /// The trials of the tenant's users, as (start, expiry) in milliseconds.
+    pub trials: Vec<(Millis, Millis)>,
     /// What to do when the month's capacity is used up.
     pub policy: CapacityPolicy,
 }
@@ -80,7 +82,9 @@ impl CapacityPlan {
         };
         let licenses = count(SubscriptionKind::TenantLicense);
         if licenses == 0 {
-            return self.trial_capacity;
+            let (from, to) = (month_start_ms(m), month_start_ms(m + 1));
+            let trial = self.trials.iter().any(|&(start, end)| start < to && end > from);
+            return if trial { self.trial_capacity } else { 0 };
         }
         licenses * self.per_license + count(SubscriptionKind::CapacityAddon) * self.per_addon
     }
@@ -232,6 +236,7 @@ mod tests {
             per_license: 2000,
             per_addon: 1000,
             trial_capacity: 1000,
+            trials: vec![(month_start_ms(parse_month("2025-12").unwrap()), i64::MAX)],
             policy: CapacityPolicy::Reject,
         }
     }
@@ -246,6 +251,7 @@ mod tests {
             1000,
             "before the license: trial capacity"
         );
+        assert_eq!(plan(1, 0).capacity(parse_month("2025-11").unwrap()), 0, "neither license nor trial");
         assert_eq!(month_label(m), "2026-11");
         assert_eq!(month_of(month_start_ms(m)), m);
         assert_eq!(month_of(month_start_ms(m) - 1), m - 1);

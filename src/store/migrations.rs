@@ -24,4 +24,57 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, bot, day)
     ) WITHOUT ROWID;
     "#,
+    // 2: the control plane: tenants, purchases, assignments, seats, trials, bots, audit.
+    r#"
+    CREATE TABLE tenants (
+        id                         TEXT PRIMARY KEY,
+        name                       TEXT NOT NULL,
+        allow_ad_hoc_subscriptions INTEGER NOT NULL,
+        capacity_policy            TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE subscriptions (
+        id       TEXT PRIMARY KEY,
+        tenant   TEXT NOT NULL,
+        kind     TEXT NOT NULL,
+        quantity INTEGER NOT NULL,
+        start    TEXT NOT NULL,
+        end      TEXT
+    ) WITHOUT ROWID;
+    CREATE TABLE assignments (
+        tenant TEXT NOT NULL,
+        kind   TEXT NOT NULL,
+        id     TEXT NOT NULL,
+        PRIMARY KEY (tenant, kind, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE seats (
+        tenant TEXT NOT NULL,
+        user   TEXT NOT NULL,
+        via    TEXT NOT NULL,
+        PRIMARY KEY (tenant, user)
+    ) WITHOUT ROWID;
+    CREATE TABLE trials (
+        tenant     TEXT NOT NULL,
+        user       TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        extended   INTEGER NOT NULL,
+        PRIMARY KEY (tenant, user)
+    ) WITHOUT ROWID;
+    CREATE TABLE bots (
+        id     TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        json   TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE audit (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant TEXT NOT NULL,
+        at_ms  INTEGER NOT NULL,
+        actor  TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after  TEXT
+    );
+    CREATE INDEX audit_by_tenant ON audit (tenant, seq);
+    "#,
 ];

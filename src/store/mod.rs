@@ -4,8 +4,11 @@
 //! on the async runtime reach it through `spawn_blocking` or a dedicated writer thread, never on
 //! the per-message path.
 
+pub mod control;
 mod migrations;
 pub mod sqlite;
+
+use control::{AuditEntry, ControlData, Mutation};
 
 use std::sync::Arc;
 
@@ -110,6 +113,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ids of every recorded session (for exactness checks).
     fn session_ids(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Everything the control plane holds.
+    fn load_control(&self) -> Result<ControlData, StoreError>;
+
+    /// Applies control-plane changes and appends their audit entries, in one transaction.
+    fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError>;
+
+    /// A tenant's audit log, oldest first, after sequence `after_seq`, at most `limit` entries.
+    fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// Flushes and closes; later calls fail with [`StoreError::Closed`].
     fn close(&self) -> Result<(), StoreError>;

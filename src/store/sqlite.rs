@@ -9,6 +9,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::control::{
+    AuditEntry, BotRecord, ControlData, Mutation, SeatRecord, SubscriptionRecord, TenantRecord, TrialRecord,
+};
 use super::migrations::MIGRATIONS;
 use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta};
 
@@ -76,6 +79,21 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
         tracing::info!(path, version = i + 1, "Applied schema migration.");
     }
     Ok(())
+}
+
+/// A unit enum as its serde name (`reject`, `tenant_license`, ...).
+fn to_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn from_text<T: serde::de::DeserializeOwned>(s: &str) -> rusqlite::Result<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn date(s: &str) -> rusqlite::Result<chrono::NaiveDate> {
+    s.parse()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 /// The UTC day of a timestamp, `YYYY-MM-DD`.
@@ -172,6 +190,148 @@ impl Store for SqliteStore {
         })
     }
 
+    fn load_control(&self) -> Result<ControlData, StoreError> {
+        self.with_conn(|c| {
+            let mut d = ControlData::default();
+            let mut st = c.prepare(
+                "SELECT id, name, allow_ad_hoc_subscriptions, capacity_policy FROM tenants ORDER BY id",
+            )?;
+            d.tenants = st
+                .query_map([], |r| {
+                    Ok(TenantRecord {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        allow_ad_hoc_subscriptions: r.get(2)?,
+                        capacity_policy: from_text(&r.get::<_, String>(3)?)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare(
+                "SELECT id, tenant, kind, quantity, start, end FROM subscriptions ORDER BY start, id",
+            )?;
+            d.subscriptions = st
+                .query_map([], |r| {
+                    Ok(SubscriptionRecord {
+                        id: r.get(0)?,
+                        tenant: r.get(1)?,
+                        kind: from_text(&r.get::<_, String>(2)?)?,
+                        quantity: r.get(3)?,
+                        start: date(&r.get::<_, String>(4)?)?,
+                        end: r.get::<_, Option<String>>(5)?.map(|e| date(&e)).transpose()?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT tenant, kind, id FROM assignments ORDER BY tenant, kind, id")?;
+            d.assignments = st
+                .query_map([], |r| Ok((r.get(0)?, from_text(&r.get::<_, String>(1)?)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT tenant, user, via FROM seats ORDER BY tenant, user")?;
+            d.seats = st
+                .query_map([], |r| Ok(SeatRecord { tenant: r.get(0)?, user: r.get(1)?, via: r.get(2)? }))?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT tenant, user, started_ms, expires_ms, extended FROM trials")?;
+            d.trials = st
+                .query_map([], |r| {
+                    Ok(TrialRecord {
+                        tenant: r.get(0)?,
+                        user: r.get(1)?,
+                        started_ms: r.get(2)?,
+                        expires_ms: r.get(3)?,
+                        extended: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT id, tenant, json FROM bots ORDER BY id")?;
+            d.bots = st
+                .query_map([], |r| Ok(BotRecord { id: r.get(0)?, tenant: r.get(1)?, json: r.get(2)? }))?
+                .collect::<Result<_, _>>()?;
+            Ok(d)
+        })
+    }
+
+    fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError> {
+        self.with_conn(|c| {
+            let tx = c.transaction()?;
+            for m in mutations {
+                match m {
+                    Mutation::PutTenant(t) => tx.execute(
+                        "INSERT OR REPLACE INTO tenants (id, name, allow_ad_hoc_subscriptions, capacity_policy)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![t.id, t.name, t.allow_ad_hoc_subscriptions, to_text(&t.capacity_policy)],
+                    )?,
+                    Mutation::PutSubscription(s) => tx.execute(
+                        "INSERT OR REPLACE INTO subscriptions (id, tenant, kind, quantity, start, end)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            s.id,
+                            s.tenant,
+                            to_text(&s.kind),
+                            s.quantity,
+                            s.start.to_string(),
+                            s.end.map(|e| e.to_string())
+                        ],
+                    )?,
+                    Mutation::PutAssignment { tenant, kind, id } => tx.execute(
+                        "INSERT OR IGNORE INTO assignments (tenant, kind, id) VALUES (?1, ?2, ?3)",
+                        params![tenant, to_text(kind), id],
+                    )?,
+                    Mutation::DeleteAssignment { tenant, kind, id } => tx.execute(
+                        "DELETE FROM assignments WHERE tenant = ?1 AND kind = ?2 AND id = ?3",
+                        params![tenant, to_text(kind), id],
+                    )?,
+                    Mutation::PutSeat(s) => tx.execute(
+                        "INSERT OR REPLACE INTO seats (tenant, user, via) VALUES (?1, ?2, ?3)",
+                        params![s.tenant, s.user, s.via],
+                    )?,
+                    Mutation::DeleteSeats { tenant, user, via } => tx.execute(
+                        "DELETE FROM seats WHERE tenant = ?1 AND (?2 IS NULL OR user = ?2) AND (?3 IS NULL OR via = ?3)",
+                        params![tenant, user, via],
+                    )?,
+                    Mutation::PutTrial(t) => tx.execute(
+                        "INSERT OR REPLACE INTO trials (tenant, user, started_ms, expires_ms, extended)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![t.tenant, t.user, t.started_ms, t.expires_ms, t.extended],
+                    )?,
+                    Mutation::PutBot(b) => tx.execute(
+                        "INSERT OR REPLACE INTO bots (id, tenant, json) VALUES (?1, ?2, ?3)",
+                        params![b.id, b.tenant, b.json],
+                    )?,
+                    Mutation::DeleteBot { id } => tx.execute("DELETE FROM bots WHERE id = ?1", params![id])?,
+                };
+            }
+            for a in audit {
+                tx.execute(
+                    "INSERT INTO audit (tenant, at_ms, actor, action, target, before, after)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![a.tenant, a.at_ms, a.actor, a.action, a.target, a.before, a.after],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.with_conn(|c| {
+            let mut st = c.prepare(
+                "SELECT seq, tenant, at_ms, actor, action, target, before, after FROM audit
+                 WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![tenant, after_seq, limit as i64], |r| {
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    tenant: r.get(1)?,
+                    at_ms: r.get(2)?,
+                    actor: r.get(3)?,
+                    action: r.get(4)?,
+                    target: r.get(5)?,
+                    before: r.get(6)?,
+                    after: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     fn close(&self) -> Result<(), StoreError> {
         let mut guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(conn) = guard.take() {
@@ -186,6 +346,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::control::Principal;
 
     fn rec(id: &str, bot: &str, ms: i64) -> SessionRecord {
         SessionRecord { id: id.into(), tenant: "t".into(), bot: bot.into(), began_ms: ms, overage: false }
@@ -226,6 +387,61 @@ mod tests {
         s.add_usage(&[(key.0, key.1, key.2, d)]).unwrap();
         let u = s.load_usage().unwrap();
         assert_eq!((u[0].turns, u[0].rejected_capacity, u[0].sessions), (6, 2, 0));
+    }
+
+    #[test]
+    fn control_changes_and_audit_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let t = TenantRecord {
+            id: "t".into(),
+            name: "T".into(),
+            allow_ad_hoc_subscriptions: true,
+            capacity_policy: crate::config::CapacityPolicy::AllowOverage,
+        };
+        let sub = SubscriptionRecord {
+            id: "s1".into(),
+            tenant: "t".into(),
+            kind: crate::config::SubscriptionKind::UserLicenses,
+            quantity: 3,
+            start: "2026-01-01".parse().unwrap(),
+            end: None,
+        };
+        let a = AuditEntry {
+            seq: 0,
+            tenant: "t".into(),
+            at_ms: 5,
+            actor: "alice".into(),
+            action: "x".into(),
+            target: "y".into(),
+            before: None,
+            after: Some("{}".into()),
+        };
+        s.apply(
+            &[
+                Mutation::PutTenant(t.clone()),
+                Mutation::PutSubscription(sub.clone()),
+                Mutation::PutAssignment { tenant: "t".into(), kind: Principal::Group, id: "g".into() },
+                Mutation::PutSeat(SeatRecord { tenant: "t".into(), user: "u".into(), via: "group:g".into() }),
+            ],
+            std::slice::from_ref(&a),
+        )
+        .unwrap();
+        s.apply(
+            &[Mutation::DeleteSeats { tenant: "t".into(), user: None, via: Some("group:g".into()) }],
+            &[],
+        )
+        .unwrap();
+        let d = s.load_control().unwrap();
+        assert_eq!(d.tenants, vec![t]);
+        assert_eq!(d.subscriptions, vec![sub]);
+        assert_eq!(d.assignments, vec![("t".to_string(), Principal::Group, "g".to_string())]);
+        assert!(d.seats.is_empty());
+        let log = s.audit("t", 0, 10).unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].seq, 1);
+        assert_eq!(log[0].actor, "alice");
+        assert!(s.audit("other", 0, 10).unwrap().is_empty());
     }
 
     #[test]

@@ -75,13 +75,25 @@ impl LaneClock {
     }
 
     /// Waits for the next slot and returns when it was due; `None` past the deadline.
-    async fn next(&mut self) -> Option<Instant> {
+    ///
+    /// tokio's timer has millisecond granularity (a sleep ends up to ~1 ms late), which would
+    /// show as latency measured from the slot; so the timer sleeps to just before the slot and
+    /// the last stretch yields to the runtime until the slot (other tasks and I/O keep running).
+    async fn next(&mut self, stats: &Stats) -> Option<Instant> {
         let due = self.slot();
         if due >= self.deadline {
             return None;
         }
         self.next += 1;
-        tokio::time::sleep_until(due.into()).await;
+        if let Some(coarse) = due.checked_sub(Duration::from_micros(1500))
+            && coarse > Instant::now()
+        {
+            tokio::time::sleep_until(coarse.into()).await;
+        }
+        while Instant::now() < due {
+            tokio::task::yield_now().await;
+        }
+        stats.send_lateness(due.elapsed());
         Some(due)
     }
 }
@@ -166,7 +178,7 @@ pub async fn conversation(ctx: &Ctx, mut lane: Option<&mut LaneClock>, due: Inst
         && let Some(l) = lane.as_deref_mut()
     {
         // Conversations without messages take one slot each, for their start.
-        match l.next().await {
+        match l.next(stats).await {
             Some(d) => due = d,
             None => return stats.conversation_ended(args.topic, 0, 0, false),
         }
@@ -270,7 +282,7 @@ async fn messages(
     let mut seen: HashSet<String> = HashSet::new();
     for m in 0..args.messages {
         let due = match lane.as_deref_mut() {
-            Some(l) => match l.next().await {
+            Some(l) => match l.next(stats).await {
                 Some(d) => d,
                 None => return Ok(()),
             },

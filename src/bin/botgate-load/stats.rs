@@ -37,6 +37,7 @@ pub struct Stats {
     // std mutexes: held for one record, never across an await.
     message_us: Mutex<Histogram<u64>>,
     setup_us: Mutex<Histogram<u64>>,
+    lateness_us: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -69,6 +70,7 @@ impl Stats {
             errors_total: AtomicU64::new(0),
             message_us: Mutex::new(histogram()),
             setup_us: Mutex::new(histogram()),
+            lateness_us: Mutex::new(histogram()),
             errors: Mutex::new(BTreeMap::new()),
         }
     }
@@ -106,6 +108,11 @@ impl Stats {
     /// A conversation was started (token and start answered) `latency` after it was due.
     pub fn setup_ok(&self, latency: Duration) {
         record(&self.setup_us, latency);
+    }
+
+    /// An open-loop send left `late` after its slot (the generator's own precision).
+    pub fn send_lateness(&self, late: Duration) {
+        record(&self.lateness_us, late);
     }
 
     /// An error, by kind (`"429 RateLimited"`, `"transport timeout"`, ...).
@@ -162,6 +169,11 @@ impl Stats {
         if q >= 1.0 { h.max() } else { h.value_at_quantile(q) }
     }
 
+    /// A quantile of the open-loop send lateness, in microseconds.
+    pub fn lateness_quantile(&self, q: f64) -> u64 {
+        self.lateness_us.lock().unwrap_or_else(|p| p.into_inner()).value_at_quantile(q)
+    }
+
     /// The final report (several lines).
     pub fn report(&self, elapsed: Duration) -> String {
         let secs = elapsed.as_secs_f64().max(1e-9);
@@ -184,7 +196,9 @@ impl Stats {
             self.http_requests(),
             started as f64 / secs,
         );
-        for (name, h) in [("message", &self.message_us), ("setup", &self.setup_us)] {
+        for (name, h) in
+            [("message", &self.message_us), ("setup", &self.setup_us), ("late", &self.lateness_us)]
+        {
             let h = h.lock().unwrap_or_else(|p| p.into_inner());
             if h.is_empty() {
                 continue;

@@ -1,0 +1,312 @@
+//! The bots of the caller's tenant: create, read, edit, delete, publish, secrets.
+//! Another tenant's bot answers 404: its existence is never revealed.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::store::hint;
+use crate::bots::{Bot, BotControl, secrets};
+use crate::config::{BotConfig, BotKind, TopicConfig};
+use crate::error::{ApiError, JsonBody};
+use crate::licensing::layer::Author;
+use crate::state::AppState;
+use crate::store::control::AuditEntry;
+
+fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "BotNotFound", "Your tenant has no bot with this id.")
+}
+
+/// The caller's tenant's bot `id`.
+pub fn own_bot(app: &AppState, tenant: &str, id: &str) -> Result<Arc<Bot>, ApiError> {
+    app.channel().bots.get(id).filter(|b| b.tenant == tenant).ok_or_else(not_found)
+}
+
+/// The JSON view of a bot.
+pub fn view(bot: &Bot) -> Value {
+    let mut v = serde_json::to_value(&bot.definition).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("published".into(), Value::Bool(bot.control.published()));
+        m.insert("secured_access".into(), Value::Bool(bot.control.secured_access()));
+        m.insert("owner".into(), json!(bot.owner));
+    }
+    v
+}
+
+fn audit(
+    app: &AppState,
+    tenant: &str,
+    actor: &str,
+    action: &str,
+    target: &str,
+    before: Option<Value>,
+    after: Option<Value>,
+) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        tenant: tenant.into(),
+        at_ms: app.clock().now_ms(),
+        actor: actor.into(),
+        action: action.into(),
+        target: target.into(),
+        before: before.map(|v| v.to_string()),
+        after: after.map(|v| v.to_string()),
+    }
+}
+
+/// `GET /api/v1/bots`.
+pub async fn list(State(app): State<AppState>, Author(p, _): Author) -> Response {
+    let mut bots: Vec<Arc<Bot>> =
+        app.channel().bots.all().into_iter().filter(|b| b.tenant == p.identity.tenant).collect();
+    bots.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(json!({ "bots": bots.iter().map(|b| view(b)).collect::<Vec<_>>() })).into_response()
+}
+
+/// A new bot.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewBot {
+    id: Option<String>,
+    name: String,
+    kind: BotKind,
+    #[serde(default)]
+    endpoint: String,
+    #[serde(default)]
+    topics: Vec<TopicConfig>,
+    #[serde(default)]
+    secured_access: bool,
+    allowed_origins: Option<Vec<String>>,
+}
+
+fn validate(def: &BotConfig) -> Result<(), ApiError> {
+    def.validate("bot")
+        .map_err(|e| ApiError::bad_request(format!("`{}`: {}.", e.key.trim_start_matches("bot."), e.problem)))
+}
+
+/// `POST /api/v1/bots`: creates an unpublished bot with two fresh channel secrets, shown once.
+pub async fn create(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    JsonBody(body): JsonBody<NewBot>,
+) -> Result<Response, ApiError> {
+    let id = body.id.unwrap_or_else(|| {
+        format!("bot-{}", secrets::random_id(6).to_ascii_lowercase().replace(['-', '_'], "x"))
+    });
+    let def = BotConfig {
+        id: id.clone(),
+        tenant: p.identity.tenant.clone(),
+        name: body.name,
+        published: false,
+        secured_access: body.secured_access,
+        allowed_origins: body.allowed_origins.unwrap_or_else(|| vec!["*".into()]),
+        channel_secrets: vec![],
+        kind: body.kind,
+        endpoint: body.endpoint,
+        topics: body.topics,
+    };
+    validate(&def)?;
+    if app.channel().bots.get(&id).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "BotExists",
+            "A bot with this id exists. Choose another id.",
+        ));
+    }
+    let max = app.config().upstream.max_concurrency_per_bot;
+    let bot = Arc::new(Bot::with_control(
+        &def,
+        secrets::random_id(24),
+        max,
+        Arc::new(BotControl::default()),
+        Some(p.identity.user.clone()),
+    ));
+    let fresh = [secrets::generate(), secrets::generate()];
+    for (i, s) in fresh.iter().enumerate() {
+        bot.control.set_secret(i as u8 + 1, secrets::hash(s));
+        app.authoring().set_hint(&id, i as u8 + 1, hint(s));
+    }
+    let a = audit(&app, &p.identity.tenant, &p.identity.user, "bot.create", &id, None, Some(view(&bot)));
+    app.authoring().save(app.store(), &bot, false, a).await?;
+    app.channel().bots.insert(bot.clone());
+    let _ = app.metering().counters(&bot.tenant, &bot.id);
+    Ok((StatusCode::CREATED, Json(json!({ "bot": view(&bot), "secrets": fresh }))).into_response())
+}
+
+/// `GET /api/v1/bots/{botId}`.
+pub async fn get(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    Ok(Json(view(&bot)).into_response())
+}
+
+/// A change to a bot; absent fields stay.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotPatch {
+    name: Option<String>,
+    endpoint: Option<String>,
+    topics: Option<Vec<TopicConfig>>,
+    secured_access: Option<bool>,
+    allowed_origins: Option<Vec<String>>,
+}
+
+/// `PATCH /api/v1/bots/{botId}`: edits the definition, secured access and origins.
+pub async fn patch(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<BotPatch>,
+) -> Result<Response, ApiError> {
+    let old = own_bot(&app, &p.identity.tenant, &id)?;
+    let mut def = old.definition.clone();
+    if let Some(n) = body.name {
+        def.name = n;
+    }
+    if let Some(e) = body.endpoint {
+        def.endpoint = e;
+    }
+    if let Some(t) = body.topics {
+        def.topics = t;
+    }
+    if let Some(o) = body.allowed_origins {
+        def.allowed_origins = o;
+    }
+    validate(&def)?;
+    let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);
+    let max = app.config().upstream.max_concurrency_per_bot;
+    let bot = Arc::new(Bot::with_control(&def, key, max, old.control.clone(), old.owner.clone()));
+    let before = view(&old);
+    if let Some(s) = body.secured_access {
+        bot.control.set_secured_access(s);
+    }
+    let a =
+        audit(&app, &p.identity.tenant, &p.identity.user, "bot.update", &id, Some(before), Some(view(&bot)));
+    if let Err(e) = app.authoring().save(app.store(), &bot, false, a).await {
+        // The control block is shared: undo the access change that was not saved.
+        old.control.set_secured_access(old.definition.secured_access);
+        return Err(e);
+    }
+    app.channel().bots.insert(bot.clone());
+    Ok(Json(view(&bot)).into_response())
+}
+
+/// `DELETE /api/v1/bots/{botId}`: the bot stops serving at once.
+pub async fn delete(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let a = audit(&app, &p.identity.tenant, &p.identity.user, "bot.delete", &id, Some(view(&bot)), None);
+    app.authoring().save(app.store(), &bot, true, a).await?;
+    bot.control.set_published(false);
+    app.channel().bots.remove(&id);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn set_published(
+    app: &AppState,
+    p: &crate::licensing::layer::Principal,
+    id: &str,
+    on: bool,
+) -> Result<Response, ApiError> {
+    let bot = own_bot(app, &p.identity.tenant, id)?;
+    let was = bot.control.published();
+    bot.control.set_published(on);
+    let action = if on { "bot.publish" } else { "bot.unpublish" };
+    let a = audit(
+        app,
+        &p.identity.tenant,
+        &p.identity.user,
+        action,
+        id,
+        Some(json!({"published": was})),
+        Some(json!({"published": on})),
+    );
+    if let Err(e) = app.authoring().save(app.store(), &bot, false, a).await {
+        bot.control.set_published(was);
+        return Err(e);
+    }
+    Ok(Json(view(&bot)).into_response())
+}
+
+/// `POST /api/v1/bots/{botId}/publish`.
+pub async fn publish(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    set_published(&app, &p, &id, true).await
+}
+
+/// `POST /api/v1/bots/{botId}/unpublish`.
+pub async fn unpublish(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    set_published(&app, &p, &id, false).await
+}
+
+/// `GET /api/v1/bots/{botId}/secrets`: which slots hold a secret (values are shown only when
+/// made: they are kept hashed).
+pub async fn list_secrets(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let hashes = bot.control.hashes();
+    let hints = app.authoring().hints(&id);
+    let slots: Vec<Value> = (0..2)
+        .map(|i| {
+            json!({
+                "slot": i + 1,
+                "set": hashes[i].is_some(),
+                "hint": hints[i],
+                "generation": bot.control.generation(i as u8 + 1),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "secrets": slots })).into_response())
+}
+
+/// `POST /api/v1/bots/{botId}/secrets/{slot}/regenerate`: a new secret in slot 1 or 2; tokens
+/// made from the old one stop working, the other slot keeps serving.
+pub async fn regenerate(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path((id, slot)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let slot: u8 = match slot.as_str() {
+        "1" => 1,
+        "2" => 2,
+        _ => return Err(ApiError::bad_request("The secret slot is 1 or 2.")),
+    };
+    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let secret = secrets::generate();
+    let before = json!({"slot": slot, "generation": bot.control.generation(slot)});
+    app.channel().bots.set_secret(&bot, slot, secrets::hash(&secret));
+    app.authoring().set_hint(&id, slot, hint(&secret));
+    let after = json!({"slot": slot, "generation": bot.control.generation(slot)});
+    let a = audit(
+        &app,
+        &p.identity.tenant,
+        &p.identity.user,
+        "bot.secret_regenerate",
+        &id,
+        Some(before),
+        Some(after),
+    );
+    app.authoring().save(app.store(), &bot, false, a).await?;
+    Ok(Json(json!({ "slot": slot, "secret": secret, "generation": bot.control.generation(slot) }))
+        .into_response())
+}

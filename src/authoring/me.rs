@@ -1,0 +1,75 @@
+//! Who am I, trials, and the authoring test chat.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde_json::json;
+
+use super::bots::own_bot;
+use crate::clock::rfc3339_ms;
+use crate::error::ApiError;
+use crate::licensing::denial_error;
+use crate::licensing::layer::{Author, Caller};
+use crate::state::AppState;
+use crate::store::control::TrialRecord;
+
+/// `GET /api/v1/me`: identity, and whether and how the caller is licensed (or why not).
+pub async fn me(Caller(p): Caller) -> Response {
+    let id = &p.identity;
+    let (licensed, license, reason) = match &p.license {
+        Ok(g) => (true, json!(g), json!(null)),
+        Err(d) => {
+            let e = denial_error(*d);
+            (false, json!(null), json!({"code": e.code, "message": e.message}))
+        }
+    };
+    Json(json!({
+        "tenant": id.tenant,
+        "user": id.user,
+        "name": id.name,
+        "groups": id.groups,
+        "roles": id.roles,
+        "tenant_admin": id.is_admin(),
+        "licensed": licensed,
+        "license": license,
+        "reason": reason,
+    }))
+    .into_response()
+}
+
+fn trial_json(t: &TrialRecord) -> serde_json::Value {
+    json!({
+        "started": rfc3339_ms(t.started_ms),
+        "expires": rfc3339_ms(t.expires_ms),
+        "extended": t.extended,
+    })
+}
+
+/// `POST /api/v1/trial`.
+pub async fn start_trial(State(app): State<AppState>, Caller(p): Caller) -> Result<Response, ApiError> {
+    let t = app.licensing().start_trial(&p.identity).await?;
+    Ok((StatusCode::CREATED, Json(trial_json(&t))).into_response())
+}
+
+/// `POST /api/v1/trial/extend`.
+pub async fn extend_trial(State(app): State<AppState>, Caller(p): Caller) -> Result<Response, ApiError> {
+    let t = app.licensing().extend_trial(&p.identity).await?;
+    Ok(Json(trial_json(&t)).into_response())
+}
+
+/// `POST /api/v1/bots/{botId}/testchat`: a Direct Line token for the author to test the bot
+/// (published or not). Test-chat conversations are never billed.
+pub async fn test_chat(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let ch = app.channel();
+    let claims = ch.new_claims(&bot, Some(format!("dl_test_{}", p.identity.user)), 0, true);
+    let conversation = claims.conversation.clone();
+    let (token, expires_in) = ch.issue(claims);
+    Ok(Json(json!({ "token": token, "conversationId": conversation, "expires_in": expires_in }))
+        .into_response())
+}

@@ -1,0 +1,34 @@
+//! Bot authors' identity: JWT verification with a verified-token cache, and the development
+//! issuer of the embedded default.
+
+pub mod dev_issuer;
+pub mod jwt;
+
+use serde::{Deserialize, Serialize};
+
+/// The role claim that makes a user a tenant admin.
+pub const ADMIN_ROLE: &str = "TenantAdmin";
+
+/// Who a verified token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The tenant (`tid`).
+    pub tenant: String,
+    /// The user (`oid`).
+    pub user: String,
+    /// Display name (`name`), if given.
+    pub name: Option<String>,
+    /// Group ids (`groups`).
+    pub groups: Vec<String>,
+    /// Roles (`roles`).
+    pub roles: Vec<String>,
+    /// Expiry, seconds since the epoch.
+    pub exp: i64,
+}
+
+impl Identity {
+    /// Whether the token carries the `TenantAdmin` role.
+    pub fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == ADMIN_ROLE)
+    }
+}

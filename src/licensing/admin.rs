@@ -1,0 +1,214 @@
+//! The admin API (`TenantAdmin` role; admins need no user license): purchases, licenses and
+//! seats, settings, the audit log. Every answer is about the caller's own tenant.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use chrono::NaiveDate;
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::layer::Admin;
+use super::model::TenantView;
+use crate::config::{CapacityPolicy, SubscriptionKind};
+use crate::error::{ApiError, JsonBody};
+use crate::state::AppState;
+use crate::store::control::Principal as Assignee;
+
+fn view(app: &AppState, tenant: &str) -> Result<std::sync::Arc<TenantView>, ApiError> {
+    app.licensing().tenant(tenant).ok_or_else(|| {
+        ApiError::not_found("Your tenant has no licensing record yet; buy a subscription first.")
+    })
+}
+
+/// `GET /api/v1/admin/subscriptions`.
+pub async fn list_subscriptions(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
+    let subs =
+        app.licensing().tenant(&p.identity.tenant).map(|t| t.subscriptions.clone()).unwrap_or_default();
+    Ok(Json(json!({ "subscriptions": subs })).into_response())
+}
+
+/// A purchase request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSubscription {
+    kind: SubscriptionKind,
+    #[serde(default = "one")]
+    quantity: u32,
+    start: Option<NaiveDate>,
+    end: Option<NaiveDate>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `POST /api/v1/admin/subscriptions`.
+pub async fn add_subscription(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    JsonBody(body): JsonBody<NewSubscription>,
+) -> Result<Response, ApiError> {
+    if body.quantity == 0 {
+        return Err(ApiError::bad_request("`quantity` must be at least 1."));
+    }
+    let start = body.start.unwrap_or_else(|| super::model::day(app.clock().now_ms()));
+    if body.end.is_some_and(|e| e < start) {
+        return Err(ApiError::bad_request("`end` is before `start`."));
+    }
+    let rec = app
+        .licensing()
+        .add_subscription(&p.identity.user, &p.identity.tenant, body.kind, body.quantity, start, body.end)
+        .await?;
+    Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+#[derive(Serialize)]
+struct Seats {
+    bought: u64,
+    used: u64,
+    free: u64,
+}
+
+/// `GET /api/v1/admin/licenses`: seats bought, used, free, and the assignments.
+pub async fn licenses(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
+    let now = app.clock().now_ms();
+    let Some(t) = app.licensing().tenant(&p.identity.tenant) else {
+        return Ok(Json(json!({"seats": Seats { bought: 0, used: 0, free: 0 }, "users": [], "groups": [], "seat_holders": []}))
+            .into_response());
+    };
+    let bought = t.seats_bought(now);
+    let used = t.seats.len() as u64;
+    let holders: Vec<_> = t.seats.iter().map(|(user, via)| json!({"user": user, "via": via})).collect();
+    Ok(Json(json!({
+        "seats": Seats { bought, used, free: bought.saturating_sub(used) },
+        "users": t.users,
+        "groups": t.groups,
+        "seat_holders": holders,
+    }))
+    .into_response())
+}
+
+/// `PUT /api/v1/admin/licenses/users/{userId}`.
+pub async fn assign_user(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    change(&app, &p, Assignee::User, &user, true).await
+}
+
+/// `DELETE /api/v1/admin/licenses/users/{userId}`.
+pub async fn remove_user(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    change(&app, &p, Assignee::User, &user, false).await
+}
+
+/// `PUT /api/v1/admin/licenses/groups/{groupId}`.
+pub async fn assign_group(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    Path(group): Path<String>,
+) -> Result<Response, ApiError> {
+    change(&app, &p, Assignee::Group, &group, true).await
+}
+
+/// `DELETE /api/v1/admin/licenses/groups/{groupId}`.
+pub async fn remove_group(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    Path(group): Path<String>,
+) -> Result<Response, ApiError> {
+    change(&app, &p, Assignee::Group, &group, false).await
+}
+
+async fn change(
+    app: &AppState,
+    p: &super::layer::Principal,
+    kind: Assignee,
+    id: &str,
+    assign: bool,
+) -> Result<Response, ApiError> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(ApiError::bad_request("The id must be 1 to 256 characters."));
+    }
+    let l = app.licensing();
+    if assign {
+        l.assign(&p.identity.user, &p.identity.tenant, kind, id).await?;
+    } else {
+        l.unassign(&p.identity.user, &p.identity.tenant, kind, id).await?;
+    }
+    let status = if assign { StatusCode::OK } else { StatusCode::NO_CONTENT };
+    Ok(status.into_response())
+}
+
+/// `GET /api/v1/admin/settings`.
+pub async fn settings(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
+    let t = view(&app, &p.identity.tenant)?;
+    Ok(Json(json!({
+        "allow_ad_hoc_subscriptions": t.record.allow_ad_hoc_subscriptions,
+        "capacity_policy": t.record.capacity_policy,
+    }))
+    .into_response())
+}
+
+/// A settings change.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    allow_ad_hoc_subscriptions: Option<bool>,
+    capacity_policy: Option<CapacityPolicy>,
+}
+
+/// `PATCH /api/v1/admin/settings`.
+pub async fn patch_settings(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    JsonBody(body): JsonBody<SettingsPatch>,
+) -> Result<Response, ApiError> {
+    let t = app
+        .licensing()
+        .update_settings(
+            &p.identity.user,
+            &p.identity.tenant,
+            body.allow_ad_hoc_subscriptions,
+            body.capacity_policy,
+        )
+        .await?;
+    Ok(Json(json!({
+        "allow_ad_hoc_subscriptions": t.record.allow_ad_hoc_subscriptions,
+        "capacity_policy": t.record.capacity_policy,
+    }))
+    .into_response())
+}
+
+/// Paging through the audit log.
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    after: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/admin/audit?after=SEQ&limit=N`: the tenant's audit log, oldest first.
+pub async fn audit(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let store = app.store().clone();
+    let tenant = p.identity.tenant.clone();
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let after = q.after.unwrap_or(0);
+    let entries = tokio::task::spawn_blocking(move || store.audit(&tenant, after, limit))
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(|e| {
+            tracing::error!(error = %e, "Reading the audit log failed.");
+            ApiError::unavailable("StoreUnavailable", "The audit log could not be read. Try again.")
+        })?;
+    Ok(Json(json!({ "entries": entries })).into_response())
+}

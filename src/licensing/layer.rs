@@ -1,0 +1,164 @@
+//! The tower layer that turns an authoring or admin request into a [`Principal`]: the verified
+//! identity (cached JWT verification) and how the user is licensed. Anonymous channel routes
+//! never pass through it. Handlers then ask for what they need with the [`Author`], [`Admin`]
+//! or [`Caller`] extractors.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+use http::{Request, StatusCode, header};
+use tower::{Layer, Service};
+
+use super::model::{Denial, Grant};
+use super::{Licensing, denial_error};
+use crate::error::ApiError;
+use crate::identity::Identity;
+use crate::identity::jwt::{JwtError, Verifier};
+
+/// Who is calling and how they are licensed.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The verified identity.
+    pub identity: Arc<Identity>,
+    /// The license, or why there is none.
+    pub license: Result<Grant, Denial>,
+}
+
+/// Builds [`AuthorAuth`] services.
+#[derive(Clone)]
+pub struct AuthorLayer {
+    verifier: Arc<Verifier>,
+    licensing: Arc<Licensing>,
+}
+
+impl AuthorLayer {
+    /// A layer checking tokens with `verifier` and licenses with `licensing`.
+    pub fn new(verifier: Arc<Verifier>, licensing: Arc<Licensing>) -> Self {
+        Self { verifier, licensing }
+    }
+}
+
+impl<S> Layer<S> for AuthorLayer {
+    type Service = AuthorAuth<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthorAuth { inner, verifier: self.verifier.clone(), licensing: self.licensing.clone() }
+    }
+}
+
+/// Authenticates the request and attaches its [`Principal`]; refuses with 401 otherwise.
+#[derive(Clone)]
+pub struct AuthorAuth<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+    licensing: Arc<Licensing>,
+}
+
+fn unauthorized(code: &'static str, message: impl Into<std::borrow::Cow<'static, str>>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+impl<S> Service<Request<Body>> for AuthorAuth<S>
+where
+    S: Service<Request<Body>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        // The clone that was made ready is the one called (tower's clone-and-swap idiom).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        let licensing = self.licensing.clone();
+        Box::pin(async move {
+            let identity = match authenticate(&verifier, &req) {
+                Ok(id) => id,
+                Err(e) => return Ok(e.into_response()),
+            };
+            let license = licensing.resolve(&identity).await;
+            req.extensions_mut().insert(Principal { identity, license });
+            inner.call(req).await
+        })
+    }
+}
+
+fn authenticate(verifier: &Verifier, req: &Request<Body>) -> Result<Arc<Identity>, ApiError> {
+    let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
+        unauthorized("MissingToken", "Send `Authorization: Bearer <token>` with a token from your identity provider (or `botgate token`).")
+    })?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| unauthorized("InvalidToken", "The Authorization header must be `Bearer <token>`."))?;
+    verifier.verify(token).map_err(|e| match e {
+        JwtError::Expired => {
+            unauthorized("TokenExpired", "Your token has expired. Sign in again to get a new one.")
+        }
+        JwtError::Invalid(why) => unauthorized("InvalidToken", format!("The token was refused: {why}.")),
+    })
+}
+
+fn principal(parts: &Parts) -> Result<Principal, ApiError> {
+    parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
+        tracing::error!("An authoring route was reached without the author layer.");
+        ApiError::internal()
+    })
+}
+
+/// Any authenticated caller (licensed or not).
+pub struct Caller(pub Principal);
+
+/// A licensed author (direct, group or trial).
+pub struct Author(pub Principal, pub Grant);
+
+/// A tenant admin (no user license needed).
+pub struct Admin(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        principal(parts).map(Caller)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Author {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let p = principal(parts)?;
+        match p.license.clone() {
+            Ok(g) => Ok(Author(p, g)),
+            Err(d) => Err(denial_error(d)),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let p = principal(parts)?;
+        if p.identity.is_admin() {
+            Ok(Admin(p))
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "NotTenantAdmin",
+                "This needs the TenantAdmin role in your token. Ask your organization's administrator.",
+            ))
+        }
+    }
+}
