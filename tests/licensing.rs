@@ -23,7 +23,16 @@ impl<'a> Api<'a> {
         Self { s, key }
     }
 
-    fn token_with(
+    fn token_with(&self, tenant: &str, user: &str, issuer: &str, audience: &str, now: i64) -> String {
+        self.sign(tenant, user, &[], false, issuer, audience, now)
+    }
+
+    fn token(&self, tenant: &str, user: &str, groups: &[&str], admin: bool) -> String {
+        self.sign(tenant, user, groups, admin, "botgate-dev", "botgate", self.s.clock.now_secs())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sign(
         &self,
         tenant: &str,
         user: &str,
@@ -42,10 +51,6 @@ impl<'a> Api<'a> {
             ttl_secs: 3600,
         };
         dev_issuer::sign(&self.key, issuer, audience, &req, now)
-    }
-
-    fn token(&self, tenant: &str, user: &str, groups: &[&str], admin: bool) -> String {
-        self.token_with(tenant, user, groups, admin, "botgate-dev", "botgate", self.s.clock.now_secs())
     }
 
     async fn call(
@@ -114,13 +119,13 @@ async fn authentication_outcomes() {
         now,
     );
     assert_error(api.get("/api/v1/bots", &other_key).await, 401, "InvalidToken").await;
-    let wrong_iss = api.token_with("contoso", "alice", &[], false, "https://evil.example", "botgate", now);
+    let wrong_iss = api.token_with("contoso", "alice", "https://evil.example", "botgate", now);
     assert_error(api.get("/api/v1/bots", &wrong_iss).await, 401, "InvalidToken").await;
-    let wrong_aud = api.token_with("contoso", "alice", &[], false, "botgate-dev", "other-app", now);
+    let wrong_aud = api.token_with("contoso", "alice", "botgate-dev", "other-app", now);
     assert_error(api.get("/api/v1/bots", &wrong_aud).await, 401, "InvalidToken").await;
-    let not_yet = api.token_with("contoso", "alice", &[], false, "botgate-dev", "botgate", now + 600);
+    let not_yet = api.token_with("contoso", "alice", "botgate-dev", "botgate", now + 600);
     assert_error(api.get("/api/v1/bots", &not_yet).await, 401, "InvalidToken").await;
-    let expired = api.token_with("contoso", "alice", &[], false, "botgate-dev", "botgate", now - 2 * 3600);
+    let expired = api.token_with("contoso", "alice", "botgate-dev", "botgate", now - 2 * 3600);
     assert_error(api.get("/api/v1/bots", &expired).await, 401, "TokenExpired").await;
     // alg: none, with the right claims and no signature.
     let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
