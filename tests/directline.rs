@@ -461,3 +461,74 @@ fn rss_bytes() -> u64 {
         .unwrap();
     kb * 1024
 }
+
+#[tokio::test]
+async fn a_request_over_the_timeout_is_a_json_504() {
+    let (slow, _) = slow_bot(3000).await;
+    let s = TestServer::with(|c| {
+        c.server.request_timeout_secs = 1;
+        let toml = upstream_config_toml(&format!("http://{slow}/api/messages"), "");
+        c.bots.extend(botgate::config::Config::from_str(&toml, "t").unwrap().bots);
+        c.upstream.timeout_secs = 10;
+    })
+    .await;
+    let (token, conv) = s.open_token("up").await;
+    let res = s.http.post(s.url("/v3/directline/conversations")).bearer_auth(&token).send().await.unwrap();
+    assert_error(res, 504, "Timeout").await;
+    assert_eq!(conv.len(), 22);
+}
+
+/// A bot answering inline (`{"activities":[...]}`) and a bot that is slow: the slow one does not
+/// hold up the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_replies_and_a_slow_bot_does_not_slow_another() {
+    let inline = axum::Router::new().route(
+        "/api/messages",
+        axum::routing::post(|axum::Json(a): axum::Json<Value>| async move {
+            if a["type"] != "message" {
+                return axum::Json(json!({}));
+            }
+            axum::Json(json!({"activities": [{"type": "message", "text": format!("inline: {}", a["text"].as_str().unwrap_or(""))}]}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inline_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, inline).await.unwrap() });
+    let (slow, _) = slow_bot(2000).await;
+    let s = TestServer::with(|c| {
+        let toml = upstream_config_toml(&format!("http://{slow}/api/messages"), "");
+        let mut bots = botgate::config::Config::from_str(&toml, "t").unwrap().bots;
+        let mut fast = bots[0].clone();
+        fast.id = "inline".into();
+        fast.endpoint = format!("http://{inline_addr}/api/messages");
+        bots.push(fast);
+        c.bots.extend(bots);
+        c.upstream.timeout_secs = 10;
+    })
+    .await;
+    let s = std::sync::Arc::new(s);
+    let (slow_token, slow_conv) = s.open_token("up").await;
+    let started = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let res = s
+                .http
+                .post(s.url("/v3/directline/conversations"))
+                .bearer_auth(&slow_token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+            s.say_ok(&slow_token, &slow_conv, "slow").await;
+        })
+    };
+    let (token, conv, _) = s.conversation("inline").await;
+    let id = s.say_ok(&token, &conv, "hello").await;
+    let acts = s.poll(&token, &conv, None).await;
+    let acts = acts["activities"].as_array().unwrap();
+    let reply = acts.iter().find(|a| a["text"] == "inline: hello").expect("the inline reply");
+    assert_eq!(reply["replyToId"], id.as_str());
+    assert_eq!(reply["from"]["id"], "inline");
+    assert!(!started.is_finished(), "the fast bot answered while the slow bot was still busy");
+    started.await.unwrap();
+}
