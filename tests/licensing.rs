@@ -553,3 +553,46 @@ fn the_token_command_prints_a_token_the_server_accepts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// RS256 and ES256 tokens verified with keys from a JWKS file; HS256 is then refused, so a token
+/// cannot pick a symmetric algorithm and use a public key as its secret.
+#[tokio::test]
+async fn rs256_and_es256_with_a_jwks_file_and_no_algorithm_confusion() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let s = TestServer::with(|c| {
+        c.identity.algorithms = vec!["RS256".into(), "ES256".into()];
+        c.identity.jwks_file = Some(fixtures.join("jwks.json"));
+        c.identity.issuer = "https://login.example/contoso".into();
+    })
+    .await;
+    let now = s.clock.now_secs();
+    let claims = json!({"iss": "https://login.example/contoso", "aud": "botgate", "tid": "contoso", "oid": "alice", "exp": now + 600});
+    let sign = |alg, kid: &str, key: jsonwebtoken::EncodingKey| {
+        let mut h = jsonwebtoken::Header::new(alg);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    };
+    let rsa = jsonwebtoken::EncodingKey::from_rsa_der(&std::fs::read(fixtures.join("rsa1.der")).unwrap());
+    let ec = jsonwebtoken::EncodingKey::from_ec_der(&std::fs::read(fixtures.join("ec1.der")).unwrap());
+    let rs256 = sign(jsonwebtoken::Algorithm::RS256, "rsa1", rsa);
+    let es256 = sign(jsonwebtoken::Algorithm::ES256, "ec1", ec);
+    for t in [&rs256, &es256] {
+        let res = s.http.get(s.url("/api/v1/me")).bearer_auth(t).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.json::<Value>().await.unwrap()["license"]["via"], "direct");
+    }
+    // The RSA public key's text used as an HMAC secret.
+    let jwks = std::fs::read(fixtures.join("jwks.json")).unwrap();
+    let confused =
+        sign(jsonwebtoken::Algorithm::HS256, "rsa1", jsonwebtoken::EncodingKey::from_secret(&jwks));
+    let res = s.http.get(s.url("/api/v1/me")).bearer_auth(&confused).send().await.unwrap();
+    assert_error(res, 401, "InvalidToken").await;
+    // A token signed by the EC key but claiming the RSA key id.
+    let swapped = sign(
+        jsonwebtoken::Algorithm::ES256,
+        "rsa1",
+        jsonwebtoken::EncodingKey::from_ec_der(&std::fs::read(fixtures.join("ec1.der")).unwrap()),
+    );
+    let res = s.http.get(s.url("/api/v1/me")).bearer_auth(&swapped).send().await.unwrap();
+    assert_error(res, 401, "InvalidToken").await;
+}
