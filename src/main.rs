@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use botgate::clock::SystemClock;
-use botgate::config::Config;
+use botgate::config::{Config, StoreBackend};
 use botgate::telemetry::{LogFormat, init_tracing};
 use clap::{Args, Parser, Subcommand};
 
@@ -163,10 +163,20 @@ fn token(args: TokenArgs) -> ExitCode {
         }
     };
     let data_dir = args.data_dir.unwrap_or(config.store.data_dir.clone());
-    let key = match dev_issuer::load_or_create(&data_dir) {
+    let key = match config.store.backend {
+        StoreBackend::Sqlite => dev_issuer::load_or_create(&data_dir)
+            .map_err(|e| format!("cannot use {}: {e}", dev_issuer::key_path(&data_dir).display())),
+        StoreBackend::Redis => {
+            use botgate::store::Store;
+            botgate::store::redis::RedisStore::open(&config.store.redis_url)
+                .and_then(|s| s.shared_key(dev_issuer::KEY_NAME, &rand::random::<[u8; 32]>()))
+                .map_err(|e| e.to_string())
+        }
+    };
+    let key = match key {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("botgate token: cannot use {}: {e}", dev_issuer::key_path(&data_dir).display());
+            eprintln!("botgate token: {e}");
             return ExitCode::FAILURE;
         }
     };

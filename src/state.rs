@@ -14,6 +14,7 @@ use crate::licensing::Licensing;
 use crate::metering::Metering;
 use crate::metering::exposition::UsageCollector;
 use crate::server::Draining;
+use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{SharedStore, StoreError};
 use crate::telemetry::registry::Metrics;
@@ -41,14 +42,6 @@ pub enum StartError {
     /// The usage counters could not be rebuilt from the store.
     #[error("cannot rebuild usage from the store: {0}")]
     Metering(String),
-    /// A generated key in the data folder could not be read or written.
-    #[error("cannot use key file {path}: {source}")]
-    KeyFile {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
 }
 
 /// The shared state of a running server; cloning is shallow.
@@ -70,8 +63,9 @@ struct Inner {
     authoring: Authoring,
 }
 
-/// The file in the data folder holding the channel token signing key.
-pub const CHANNEL_KEY_FILE: &str = "channel-token.key";
+/// The name of the channel token signing key (a file `channel-token.key` in the data folder, or
+/// a field in Redis).
+pub const CHANNEL_KEY: &str = "channel-token";
 
 impl AppState {
     /// Opens the store and builds the state.
@@ -93,11 +87,21 @@ impl AppState {
                 tracing::info!(path = store.path(), "Store opened.");
                 Arc::new(store)
             }
+            StoreBackend::Redis => {
+                let url = config.store.redis_url.clone();
+                let store = tokio::task::spawn_blocking(move || RedisStore::open(&url))
+                    .await
+                    .map_err(|e| StartError::Control(e.to_string()))??;
+                tracing::info!(url = %config.store.redis_url, "Store opened.");
+                Arc::new(store)
+            }
+        };
+        let shared_key = |name: &'static str| {
+            let fresh: [u8; 32] = rand::random();
+            store.shared_key(name, &fresh).map_err(StartError::Store)
         };
         let metrics = Metrics::new();
-        let key_file = config.store.data_dir.join(CHANNEL_KEY_FILE);
-        let signer = TokenSigner::load_or_create(&key_file)
-            .map_err(|source| StartError::KeyFile { path: key_file.display().to_string(), source })?;
+        let signer = TokenSigner::new(&shared_key(CHANNEL_KEY)?);
         let metering = {
             let (config, clock, store) = (config.clone(), clock.clone(), store.clone());
             tokio::task::spawn_blocking(move || Metering::start(&config, clock, store))
@@ -117,11 +121,7 @@ impl AppState {
                 .map_err(|e| StartError::Control(e.to_string()))?
         };
         let dev_key = if config.identity.algorithms.iter().any(|a| a == "HS256") {
-            let path = crate::identity::dev_issuer::key_path(&config.store.data_dir);
-            Some(
-                crate::identity::dev_issuer::load_or_create(&config.store.data_dir)
-                    .map_err(|source| StartError::KeyFile { path: path.display().to_string(), source })?,
-            )
+            Some(shared_key(crate::identity::dev_issuer::KEY_NAME)?)
         } else {
             None
         };

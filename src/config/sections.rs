@@ -91,6 +91,8 @@ pub enum StoreBackend {
     /// An embedded SQLite file in `data_dir` (one node).
     #[default]
     Sqlite,
+    /// A Redis (or Valkey) server at `redis_url`, shared by several nodes.
+    Redis,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -108,11 +110,14 @@ pub struct StoreConfig {
     /// Created if missing. Default `./data`. Overridden by `--data-dir` / `BOTGATE_DATA_DIR`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// For `backend = "redis"`: the server, e.g. `redis://127.0.0.1:6379/`. Default empty.
+    #[serde(default)]
+    pub redis_url: String,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { backend: StoreBackend::default(), data_dir: default_data_dir() }
+        Self { backend: StoreBackend::default(), data_dir: default_data_dir(), redis_url: String::new() }
     }
 }
 
@@ -120,6 +125,9 @@ impl StoreConfig {
     pub(super) fn validate(&self) -> Result<(), Invalid> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("store.data_dir", "must not be empty"));
+        }
+        if self.backend == StoreBackend::Redis && !self.redis_url.starts_with("redis://") {
+            return Err(invalid("store.redis_url", "the redis backend needs a redis:// URL"));
         }
         Ok(())
     }

@@ -8,6 +8,9 @@ use serde::Serialize;
 
 use crate::channel::token::load_or_create_key;
 
+/// The key's name in the store (the file `dev-issuer.key` in the data folder with SQLite).
+pub const KEY_NAME: &str = "dev-issuer";
+
 /// The key file's name in the data folder.
 pub const KEY_FILE: &str = "dev-issuer.key";
 

@@ -35,7 +35,7 @@ pub struct SubscriptionRecord {
 }
 
 /// Who a user license is assigned to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Principal {
     /// A user id (`oid`).

@@ -1,11 +1,13 @@
 //! Durable state behind one trait, so callers do not know which engine keeps it.
 //!
-//! [`sqlite::SqliteStore`] is the embedded default (one node). The trait is synchronous: callers
+//! [`sqlite::SqliteStore`] is the embedded default (one node); [`redis::RedisStore`] is shared by
+//! several nodes. The trait is synchronous: callers
 //! on the async runtime reach it through `spawn_blocking` or a dedicated writer thread, never on
 //! the per-message path.
 
 pub mod control;
 mod migrations;
+pub mod redis;
 pub mod sqlite;
 
 use control::{AuditEntry, ControlData, Mutation};
@@ -42,6 +44,14 @@ pub enum StoreError {
         found: i64,
         /// The newest this build knows.
         supported: i64,
+    },
+    /// Redis could not be reached or refused a command.
+    #[error("redis {url}: {message}")]
+    Redis {
+        /// The server.
+        url: String,
+        /// What went wrong.
+        message: String,
     },
     /// The store was closed.
     #[error("the store is closed")]
@@ -122,6 +132,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A tenant's audit log, oldest first, after sequence `after_seq`, at most `limit` entries.
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// A secret key every node shares (token signing keys): the stored one, or `fresh` stored
+    /// now if there is none yet (the first node to start wins).
+    fn shared_key(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, StoreError>;
 
     /// Flushes and closes; later calls fail with [`StoreError::Closed`].
     fn close(&self) -> Result<(), StoreError>;

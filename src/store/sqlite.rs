@@ -20,6 +20,7 @@ pub const DB_FILE: &str = "botgate.sqlite3";
 
 /// The SQLite store. See the module docs.
 pub struct SqliteStore {
+    dir: PathBuf,
     path: String,
     conn: Mutex<Option<Connection>>,
 }
@@ -48,7 +49,7 @@ impl SqliteStore {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;").map_err(sql_err)?;
         migrate(&mut conn, &path)?;
-        Ok(Self { path, conn: Mutex::new(Some(conn)) })
+        Ok(Self { dir: data_dir.to_path_buf(), path, conn: Mutex::new(Some(conn)) })
     }
 
     /// The database file.
@@ -330,6 +331,14 @@ impl Store for SqliteStore {
             })?;
             rows.collect()
         })
+    }
+
+    fn shared_key(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
+        // One node: the key is a file in the data folder (owner-only permissions).
+        let _ = fresh;
+        let file = self.dir.join(format!("{name}.key"));
+        crate::channel::token::load_or_create_key(&file)
+            .map_err(|source| StoreError::DataDir { path: file.display().to_string(), source })
     }
 
     fn close(&self) -> Result<(), StoreError> {

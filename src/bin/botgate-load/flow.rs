@@ -56,12 +56,13 @@ pub struct LaneClock {
     lane: usize,
     next: u64,
     deadline: Instant,
+    last_done: Instant,
 }
 
 impl LaneClock {
     /// The schedule of lane `lane` of `lanes` at `rate` per second overall.
     pub fn new(start: Instant, rate: f64, lanes: usize, lane: usize, deadline: Instant) -> Self {
-        Self { start, rate, lanes, lane, next: 0, deadline }
+        Self { start, rate, lanes, lane, next: 0, deadline, last_done: start }
     }
 
     fn slot(&self) -> Instant {
@@ -74,27 +75,29 @@ impl LaneClock {
         self.slot() >= self.deadline
     }
 
-    /// Waits for the next slot and returns when it was due; `None` past the deadline.
+    /// Records that the lane's previous work (a reply, or a conversation's set-up) finished.
+    pub fn done(&mut self, at: Instant) {
+        self.last_done = at;
+    }
+
+    /// Waits for the next slot; `None` past the deadline. Returns the instant latency is
+    /// measured from: the slot, plus only the generator's own oversleep.
     ///
-    /// tokio's timer has millisecond granularity (a sleep ends up to ~1 ms late), which would
-    /// show as latency measured from the slot; so the timer sleeps to just before the slot and
-    /// the last stretch yields to the runtime until the slot (other tasks and I/O keep running).
+    /// Latency counts from the slot (no coordinated omission): when the lane's previous reply
+    /// came after this slot, the message goes out late and that wait is counted. What is not
+    /// counted is the generator's timer oversleep past `max(slot, previous reply)`: tokio's
+    /// timer has millisecond granularity, and on a busy generator core a wake-up can come later
+    /// still; neither is the server's doing. The oversleep is reported as the `late` histogram.
     async fn next(&mut self, stats: &Stats) -> Option<Instant> {
         let due = self.slot();
         if due >= self.deadline {
             return None;
         }
         self.next += 1;
-        if let Some(coarse) = due.checked_sub(Duration::from_micros(1500))
-            && coarse > Instant::now()
-        {
-            tokio::time::sleep_until(coarse.into()).await;
-        }
-        while Instant::now() < due {
-            tokio::task::yield_now().await;
-        }
-        stats.send_lateness(due.elapsed());
-        Some(due)
+        tokio::time::sleep_until(due.into()).await;
+        let oversleep = Instant::now().saturating_duration_since(due.max(self.last_done));
+        stats.send_lateness(oversleep);
+        Some(due + oversleep)
     }
 }
 
@@ -240,6 +243,9 @@ async fn run(ctx: &Ctx, mut lane: Option<&mut LaneClock>, due: Instant, ok: &mut
         }
     };
     stats.setup_ok(due.elapsed());
+    if let Some(l) = lane.as_deref_mut() {
+        l.done(Instant::now());
+    }
     let result = messages(ctx, &mut lane, &conv_id, &token, ws.as_mut(), ok).await;
     let result = match result {
         Ok(()) if args.idle > 0.0 => idle(ctx, ws.as_mut()).await,
@@ -314,6 +320,9 @@ async fn messages(
             Some(socket) => ws_reply(ctx, socket, &id, &mut seen, until).await?,
         }
         stats.message_ok(due.elapsed());
+        if let Some(l) = lane.as_deref_mut() {
+            l.done(Instant::now());
+        }
     }
     Ok(())
 }

@@ -1,0 +1,434 @@
+//! The shared store for several nodes: Redis (or a compatible server such as Valkey).
+//!
+//! Every key of a tenant carries the `{tenant}` hash tag, so a tenant's keys share one Redis
+//! Cluster slot and a change to one tenant is one `MULTI`/`EXEC`. After a control-plane change
+//! the store publishes the tenant on [`CHANGES_CHANNEL`]; nodes reload on that message.
+//!
+//! Billed sessions are recorded by a script that stores the session under its unique id and
+//! counts it only if the id was new, so a retried batch (after a timeout, or replayed from a
+//! node's spool after an outage) is never counted twice.
+//!
+//! The connection is a std `Mutex<Option<Connection>>`: callers are blocking threads (the
+//! ledger's writer, `spawn_blocking`), a failed call drops the connection and the next call
+//! reconnects.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::{Connection, RedisResult};
+
+use super::control::{
+    AuditEntry, BotRecord, ControlData, Mutation, Principal, SeatRecord, SubscriptionRecord, TenantRecord,
+    TrialRecord,
+};
+use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta};
+use crate::store::sqlite::day_of;
+
+/// The pub/sub channel carrying the id of each tenant whose control plane changed.
+pub const CHANGES_CHANNEL: &str = "bg:changes";
+
+const TENANTS: &str = "bg:tenants";
+const BOT_INDEX: &str = "bg:botindex";
+
+/// A key of tenant `t`: `bg:{t}:name`.
+pub fn key(t: &str, name: &str) -> String {
+    format!("bg:{{{t}}}:{name}")
+}
+
+/// Records one session if its id is new: `KEYS[1]` sessions hash, `KEYS[2]` usage hash;
+/// `ARGV` id, value, `bot|day`, overage (0/1). Returns 1 when counted, 0 when already there.
+const RECORD: &str = r#"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3] .. '|sessions', 1)
+  if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[2], ARGV[3] .. '|overage', 1) end
+  return 1
+end
+return 0
+"#;
+
+/// The Redis store.
+pub struct RedisStore {
+    client: redis::Client,
+    url: String,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("url", &self.url).finish()
+    }
+}
+
+fn err(url: &str, e: redis::RedisError) -> StoreError {
+    StoreError::Redis { url: url.to_string(), message: e.to_string() }
+}
+
+fn bad_data(url: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Redis { url: url.to_string(), message: format!("unreadable {what}: {e}") }
+}
+
+impl RedisStore {
+    /// Connects (and checks the server answers).
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| err(url, e))?;
+        let store = Self { client, url: url.to_string(), conn: Mutex::new(None) };
+        store.ping()?;
+        Ok(store)
+    }
+
+    /// The client (for pub/sub and the lease scripts, which use their own connections).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Runs `f` on the connection, reconnecting first if needed; a failure drops the connection.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let c = self
+                .client
+                .get_connection_with_timeout(Duration::from_secs(1))
+                .map_err(|e| err(&self.url, e))?;
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+            *guard = Some(c);
+        }
+        let conn = guard.as_mut().ok_or(StoreError::Closed)?;
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                *guard = None;
+                Err(err(&self.url, e))
+            }
+        }
+    }
+
+    fn tenants(&self, c: &mut Connection) -> RedisResult<Vec<String>> {
+        let mut t: Vec<String> = redis::cmd("SMEMBERS").arg(TENANTS).query(c)?;
+        t.sort();
+        Ok(t)
+    }
+}
+
+/// One tenant's keys as read: tenant, subscriptions, assignments, seats, trials, bots.
+type TenantKeys = (Option<String>, Vec<String>, Vec<String>, Vec<(String, String)>, Vec<String>, Vec<String>);
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn kind_str(k: Principal) -> &'static str {
+    match k {
+        Principal::User => "user",
+        Principal::Group => "group",
+    }
+}
+
+impl Store for RedisStore {
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
+    }
+
+    fn record_sessions(&self, batch: &[SessionRecord]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.with_conn(|c| {
+            let mut pipe = redis::pipe();
+            let mut tenants = std::collections::BTreeSet::new();
+            for s in batch {
+                pipe.add_command(eval_cmd(RECORD, &record_args(s))).ignore();
+                tenants.insert(s.tenant.as_str());
+            }
+            for t in tenants {
+                pipe.cmd("SADD").arg(TENANTS).arg(t).ignore();
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        self.with_conn(|c| {
+            let mut pipe = redis::pipe();
+            for (tenant, bot, day, d) in deltas {
+                let k = key(tenant, "usage");
+                for (name, v) in [("turns", d.turns), ("rc", d.rejected_capacity), ("rr", d.rejected_rate)] {
+                    if v > 0 {
+                        pipe.cmd("HINCRBY").arg(&k).arg(format!("{bot}|{day}|{name}")).arg(v).ignore();
+                    }
+                }
+                pipe.cmd("SADD").arg(TENANTS).arg(tenant).ignore();
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    fn load_usage(&self) -> Result<Vec<DailyUsage>, StoreError> {
+        let rows = self.with_conn(|c| {
+            let mut all = Vec::new();
+            for t in self.tenants(c)? {
+                let h: Vec<(String, u64)> = redis::cmd("HGETALL").arg(key(&t, "usage")).query(c)?;
+                all.push((t, h));
+            }
+            Ok(all)
+        })?;
+        let mut map: std::collections::BTreeMap<(String, String, String), DailyUsage> = Default::default();
+        for (tenant, fields) in rows {
+            for (f, v) in fields {
+                let mut parts = f.rsplitn(3, '|');
+                let (Some(name), Some(day), Some(bot)) = (parts.next(), parts.next(), parts.next()) else {
+                    continue;
+                };
+                let u = map.entry((tenant.clone(), bot.to_string(), day.to_string())).or_insert_with(|| {
+                    DailyUsage {
+                        tenant: tenant.clone(),
+                        bot: bot.to_string(),
+                        day: day.to_string(),
+                        sessions: 0,
+                        overage: 0,
+                        turns: 0,
+                        rejected_capacity: 0,
+                        rejected_rate: 0,
+                    }
+                });
+                match name {
+                    "sessions" => u.sessions += v,
+                    "overage" => u.overage += v,
+                    "turns" => u.turns += v,
+                    "rc" => u.rejected_capacity += v,
+                    "rr" => u.rejected_rate += v,
+                    _ => {}
+                }
+            }
+        }
+        Ok(map.into_values().collect())
+    }
+
+    fn session_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.with_conn(|c| {
+            let mut ids = Vec::new();
+            for t in self.tenants(c)? {
+                let k: Vec<String> = redis::cmd("HKEYS").arg(key(&t, "sessions")).query(c)?;
+                ids.extend(k);
+            }
+            ids.sort();
+            Ok(ids)
+        })
+    }
+
+    fn load_control(&self) -> Result<ControlData, StoreError> {
+        let raw: Vec<(String, TenantKeys)> = self.with_conn(|c| {
+            let mut out = Vec::new();
+            for t in self.tenants(c)? {
+                let keys: TenantKeys = redis::pipe()
+                    .cmd("GET")
+                    .arg(key(&t, "tenant"))
+                    .cmd("HVALS")
+                    .arg(key(&t, "subs"))
+                    .cmd("SMEMBERS")
+                    .arg(key(&t, "assign"))
+                    .cmd("HGETALL")
+                    .arg(key(&t, "seats"))
+                    .cmd("HVALS")
+                    .arg(key(&t, "trials"))
+                    .cmd("HVALS")
+                    .arg(key(&t, "bots"))
+                    .query(c)?;
+                out.push((t, keys));
+            }
+            Ok(out)
+        })?;
+        let url = &self.url;
+        let mut d = ControlData::default();
+        for (t, (tenant, subs, assign, seats, trials, bots)) in raw {
+            if let Some(tj) = tenant {
+                d.tenants
+                    .push(serde_json::from_str::<TenantRecord>(&tj).map_err(|e| bad_data(url, "tenant", e))?);
+            }
+            for s in subs {
+                d.subscriptions.push(
+                    serde_json::from_str::<SubscriptionRecord>(&s)
+                        .map_err(|e| bad_data(url, "subscription", e))?,
+                );
+            }
+            for a in assign {
+                let Some((k, id)) = a.split_once(':') else { continue };
+                let kind = if k == "group" { Principal::Group } else { Principal::User };
+                d.assignments.push((t.clone(), kind, id.to_string()));
+            }
+            for (user, via) in seats {
+                d.seats.push(SeatRecord { tenant: t.clone(), user, via });
+            }
+            for tr in trials {
+                d.trials
+                    .push(serde_json::from_str::<TrialRecord>(&tr).map_err(|e| bad_data(url, "trial", e))?);
+            }
+            for b in bots {
+                d.bots.push(serde_json::from_str::<BotRecord>(&b).map_err(|e| bad_data(url, "bot", e))?);
+            }
+        }
+        d.subscriptions.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+        d.assignments.sort();
+        d.bots.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(d)
+    }
+
+    fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError> {
+        self.with_conn(|c| {
+            // Tenants of deleted bots are found before the transaction.
+            let mut bot_tenants = std::collections::HashMap::new();
+            for m in mutations {
+                if let Mutation::DeleteBot { id } = m {
+                    let t: Option<String> = redis::cmd("HGET").arg(BOT_INDEX).arg(id).query(c)?;
+                    bot_tenants.insert(id.clone(), t.unwrap_or_default());
+                }
+            }
+            // Audit sequence numbers, reserved per tenant before the transaction (a failed
+            // transaction leaves a gap, never a duplicate).
+            let mut seqs: std::collections::HashMap<String, i64> = Default::default();
+            for a in audit {
+                *seqs.entry(a.tenant.clone()).or_default() += 1;
+            }
+            let mut next: std::collections::HashMap<String, i64> = Default::default();
+            for (t, n) in &seqs {
+                let last: i64 = redis::cmd("INCRBY").arg(key(t, "auditseq")).arg(*n).query(c)?;
+                next.insert(t.clone(), last - n + 1);
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let mut touched = std::collections::BTreeSet::new();
+            for m in mutations {
+                match m {
+                    Mutation::PutTenant(t) => {
+                        pipe.cmd("SET").arg(key(&t.id, "tenant")).arg(json(t)).ignore();
+                        pipe.cmd("SADD").arg(TENANTS).arg(&t.id).ignore();
+                        touched.insert(t.id.clone());
+                    }
+                    Mutation::PutSubscription(s) => {
+                        pipe.cmd("HSET").arg(key(&s.tenant, "subs")).arg(&s.id).arg(json(s)).ignore();
+                        touched.insert(s.tenant.clone());
+                    }
+                    Mutation::PutAssignment { tenant, kind, id } => {
+                        pipe.cmd("SADD")
+                            .arg(key(tenant, "assign"))
+                            .arg(format!("{}:{id}", kind_str(*kind)))
+                            .ignore();
+                        touched.insert(tenant.clone());
+                    }
+                    Mutation::DeleteAssignment { tenant, kind, id } => {
+                        pipe.cmd("SREM")
+                            .arg(key(tenant, "assign"))
+                            .arg(format!("{}:{id}", kind_str(*kind)))
+                            .ignore();
+                        touched.insert(tenant.clone());
+                    }
+                    Mutation::PutSeat(s) => {
+                        pipe.cmd("HSET").arg(key(&s.tenant, "seats")).arg(&s.user).arg(&s.via).ignore();
+                        touched.insert(s.tenant.clone());
+                    }
+                    Mutation::DeleteSeats { tenant, user, via } => {
+                        let seats: Vec<(String, String)> =
+                            redis::cmd("HGETALL").arg(key(tenant, "seats")).query(c)?;
+                        for (u, v) in seats {
+                            if user.as_ref().is_none_or(|x| *x == u) && via.as_ref().is_none_or(|x| *x == v) {
+                                pipe.cmd("HDEL").arg(key(tenant, "seats")).arg(u).ignore();
+                            }
+                        }
+                        touched.insert(tenant.clone());
+                    }
+                    Mutation::PutTrial(t) => {
+                        pipe.cmd("HSET").arg(key(&t.tenant, "trials")).arg(&t.user).arg(json(t)).ignore();
+                        touched.insert(t.tenant.clone());
+                    }
+                    Mutation::PutBot(b) => {
+                        pipe.cmd("HSET").arg(key(&b.tenant, "bots")).arg(&b.id).arg(json(b)).ignore();
+                        pipe.cmd("HSET").arg(BOT_INDEX).arg(&b.id).arg(&b.tenant).ignore();
+                        pipe.cmd("SADD").arg(TENANTS).arg(&b.tenant).ignore();
+                        touched.insert(b.tenant.clone());
+                    }
+                    Mutation::DeleteBot { id } => {
+                        let t = bot_tenants.get(id).cloned().unwrap_or_default();
+                        pipe.cmd("HDEL").arg(key(&t, "bots")).arg(id).ignore();
+                        pipe.cmd("HDEL").arg(BOT_INDEX).arg(id).ignore();
+                        touched.insert(t);
+                    }
+                }
+            }
+            for a in audit {
+                let seq = next.get_mut(&a.tenant).map(|s| {
+                    *s += 1;
+                    *s - 1
+                });
+                let mut e = a.clone();
+                e.seq = seq.unwrap_or(0);
+                pipe.cmd("RPUSH").arg(key(&a.tenant, "audit")).arg(json(&e)).ignore();
+                touched.insert(a.tenant.clone());
+            }
+            pipe.query::<()>(c)?;
+            for t in touched {
+                redis::cmd("PUBLISH").arg(CHANGES_CHANNEL).arg(t).query::<i64>(c)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let all: Vec<String> =
+            self.with_conn(|c| redis::cmd("LRANGE").arg(key(tenant, "audit")).arg(0).arg(-1).query(c))?;
+        let mut out = Vec::new();
+        for j in all {
+            let e: AuditEntry =
+                serde_json::from_str(&j).map_err(|e| bad_data(&self.url, "audit entry", e))?;
+            if e.seq > after_seq {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn shared_key(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+        let stored: String = self.with_conn(|c| {
+            redis::cmd("HSETNX").arg("bg:keys").arg(name).arg(&hex).query::<i64>(c)?;
+            redis::cmd("HGET").arg("bg:keys").arg(name).query(c)
+        })?;
+        (0..stored.len())
+            .step_by(2)
+            .map(|i| stored.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| bad_data(&self.url, "key", name))
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+}
+
+fn record_args(s: &SessionRecord) -> Vec<String> {
+    vec![
+        key(&s.tenant, "sessions"),
+        key(&s.tenant, "usage"),
+        s.id.clone(),
+        format!("{}|{}|{}", s.bot, s.began_ms, u8::from(s.overage)),
+        format!("{}|{}", s.bot, day_of(s.began_ms)),
+        u8::from(s.overage).to_string(),
+    ]
+}
+
+/// `EVAL script 2 k1 k2 args...` (scripts are small; EVAL keeps the pipeline one round trip
+/// without a NOSCRIPT retry).
+fn eval_cmd(script: &str, args: &[String]) -> redis::Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(script).arg(2);
+    for a in args {
+        c.arg(a);
+    }
+    c
+}
