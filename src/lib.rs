@@ -11,6 +11,7 @@
 //! - [`state`]: the shared application state handle.
 //! - [`error`]: the one place where errors become HTTP responses.
 //! - [`clock`]: the `Clock` trait, the system clock and a manual clock for tests.
+//! - [`cluster`]: several nodes on one Redis: heartbeat, node registry and forwarding, reloads.
 //! - [`telemetry`]: tracing set-up, the metrics registry, the HTTP metrics layer.
 //! - [`store`]: the `Store` trait and its SQLite engine.
 //! - [`channel`]: the Direct Line 3.0 channel: tokens, the message path, WebSocket, the bot
@@ -29,6 +30,7 @@ pub mod authoring;
 pub mod bots;
 pub mod channel;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conversation;
 pub mod error;

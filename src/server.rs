@@ -96,8 +96,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
 async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
     let mut sweep = tokio::time::interval(Duration::from_secs(state.config().channel.sweep_interval_secs));
     let mut flush = tokio::time::interval(FLUSH_INTERVAL);
+    let ttl = Duration::from_secs(state.config().cluster.lease_ttl_secs);
+    let mut heartbeat = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
     loop {
         tokio::select! {
+            _ = heartbeat.tick(), if state.metering().leases().is_some() => {
+                crate::cluster::heartbeat(&state).await;
+            }
             _ = sweep.tick() => {
                 let removed = state.sweep();
                 if removed > 0 {

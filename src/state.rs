@@ -61,6 +61,8 @@ struct Inner {
     licensing: Arc<Licensing>,
     verifier: Arc<Verifier>,
     authoring: Authoring,
+    redis: Option<Arc<RedisStore>>,
+    node_id: String,
 }
 
 /// The name of the channel token signing key (a file `channel-token.key` in the data folder, or
@@ -74,6 +76,7 @@ impl AppState {
         clock: SharedClock,
         public_addr: SocketAddr,
     ) -> Result<Self, StartError> {
+        let mut redis: Option<Arc<RedisStore>> = None;
         let store: SharedStore = match config.store.backend {
             StoreBackend::Sqlite => {
                 let dir = config.store.data_dir.clone();
@@ -93,7 +96,42 @@ impl AppState {
                     .await
                     .map_err(|e| StartError::Control(e.to_string()))??;
                 tracing::info!(url = %config.store.redis_url, "Store opened.");
-                Arc::new(store)
+                let store = Arc::new(store);
+                redis = Some(store.clone());
+                store
+            }
+        };
+        let node_id = if config.cluster.node_id.is_empty() {
+            crate::bots::secrets::random_id(6).replace(['-', '_'], "x")
+        } else {
+            config.cluster.node_id.clone()
+        };
+        let cluster = match &redis {
+            None => None,
+            Some(redis) => {
+                // The node's own spool: billed sessions it could not write to Redis.
+                let dir = config.store.data_dir.join("spool");
+                let spool = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                    .await
+                    .map_err(|e| StartError::Control(e.to_string()))??;
+                let c = &config.cluster;
+                let leases = crate::metering::lease::Leases::new(
+                    redis.clone(),
+                    node_id.clone(),
+                    clock.clone(),
+                    crate::metering::lease::LeaseConfig {
+                        ttl_ms: c.lease_ttl_secs as i64 * 1000,
+                        target_secs: c.lease_target_secs,
+                        max_grant: c.max_grant,
+                    },
+                );
+                tracing::info!(node = %node_id, "Joining the cluster: leases of capacity from Redis.");
+                Some(crate::metering::ClusterMetering {
+                    leases: Arc::new(leases),
+                    spool: Arc::new(spool),
+                    outage_policy: c.outage_policy,
+                    safe_capacity: c.safe_capacity_per_node,
+                })
             }
         };
         let shared_key = |name: &'static str| {
@@ -104,7 +142,7 @@ impl AppState {
         let signer = TokenSigner::new(&shared_key(CHANNEL_KEY)?);
         let metering = {
             let (config, clock, store) = (config.clone(), clock.clone(), store.clone());
-            tokio::task::spawn_blocking(move || Metering::start(&config, clock, store))
+            tokio::task::spawn_blocking(move || Metering::start(&config, clock, store, cluster))
                 .await
                 .map_err(|e| StartError::Metering(e.to_string()))?
                 .map_err(|e| StartError::Metering(e.to_string()))?
@@ -139,6 +177,8 @@ impl AppState {
                 licensing: Arc::new(licensing),
                 verifier: Arc::new(verifier),
                 authoring,
+                redis,
+                node_id,
             }),
         };
         let weak = Arc::downgrade(&state.inner);
@@ -178,6 +218,16 @@ impl AppState {
     /// The authors' token verifier.
     pub fn verifier(&self) -> &Arc<Verifier> {
         &self.inner.verifier
+    }
+
+    /// The Redis store, when several nodes share one.
+    pub fn redis(&self) -> Option<&Arc<RedisStore>> {
+        self.inner.redis.as_ref()
+    }
+
+    /// This node's id (several nodes).
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
     }
 
     /// Authoring state.
@@ -233,6 +283,14 @@ impl AppState {
         let closed = tokio::task::spawn_blocking(move || {
             if let Err(e) = metering.flush() {
                 tracing::error!(error = %e, "Flushing usage counters failed.");
+            }
+            if let Some(leases) = metering.leases() {
+                match leases.release_blocking(&metering.pools(), metering.current_month()) {
+                    Ok(n) => tracing::info!(units = n, "Returned unused capacity leases."),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Returning leases failed; they come back after the lease TTL.")
+                    }
+                }
             }
             store.close()
         });

@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 pub use bots::{BotConfig, BotKind, SystemTopic, TopicConfig, TopicKind};
 pub use sections::{
-    ChannelConfig, IdentityConfig, LicensingConfig, MeteringConfig, MetricsConfig, ServerConfig,
-    StoreBackend, StoreConfig, UpstreamConfig,
+    ChannelConfig, ClusterConfig, IdentityConfig, LicensingConfig, MeteringConfig, MetricsConfig,
+    OutagePolicy, ServerConfig, StoreBackend, StoreConfig, UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 
@@ -52,6 +52,9 @@ pub struct Config {
     /// Trials and their grace period.
     #[serde(default)]
     pub licensing: LicensingConfig,
+    /// Several nodes sharing Redis.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Tenants known at start-up (more can be created through the admin API).
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -141,6 +144,7 @@ impl Config {
         self.metrics.validate()?;
         self.identity.validate()?;
         self.licensing.validate()?;
+        self.cluster.validate()?;
         let mut tenant_ids = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             t.validate(&format!("tenants[{i}]"))?;

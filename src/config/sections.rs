@@ -497,3 +497,95 @@ impl LicensingConfig {
         Ok(())
     }
 }
+
+fn default_lease_ttl_secs() -> u64 {
+    10
+}
+fn default_lease_target_secs() -> u64 {
+    5
+}
+fn default_max_grant() -> u64 {
+    1000
+}
+fn default_safe_capacity() -> u64 {
+    100
+}
+
+/// What a node does when Redis cannot grant a lease (it is down or slow) and its lease is used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutagePolicy {
+    /// Refuse new billed sessions with 503 `MeteringUnavailable` (open sessions continue).
+    #[default]
+    FailClosed,
+    /// Allow up to `cluster.safe_capacity_per_node` new sessions per outage on this node,
+    /// recorded and counted once Redis is back (they may exceed the month's capacity).
+    SafeCapacity,
+}
+
+/// `[cluster]`: several nodes sharing one Redis (`store.backend = "redis"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id (letters and digits, up to 16); it prefixes the ids of the conversations
+    /// it owns. Default: random at each start.
+    #[serde(default)]
+    pub node_id: String,
+    /// The URL other nodes reach this node's public listener at, for forwarding requests of
+    /// conversations it owns. Default `http://<bound public address>`.
+    #[serde(default)]
+    pub advertise_url: String,
+    /// A lease (and a node's registration) not renewed for this long is reclaimed by the other
+    /// nodes, in seconds. Default 10.
+    #[serde(default = "default_lease_ttl_secs")]
+    pub lease_ttl_secs: u64,
+    /// A grant aims to cover this many seconds of the node's recent use. Default 5.
+    #[serde(default = "default_lease_target_secs")]
+    pub lease_target_secs: u64,
+    /// The largest grant, in sessions. Default 1000.
+    #[serde(default = "default_max_grant")]
+    pub max_grant: u64,
+    /// `fail_closed` (default) or `safe_capacity`, once Redis is unreachable and the lease is used up.
+    #[serde(default)]
+    pub outage_policy: OutagePolicy,
+    /// New sessions a node may begin per outage under `safe_capacity`. Default 100.
+    #[serde(default = "default_safe_capacity")]
+    pub safe_capacity_per_node: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            advertise_url: String::new(),
+            lease_ttl_secs: default_lease_ttl_secs(),
+            lease_target_secs: default_lease_target_secs(),
+            max_grant: default_max_grant(),
+            outage_policy: OutagePolicy::default(),
+            safe_capacity_per_node: default_safe_capacity(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if !self.node_id.is_empty()
+            && (self.node_id.len() > 16 || !self.node_id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
+            return Err(invalid("cluster.node_id", "use 1 to 16 letters and digits"));
+        }
+        if !self.advertise_url.is_empty()
+            && !self.advertise_url.starts_with("http://")
+            && !self.advertise_url.starts_with("https://")
+        {
+            return Err(invalid("cluster.advertise_url", "must start with http:// or https://"));
+        }
+        if self.lease_ttl_secs == 0 {
+            return Err(invalid("cluster.lease_ttl_secs", "must be at least 1"));
+        }
+        if self.max_grant == 0 {
+            return Err(invalid("cluster.max_grant", "must be at least 1"));
+        }
+        Ok(())
+    }
+}

@@ -92,7 +92,7 @@ impl ScrapeWriter for UsageCollector {
             family(out, name, "gauge", help);
             for p in &pools {
                 let cap = p.capacity(month);
-                let used = p.used(month);
+                let used = p.tenant_used(month);
                 let v = match i {
                     0 => cap,
                     1 => used,
@@ -100,6 +100,21 @@ impl ScrapeWriter for UsageCollector {
                 };
                 let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {v}", Escaped(&p.tenant));
             }
+        }
+        let d = self.metering.degraded_counts();
+        family(
+            out,
+            "botgate_metering_degraded_total",
+            "counter",
+            "Metering decisions taken while Redis was unreachable, by kind (several nodes).",
+        );
+        use std::sync::atomic::Ordering::Relaxed;
+        for (reason, v) in [
+            ("refused", d.refused.load(Relaxed)),
+            ("safe_capacity", d.allowed.load(Relaxed)),
+            ("spooled", d.spooled.load(Relaxed)),
+        ] {
+            let _ = writeln!(out, "botgate_metering_degraded_total{{reason=\"{reason}\"}} {v}");
         }
         family(out, "botgate_active_conversations", "gauge", "Conversations held in memory.");
         let _ = writeln!(out, "botgate_active_conversations {}", (self.active_conversations)());

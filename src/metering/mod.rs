@@ -7,6 +7,7 @@
 
 pub mod counters;
 pub mod exposition;
+pub mod lease;
 pub mod ledger;
 pub mod pool;
 pub mod session;
@@ -68,14 +69,52 @@ pub enum TurnOutcome {
     },
 }
 
+/// One pass of the decision for a user turn.
+enum Step {
+    Done(TurnOutcome),
+    Began(u32, pool::MonthIndex, bool),
+    Exhausted(pool::MonthIndex),
+    Refill(pool::MonthIndex),
+}
+
 /// The metering engine; cloning is shallow.
 #[derive(Clone)]
 pub struct Metering {
     inner: Arc<Inner>,
 }
 
+/// The multi-node parts of metering: this node's leases and its local spool.
+pub struct ClusterMetering {
+    /// The lease client.
+    pub leases: Arc<lease::Leases>,
+    /// Where billed sessions go while Redis is unreachable (replayed when it is back).
+    pub spool: SharedStore,
+    /// What to do when no lease can be had.
+    pub outage_policy: crate::config::OutagePolicy,
+    /// Sessions allowed per outage under `safe_capacity`.
+    pub safe_capacity: u64,
+}
+
+/// Counts of degraded decisions (several nodes, Redis unreachable).
+#[derive(Debug, Default)]
+pub struct Degraded {
+    // Relaxed: plain counters and an advisory episode flag.
+    /// New sessions refused (fail_closed).
+    pub refused: std::sync::atomic::AtomicU64,
+    /// New sessions allowed without a lease (safe_capacity).
+    pub allowed: std::sync::atomic::AtomicU64,
+    /// Allowed in the current outage.
+    episode_allowed: std::sync::atomic::AtomicU64,
+    /// Sessions written to the local spool.
+    pub spooled: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether an outage episode is under way (logged once per episode).
+    in_episode: std::sync::atomic::AtomicBool,
+}
+
 struct Inner {
     rules: SessionRules,
+    cluster: Option<ClusterMetering>,
+    degraded: Degraded,
     config: MeteringConfig,
     clock: SharedClock,
     store: SharedStore,
@@ -90,8 +129,20 @@ struct Inner {
 
 impl Metering {
     /// Builds the engine: pools from the tenants of `config`, counters rebuilt from the store.
-    pub fn start(config: &Config, clock: SharedClock, store: SharedStore) -> Result<Self, std::io::Error> {
-        let usage = store.load_usage().map_err(|e| std::io::Error::other(e.to_string()))?;
+    ///
+    /// With several nodes (`cluster`), pools draw from this node's leases, and the per-node
+    /// counters start from zero (the store's reports hold the totals across nodes).
+    pub fn start(
+        config: &Config,
+        clock: SharedClock,
+        store: SharedStore,
+        cluster: Option<ClusterMetering>,
+    ) -> Result<Self, std::io::Error> {
+        let usage = if cluster.is_some() {
+            Vec::new()
+        } else {
+            store.load_usage().map_err(|e| std::io::Error::other(e.to_string()))?
+        };
         let now = clock.now_ms();
         let month = month_of(now);
         let mut rebuilt: HashMap<(String, String), CounterSnapshot> = HashMap::new();
@@ -108,6 +159,7 @@ impl Metering {
             }
         }
         let m = &config.metering;
+        let degraded = Degraded::default();
         let inner = Inner {
             rules: SessionRules {
                 idle_ms: m.session_idle_secs as i64 * 1000,
@@ -116,8 +168,14 @@ impl Metering {
             },
             config: m.clone(),
             clock,
-            ledger: Ledger::start(store.clone())?,
+            ledger: Ledger::start(
+                store.clone(),
+                cluster.as_ref().map(|c| c.spool.clone()),
+                degraded.spooled.clone(),
+            )?,
             store,
+            cluster,
+            degraded,
             bots: DashMap::new(),
             pools: DashMap::new(),
             flushed: Mutex::new(HashMap::new()),
@@ -125,7 +183,12 @@ impl Metering {
         };
         for t in &config.tenants {
             let used = used_this_month.get(&t.id).copied().unwrap_or(0);
-            inner.pools.insert(t.id.clone(), TenantPool::new(&t.id, plan_of(t, m), month, used));
+            let pool = if inner.cluster.is_some() {
+                TenantPool::leased(&t.id, plan_of(t, m), month)
+            } else {
+                TenantPool::new(&t.id, plan_of(t, m), month, used)
+            };
+            inner.pools.insert(t.id.clone(), pool);
         }
         {
             let mut flushed = inner.flushed.lock().unwrap_or_else(|p| p.into_inner());
@@ -143,7 +206,13 @@ impl Metering {
         self.inner
             .pools
             .entry(tenant.to_string())
-            .or_insert_with(|| TenantPool::new(tenant, CapacityPlan::default(), month, 0))
+            .or_insert_with(|| {
+                if self.inner.cluster.is_some() {
+                    TenantPool::leased(tenant, CapacityPlan::default(), month)
+                } else {
+                    TenantPool::new(tenant, CapacityPlan::default(), month, 0)
+                }
+            })
             .clone()
     }
 
@@ -216,27 +285,44 @@ impl Metering {
             )
             .with_retry_after(retry));
         }
-        let (ordinal, month, overage) = {
-            let mut state = meter.state();
-            match state.decide(&self.inner.rules, now, user_topic) {
-                Decision::Continue => {
+        let mut refilled = false;
+        let (ordinal, month, overage) = loop {
+            // The session state's std lock is never held across the refill's await.
+            let step = {
+                let mut state = meter.state();
+                match state.decide(&self.inner.rules, now, user_topic) {
+                    Decision::Continue => Step::Done(TurnOutcome::Continued),
+                    Decision::Nothing => Step::Done(TurnOutcome::Unbilled),
+                    Decision::Begin => {
+                        let pool = &counters.pool;
+                        match pool.try_draw(now) {
+                            Draw::Drawn { month, used, capacity } => {
+                                if pool.lease().is_none() {
+                                    signal_thresholds(&pool.tenant, used, capacity);
+                                } else {
+                                    self.prefetch(pool, month);
+                                }
+                                Step::Began(state.begin(now), month, false)
+                            }
+                            // This node's lease is used up: one round trip to Redis for more.
+                            Draw::Exhausted { month } if pool.lease().is_some() && !refilled => {
+                                Step::Refill(month)
+                            }
+                            Draw::Exhausted { month } if pool.policy() == CapacityPolicy::AllowOverage => {
+                                Step::Began(state.begin(now), month, true)
+                            }
+                            Draw::Exhausted { month } => Step::Exhausted(month),
+                        }
+                    }
+                }
+            };
+            match step {
+                Step::Done(outcome) => {
                     counters.add_turn();
-                    return Ok(TurnOutcome::Continued);
+                    return Ok(outcome);
                 }
-                Decision::Nothing => {
-                    counters.add_turn();
-                    return Ok(TurnOutcome::Unbilled);
-                }
-                Decision::Begin => {}
-            }
-            let pool = &counters.pool;
-            let (month, overage) = match pool.try_draw(now) {
-                Draw::Drawn { month, used, capacity } => {
-                    signal_thresholds(&pool.tenant, used, capacity);
-                    (month, false)
-                }
-                Draw::Exhausted { month } if pool.policy() == CapacityPolicy::AllowOverage => (month, true),
-                Draw::Exhausted { month } => {
+                Step::Began(ordinal, month, overage) => break (ordinal, month, overage),
+                Step::Exhausted(month) => {
                     counters.add_rejected_capacity();
                     let retry = ((month_start_ms(month + 1) - now) / 1000).max(1) as u64;
                     return Err(ApiError::new(
@@ -248,8 +334,22 @@ impl Metering {
                     )
                     .with_retry_after(retry));
                 }
-            };
-            (state.begin(now), month, overage)
+                Step::Refill(month) => {
+                    refilled = true;
+                    if let Err(e) = self.refill(&counters.pool, month).await {
+                        self.degraded(&e)?;
+                        // Allowed without a lease (safe_capacity): decide again, then begin.
+                        let mut state = meter.state();
+                        if state.decide(&self.inner.rules, now, user_topic) != Decision::Begin {
+                            counters.add_turn();
+                            return Ok(TurnOutcome::Continued);
+                        }
+                        break (state.begin(now), month, false);
+                    }
+                    // Decide again: another message of this conversation may have begun a
+                    // session meanwhile.
+                }
+            }
         };
         counters.add_billed(overage);
         counters.add_turn();
@@ -261,6 +361,7 @@ impl Metering {
             bot: counters.bot.clone(),
             began_ms,
             overage,
+            node: self.inner.cluster.as_ref().map(|c| c.leases.node().to_string()).unwrap_or_default(),
         };
         if let Err(e) = self.inner.ledger.record(rec).await {
             tracing::error!(error = %e, bot = %counters.bot, "A billed session could not be recorded; refusing the message.");
@@ -276,6 +377,76 @@ impl Metering {
             .with_retry_after(5));
         }
         Ok(TurnOutcome::Began { overage })
+    }
+
+    /// Asks Redis for more of `pool` (several nodes); ends an outage episode on success.
+    async fn refill(&self, pool: &Arc<TenantPool>, month: pool::MonthIndex) -> Result<u64, String> {
+        let Some(cluster) = &self.inner.cluster else { return Ok(0) };
+        let (leases, pool2) = (cluster.leases.clone(), pool.clone());
+        let grant = tokio::task::spawn_blocking(move || leases.refill_blocking(&pool2, month))
+            .await
+            .map_err(|e| e.to_string())??;
+        self.end_episode();
+        Ok(grant)
+    }
+
+    /// Starts a background refill when the lease runs low (one at a time per pool).
+    fn prefetch(&self, pool: &Arc<TenantPool>, month: pool::MonthIndex) {
+        let (Some(cluster), Some(lease)) = (&self.inner.cluster, pool.lease()) else { return };
+        if !cluster.leases.low(pool, month) {
+            return;
+        }
+        if lease.refilling.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let (leases, pool) = (cluster.leases.clone(), pool.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = leases.refill_blocking(&pool, month) {
+                tracing::debug!(tenant = %pool.tenant, error = %e, "A background lease refill failed.");
+            }
+            if let Some(l) = pool.lease() {
+                l.refilling.store(false, std::sync::atomic::Ordering::Release);
+            }
+        });
+    }
+
+    /// Applies the outage policy when no lease can be had: `Ok` to allow the session.
+    fn degraded(&self, cause: &str) -> Result<(), ApiError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(cluster) = &self.inner.cluster else { return Ok(()) };
+        let d = &self.inner.degraded;
+        if !d.in_episode.swap(true, Relaxed) {
+            d.episode_allowed.store(0, Relaxed);
+            tracing::warn!(cause, policy = ?cluster.outage_policy, "Redis cannot grant capacity leases; applying the outage policy.");
+        }
+        if cluster.outage_policy == crate::config::OutagePolicy::SafeCapacity
+            && d.episode_allowed.fetch_add(1, Relaxed) < cluster.safe_capacity
+        {
+            d.allowed.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        d.refused.fetch_add(1, Relaxed);
+        Err(ApiError::unavailable(
+            "MeteringUnavailable",
+            "The gateway cannot reach its metering store, so it cannot start a new session now. Try again shortly.",
+        )
+        .with_retry_after(5))
+    }
+
+    fn end_episode(&self) {
+        if self.inner.degraded.in_episode.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!("Redis grants capacity leases again; the outage episode is over.");
+        }
+    }
+
+    /// Degraded-decision counts.
+    pub fn degraded_counts(&self) -> &Degraded {
+        &self.inner.degraded
+    }
+
+    /// The lease client (several nodes).
+    pub fn leases(&self) -> Option<&Arc<lease::Leases>> {
+        self.inner.cluster.as_ref().map(|c| &c.leases)
     }
 
     /// Every bot's counters.

@@ -117,6 +117,24 @@ pub struct TenantPool {
     /// The month whose capacity `capacity` holds, packed like `state`.
     capacity_cache: AtomicU64,
     plan: ArcSwap<CapacityPlan>,
+    /// With several nodes: the units this node was leased, packed like `state`; draws stop at
+    /// it instead of at the month's capacity.
+    lease: Option<Lease>,
+}
+
+/// A node's lease of a tenant's pool (several nodes share one pool in Redis).
+#[derive(Debug)]
+pub struct Lease {
+    // Relaxed on these: each is read alone; the draw's CAS on `state` decides, and a stale lease
+    // value only sends a draw to the refill path.
+    leased: AtomicU64,
+    /// The lease is usable until then (ms); renewed by every grant and heartbeat. A node that
+    /// cannot renew stops using it, so a lease reclaimed by other nodes is never used twice.
+    valid_until: std::sync::atomic::AtomicI64,
+    /// Units used in the month across every node, as last read from Redis (for the gauges).
+    global_used: AtomicU64,
+    /// Set while a refill is in flight (one at a time per pool).
+    pub refilling: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for TenantPool {
@@ -140,7 +158,92 @@ impl TenantPool {
             state: AtomicU64::new(pack(month, used)),
             capacity_cache: AtomicU64::new(u64::MAX),
             plan: ArcSwap::from_pointee(plan),
+            lease: None,
         })
+    }
+
+    /// A pool whose draws stop at the units leased to this node (several nodes).
+    pub fn leased(tenant: &str, plan: CapacityPlan, month: MonthIndex) -> Arc<Self> {
+        Arc::new(Self {
+            tenant: tenant.to_string(),
+            state: AtomicU64::new(pack(month, 0)),
+            capacity_cache: AtomicU64::new(u64::MAX),
+            plan: ArcSwap::from_pointee(plan),
+            lease: Some(Lease {
+                leased: AtomicU64::new(pack(month, 0)),
+                valid_until: std::sync::atomic::AtomicI64::new(0),
+                global_used: AtomicU64::new(pack(month, 0)),
+                refilling: std::sync::atomic::AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The lease, when this pool draws from one.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    /// Adds `units` granted for `month`, usable until `valid_until` (ms).
+    pub fn add_lease(&self, month: MonthIndex, units: u64, valid_until: Millis) {
+        let Some(l) = &self.lease else { return };
+        let _ = l.leased.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+            let (m, n) = unpack(v);
+            Some(if m == month {
+                pack(m, n + units)
+            } else if month > m {
+                pack(month, units)
+            } else {
+                v
+            })
+        });
+        l.valid_until.fetch_max(valid_until, Ordering::Relaxed);
+    }
+
+    /// Extends the lease's validity (a heartbeat renewed it in Redis).
+    pub fn renew_lease(&self, valid_until: Millis) {
+        if let Some(l) = &self.lease {
+            l.valid_until.fetch_max(valid_until, Ordering::Relaxed);
+        }
+    }
+
+    /// Units leased to this node in `month` and not used yet.
+    pub fn lease_remaining(&self, month: MonthIndex) -> u64 {
+        let Some(l) = &self.lease else { return 0 };
+        let (m, n) = unpack(l.leased.load(Ordering::Relaxed));
+        if m == month { n.saturating_sub(self.used(month)) } else { 0 }
+    }
+
+    /// Records the month's use across every node (read from Redis).
+    pub fn set_global_used(&self, month: MonthIndex, used: u64) {
+        if let Some(l) = &self.lease {
+            l.global_used.store(pack(month, used), Ordering::Relaxed);
+        }
+    }
+
+    /// Units used in `month` by the whole tenant: across nodes when leased (as last read),
+    /// else this pool's own count.
+    pub fn tenant_used(&self, m: MonthIndex) -> u64 {
+        match &self.lease {
+            Some(l) => {
+                let (gm, g) = unpack(l.global_used.load(Ordering::Relaxed));
+                if gm == m { g.max(self.used(m)) } else { self.used(m) }
+            }
+            None => self.used(m),
+        }
+    }
+
+    /// What a draw in month `m` at `now` may reach: the capacity, or this node's valid lease.
+    fn limit(&self, m: MonthIndex, now: Millis) -> u64 {
+        match &self.lease {
+            None => self.capacity(m),
+            Some(l) => {
+                if now >= l.valid_until.load(Ordering::Relaxed) {
+                    return 0;
+                }
+                let (lm, n) = unpack(l.leased.load(Ordering::Relaxed));
+                if lm == m { n } else { 0 }
+            }
+        }
     }
 
     /// Replaces the plan (a purchase or a trial changed the capacity).
@@ -183,7 +286,7 @@ impl TenantPool {
                 want = month;
             }
             let used = if month == want { used } else { 0 };
-            let capacity = self.capacity(want);
+            let capacity = self.limit(want, now);
             if used >= capacity {
                 return Draw::Exhausted { month: want };
             }

@@ -77,4 +77,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_by_tenant ON audit (tenant, seq);
     "#,
+    // 3: the node that began a session (several nodes spool sessions here during an outage).
+    r#"
+    ALTER TABLE billed_sessions ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    "#,
 ];

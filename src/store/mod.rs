@@ -71,6 +71,8 @@ pub struct SessionRecord {
     pub began_ms: i64,
     /// Whether it was served beyond capacity (policy `allow_overage`).
     pub overage: bool,
+    /// The node that began it (several nodes; empty with one).
+    pub node: String,
 }
 
 /// Sessions and turns of one bot on one day, as kept in the store.
@@ -132,6 +134,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// A tenant's audit log, oldest first, after sequence `after_seq`, at most `limit` entries.
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Sessions held in this store as a node's local spool (oldest first, at most `limit`).
+    fn spooled(&self, limit: usize) -> Result<Vec<SessionRecord>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+
+    /// Removes replayed sessions from the spool.
+    fn forget(&self, ids: &[String]) -> Result<(), StoreError> {
+        let _ = ids;
+        Ok(())
+    }
 
     /// A secret key every node shares (token signing keys): the stored one, or `fresh` stored
     /// now if there is none yet (the first node to start wins).

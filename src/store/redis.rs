@@ -35,15 +35,24 @@ pub fn key(t: &str, name: &str) -> String {
     format!("bg:{{{t}}}:{name}")
 }
 
-/// Records one session if its id is new: `KEYS[1]` sessions hash, `KEYS[2]` usage hash;
-/// `ARGV` id, value, `bot|day`, overage (0/1). Returns 1 when counted, 0 when already there.
+/// Records a batch of one tenant's sessions of one month, each only if its id is new:
+/// `KEYS[1]` sessions hash, `KEYS[2]` usage hash, `KEYS[3]` the month's pool; `ARGV[1]` node,
+/// then per session: id, value, `bot|day`, overage (0/1). Counts each new session for its bot and
+/// day and (not overage) as used by the node in the pool. Returns how many were new.
 const RECORD: &str = r#"
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3] .. '|sessions', 1)
-  if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[2], ARGV[3] .. '|overage', 1) end
-  return 1
+local new = 0
+for i = 2, #ARGV, 4 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    new = new + 1
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 2] .. '|sessions', 1)
+    if ARGV[i + 3] == '1' then
+      redis.call('HINCRBY', KEYS[2], ARGV[i + 2] .. '|overage', 1)
+    elseif ARGV[1] ~= '' then
+      redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], 1)
+    end
+  end
 end
-return 0
+return new
 "#;
 
 /// The Redis store.
@@ -134,14 +143,34 @@ impl Store for RedisStore {
             return Ok(());
         }
         self.with_conn(|c| {
-            let mut pipe = redis::pipe();
-            let mut tenants = std::collections::BTreeSet::new();
+            // One script call per tenant and month (one Cluster slot each), whatever the batch size.
+            let mut groups: std::collections::BTreeMap<
+                (&str, &str, crate::metering::pool::MonthIndex),
+                Vec<&SessionRecord>,
+            > = Default::default();
             for s in batch {
-                pipe.add_command(eval_cmd(RECORD, &record_args(s))).ignore();
-                tenants.insert(s.tenant.as_str());
+                groups
+                    .entry((&s.tenant, &s.node, crate::metering::pool::month_of(s.began_ms)))
+                    .or_default()
+                    .push(s);
             }
-            for t in tenants {
-                pipe.cmd("SADD").arg(TENANTS).arg(t).ignore();
+            let mut pipe = redis::pipe();
+            for ((tenant, node, month), sessions) in &groups {
+                let mut c = redis::cmd("EVAL");
+                c.arg(RECORD)
+                    .arg(3)
+                    .arg(key(tenant, "sessions"))
+                    .arg(key(tenant, "usage"))
+                    .arg(crate::metering::lease::pool_key(tenant, *month))
+                    .arg(*node);
+                for s in sessions {
+                    c.arg(&s.id)
+                        .arg(format!("{}|{}|{}", s.bot, s.began_ms, u8::from(s.overage)))
+                        .arg(format!("{}|{}", s.bot, day_of(s.began_ms)))
+                        .arg(u8::from(s.overage));
+                }
+                pipe.add_command(c).ignore();
+                pipe.cmd("SADD").arg(TENANTS).arg(*tenant).ignore();
             }
             pipe.query::<()>(c)
         })
@@ -409,26 +438,4 @@ impl Store for RedisStore {
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
-}
-
-fn record_args(s: &SessionRecord) -> Vec<String> {
-    vec![
-        key(&s.tenant, "sessions"),
-        key(&s.tenant, "usage"),
-        s.id.clone(),
-        format!("{}|{}|{}", s.bot, s.began_ms, u8::from(s.overage)),
-        format!("{}|{}", s.bot, day_of(s.began_ms)),
-        u8::from(s.overage).to_string(),
-    ]
-}
-
-/// `EVAL script 2 k1 k2 args...` (scripts are small; EVAL keeps the pipeline one round trip
-/// without a NOSCRIPT retry).
-fn eval_cmd(script: &str, args: &[String]) -> redis::Cmd {
-    let mut c = redis::cmd("EVAL");
-    c.arg(script).arg(2);
-    for a in args {
-        c.arg(a);
-    }
-    c
 }

@@ -115,11 +115,19 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO billed_sessions (id, tenant, bot, day, began_ms, overage)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR IGNORE INTO billed_sessions (id, tenant, bot, day, began_ms, overage, node)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
                 for s in batch {
-                    stmt.execute(params![s.id, s.tenant, s.bot, day_of(s.began_ms), s.began_ms, s.overage])?;
+                    stmt.execute(params![
+                        s.id,
+                        s.tenant,
+                        s.bot,
+                        day_of(s.began_ms),
+                        s.began_ms,
+                        s.overage,
+                        s.node
+                    ])?;
                 }
             }
             tx.commit()
@@ -333,6 +341,38 @@ impl Store for SqliteStore {
         })
     }
 
+    fn spooled(&self, limit: usize) -> Result<Vec<SessionRecord>, StoreError> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, tenant, bot, began_ms, overage, node FROM billed_sessions ORDER BY began_ms, id LIMIT ?1",
+            )?;
+            let rows = st.query_map(params![limit as i64], |r| {
+                Ok(SessionRecord {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    bot: r.get(2)?,
+                    began_ms: r.get(3)?,
+                    overage: r.get(4)?,
+                    node: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn forget(&self, ids: &[String]) -> Result<(), StoreError> {
+        self.with_conn(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached("DELETE FROM billed_sessions WHERE id = ?1")?;
+                for id in ids {
+                    st.execute(params![id])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
     fn shared_key(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
         // One node: the key is a file in the data folder (owner-only permissions).
         let _ = fresh;
@@ -358,7 +398,14 @@ mod tests {
     use crate::store::control::Principal;
 
     fn rec(id: &str, bot: &str, ms: i64) -> SessionRecord {
-        SessionRecord { id: id.into(), tenant: "t".into(), bot: bot.into(), began_ms: ms, overage: false }
+        SessionRecord {
+            id: id.into(),
+            tenant: "t".into(),
+            bot: bot.into(),
+            began_ms: ms,
+            overage: false,
+            node: String::new(),
+        }
     }
 
     #[test]

@@ -65,6 +65,13 @@ pub enum TopicKind {
 /// `--duration` or after `--conversations`, whichever comes first; conversations in progress then
 /// finish (closed loop, conversation rate) or stop at their next unscheduled message (message rate).
 ///
+/// Report: throughput; latency percentiles (HDR histograms, microseconds) of `message` (from
+/// when the message was due until its reply was read), `setup` (token + start, + WebSocket
+/// connect) and, in open loop, `late` (the generator's own timer oversleep, which is excluded
+/// from `message`); errors by step, status and error code; with --server-pid, the server's CPU
+/// time per HTTP request and per message and its RSS before and after; the billed-session check.
+/// The last line, `summary key=value ...`, is for scripts (benches/load.sh).
+///
 /// Exit status: 0 when the billed-session check passes (or is skipped with --no-check), 1 when it
 /// fails, 2 on a usage or set-up error (server unreachable).
 #[derive(Parser, Debug, Clone)]
