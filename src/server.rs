@@ -190,6 +190,9 @@ pub fn public_router(state: &AppState) -> Result<Router, StartError> {
         .fallback(not_found_fallback)
         .layer(http_metrics)
         .with_state(state.clone())
+        // Forwarding (several nodes): a request for another node's conversation goes to its owner
+        // before routing; inside the body limit, so a forwarded body is bounded too.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cluster::forward::forward))
         // Body limit: refuses oversized bodies before any handler buffers them (413).
         .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
         // Timeout: inside CORS so a 504 still carries CORS headers; WebSocket upgrades answer at

@@ -63,6 +63,11 @@ struct Inner {
     authoring: Authoring,
     redis: Option<Arc<RedisStore>>,
     node_id: String,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    forward_client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
 }
 
 /// The name of the channel token signing key (a file `channel-token.key` in the data folder, or
@@ -147,7 +152,10 @@ impl AppState {
                 .map_err(|e| StartError::Metering(e.to_string()))?
                 .map_err(|e| StartError::Metering(e.to_string()))?
         };
-        let channel = Channel::new(&config, signer, metering.clone(), clock.clone(), public_addr);
+        let mut channel = Channel::new(&config, signer, metering.clone(), clock.clone(), public_addr);
+        if redis.is_some() {
+            channel.node = Some(node_id.clone());
+        }
         let authoring = Authoring::load(&store, &channel.bots, config.upstream.max_concurrency_per_bot)
             .map_err(StartError::Control)?;
         let licensing = {
@@ -165,6 +173,19 @@ impl AppState {
         };
         let verifier = Verifier::new(&config.identity, dev_key.as_deref(), clock.clone())
             .map_err(|e| StartError::Control(e.to_string()))?;
+        let cluster = redis.as_ref().map(|r| {
+            let url = if config.cluster.advertise_url.is_empty() {
+                format!("http://{public_addr}")
+            } else {
+                config.cluster.advertise_url.trim_end_matches('/').to_string()
+            };
+            Arc::new(crate::cluster::Cluster::new(
+                node_id.clone(),
+                url,
+                r.clone(),
+                std::time::Duration::from_secs(config.cluster.lease_ttl_secs),
+            ))
+        });
         let state = Self {
             inner: Arc::new(Inner {
                 config,
@@ -177,6 +198,8 @@ impl AppState {
                 licensing: Arc::new(licensing),
                 verifier: Arc::new(verifier),
                 authoring,
+                cluster,
+                forward_client: crate::cluster::forward::client(),
                 redis,
                 node_id,
             }),
@@ -187,6 +210,13 @@ impl AppState {
             state.inner.config.metrics.max_bot_series,
             Box::new(move || weak.upgrade().map_or(0, |i| i.channel.conversations.len() as u64)),
         )));
+        if let Some(c) = state.cluster().cloned() {
+            tokio::task::spawn_blocking(move || c.register_blocking())
+                .await
+                .map_err(|e| StartError::Control(e.to_string()))?
+                .map_err(StartError::Control)?;
+            crate::cluster::sync::start(state.clone());
+        }
         Ok(state)
     }
 
@@ -223,6 +253,21 @@ impl AppState {
     /// The Redis store, when several nodes share one.
     pub fn redis(&self) -> Option<&Arc<RedisStore>> {
         self.inner.redis.as_ref()
+    }
+
+    /// The cluster view (several nodes).
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.inner.cluster.as_ref()
+    }
+
+    /// The client requests are forwarded with.
+    pub fn forward_client(
+        &self,
+    ) -> &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    > {
+        &self.inner.forward_client
     }
 
     /// This node's id (several nodes).
@@ -280,9 +325,13 @@ impl AppState {
     pub(crate) async fn close(&self) {
         let store = self.inner.store.clone();
         let metering = self.metering().clone();
+        let cluster = self.cluster().cloned();
         let closed = tokio::task::spawn_blocking(move || {
             if let Err(e) = metering.flush() {
                 tracing::error!(error = %e, "Flushing usage counters failed.");
+            }
+            if let Some(c) = &cluster {
+                c.deregister_blocking();
             }
             if let Some(leases) = metering.leases() {
                 match leases.release_blocking(&metering.pools(), metering.current_month()) {

@@ -66,3 +66,239 @@ async fn a_pool_across_three_nodes_gives_exactly_n() {
     let stats = redis.cli(&["INFO", "commandstats"]);
     println!("{stats}");
 }
+
+/// A client talking to any node (round-robin): its conversation works through every node, the
+/// WebSocket stream included, and an admin change made on one node applies on the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_clients_and_changes_reach_every_node() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(TestServer::with(node(&url)).await);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (token, conv) = a.open_token("helpdesk").await;
+    let res = b.http.post(b.url("/v3/directline/conversations")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let start: serde_json::Value = res.json().await.unwrap();
+    let stream = start["streamUrl"].as_str().unwrap().to_string();
+    assert!(
+        stream.contains(&b.addr().to_string()),
+        "the stream URL names the address the client used: {stream}"
+    );
+    let id1 = b.say_ok(&token, &conv, "vpn").await;
+    let id2 = c.say_ok(&token, &conv, "opening hours").await;
+    let acts = c.poll(&token, &conv, None).await;
+    let ids: Vec<&str> =
+        acts["activities"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&id1.as_str()) && ids.contains(&id2.as_str()));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&stream).await.unwrap();
+    let first = loop {
+        use futures_util::StreamExt;
+        let m = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m
+            && !t.is_empty()
+        {
+            break serde_json::from_str::<serde_json::Value>(&t).unwrap();
+        }
+    };
+    assert_eq!(
+        first["activities"].as_array().unwrap().len(),
+        ids.len(),
+        "the stream replays through the forwarding node"
+    );
+    // Billed once, on the owner.
+    let billed: u64 = {
+        let mut sum = 0;
+        for n in &nodes {
+            sum += metric(
+                &n.metrics().await,
+                r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#,
+            )
+            .unwrap();
+        }
+        sum
+    };
+    assert_eq!(billed, 1);
+
+    // An admin change on A is seen by C.
+    let store_key = a.state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
+    let sign = |user: &str, admin: bool| {
+        let req = botgate::identity::dev_issuer::TokenRequest {
+            tenant: "contoso".into(),
+            user: user.into(),
+            admin,
+            ttl_secs: 3600,
+            ..Default::default()
+        };
+        botgate::identity::dev_issuer::sign(
+            &store_key,
+            "botgate-dev",
+            "botgate",
+            &req,
+            botgate::clock::Clock::now_secs(&*a.clock),
+        )
+    };
+    let bob = sign("bob", false);
+    let res = c.http.get(c.url("/api/v1/bots")).bearer_auth(&bob).send().await.unwrap();
+    assert_error(res, 403, "NoUserLicense").await;
+    let res = a
+        .http
+        .put(a.url("/api/v1/admin/licenses/users/bob"))
+        .bearer_auth(sign("root", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut seen = false;
+    for _ in 0..100 {
+        let res = c.http.get(c.url("/api/v1/bots")).bearer_auth(&bob).send().await.unwrap();
+        if res.status() == 200 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(seen, "the change reached node C within one second");
+}
+
+fn node_config(dir: &std::path::Path, url: &str, extra: &str) -> std::path::PathBuf {
+    let base =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap();
+    let text = base
+        .replace("backend = \"sqlite\"", &format!("backend = \"redis\"\nredis_url = \"{url}\""))
+        .replace("rate_limit_per_minute = 800", "rate_limit_per_minute = 1000000")
+        .replace("[metrics]", &format!("{extra}\n[metrics]"));
+    let file = dir.join("node.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+async fn say_at(http: &reqwest::Client, base: &str) -> Option<reqwest::StatusCode> {
+    let v: serde_json::Value = http
+        .get(format!("{base}/api/v1/bots/helpdesk/directline/token"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let (t, c) = (v["token"].as_str()?.to_string(), v["conversationId"].as_str()?.to_string());
+    http.post(format!("{base}/v3/directline/conversations")).bearer_auth(&t).send().await.ok()?;
+    let res = http
+        .post(format!("{base}/v3/directline/conversations/{c}/activities"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"type":"message","from":{"id":"u"},"text":"vpn"}))
+        .send()
+        .await
+        .ok()?;
+    Some(res.status())
+}
+
+/// A node killed with SIGKILL loses no acknowledged session, its conversations end cleanly (404
+/// through another node), and its unused lease comes back after the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_loses_nothing_and_its_lease_returns() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), &redis.url(), "[cluster]\nlease_ttl_secs = 1\n");
+    let a = BinaryServer::spawn(&["--config", cfg.to_str().unwrap()], &dir.path().join("a"));
+    let b = BinaryServer::spawn(&["--config", cfg.to_str().unwrap()], &dir.path().join("b"));
+    let http = reqwest::Client::new();
+    let (base_a, base_b) = (format!("http://{}", a.public), format!("http://{}", b.public));
+    let mut acked = 0;
+    for _ in 0..25 {
+        if say_at(&http, &base_a).await == Some(reqwest::StatusCode::OK) {
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, 25);
+    // A conversation owned by A.
+    let v: serde_json::Value = http
+        .get(format!("{base_a}/api/v1/bots/helpdesk/directline/token"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (t, c) =
+        (v["token"].as_str().unwrap().to_string(), v["conversationId"].as_str().unwrap().to_string());
+    http.post(format!("{base_a}/v3/directline/conversations")).bearer_auth(&t).send().await.unwrap();
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let pool = format!("bg:{{contoso}}:pool:{month}");
+    let granted_before: u64 = redis.cli(&["HGET", &pool, "granted"]).parse().unwrap();
+    assert!(granted_before > 25, "A holds unused units: {granted_before}");
+    a.signal("-KILL");
+    drop(a);
+    assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:sessions"]), "25");
+    // After the TTL, B's next heartbeat or lease call reclaims A's unused units.
+    let mut reclaimed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let granted: u64 = redis.cli(&["HGET", &pool, "granted"]).parse().unwrap();
+        if granted < granted_before {
+            reclaimed = true;
+            break;
+        }
+    }
+    assert!(reclaimed, "A's lease came back");
+    let res = http
+        .get(format!("{base_b}/v3/directline/conversations/{c}/activities"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 404, "ConversationNotFound").await;
+    assert_eq!(say_at(&http, &base_b).await, Some(reqwest::StatusCode::OK));
+}
+
+/// Redis stopped mid-load: nodes serve from their leases, then refuse new sessions with 503
+/// (fail_closed) while spooling what they acknowledged; Redis back: the spool is replayed and
+/// the ledger holds every acknowledged session once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_and_back_fails_closed_and_counts_nothing_twice() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), &redis.url(), "[cluster]\nlease_ttl_secs = 30\n");
+    let a = BinaryServer::spawn(&["--config", cfg.to_str().unwrap()], &dir.path().join("a"));
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", a.public);
+    let mut acked = 0u64;
+    for _ in 0..5 {
+        assert_eq!(say_at(&http, &base).await, Some(reqwest::StatusCode::OK));
+        acked += 1;
+    }
+    let (rdir, port) = redis.stop();
+    let (mut ok, mut refused) = (0u64, 0u64);
+    for _ in 0..60 {
+        match say_at(&http, &base).await {
+            Some(reqwest::StatusCode::OK) => ok += 1,
+            Some(reqwest::StatusCode::SERVICE_UNAVAILABLE) => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    acked += ok;
+    assert!(ok > 0, "the lease kept serving");
+    assert!(refused > 0, "then fail_closed refused new sessions");
+    let m = http.get(format!("http://{}/metrics", a.admin)).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="refused"}"#), Some(refused));
+    assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="spooled"}"#), Some(ok));
+    let redis = RedisServer::start_in(rdir, port);
+    let mut count = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        count = redis.cli(&["HLEN", "bg:{contoso}:sessions"]);
+        if count == acked.to_string() {
+            break;
+        }
+    }
+    assert_eq!(count, acked.to_string(), "every acknowledged session, once");
+    assert_eq!(say_at(&http, &base).await, Some(reqwest::StatusCode::OK), "serving again");
+}

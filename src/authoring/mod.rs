@@ -24,6 +24,8 @@ use store::BotDoc;
 #[derive(Default)]
 pub struct Authoring {
     hints: DashMap<String, [Option<String>; 2]>,
+    /// The stored document of each stored bot, to tell what another node changed.
+    stored: DashMap<String, String>,
 }
 
 impl Authoring {
@@ -36,8 +38,60 @@ impl Authoring {
                 serde_json::from_str(&rec.json).map_err(|e| format!("stored bot {}: {e}", rec.id))?;
             me.hints.insert(rec.id.clone(), doc.hints());
             registry.insert(Arc::new(doc.build(secrets::random_id(24), max_in_flight)));
+            me.stored.insert(rec.id.clone(), rec.json);
         }
         Ok(me)
+    }
+
+    /// Applies the stored bots another node changed: new and edited bots are rebuilt around
+    /// their existing control block (so running conversations see publishing and secret changes
+    /// at once), deleted ones stop serving.
+    pub fn reload(
+        &self,
+        bots: &[crate::store::control::BotRecord],
+        registry: &BotRegistry,
+        max_in_flight: usize,
+    ) {
+        let mut seen = std::collections::HashSet::new();
+        for rec in bots {
+            seen.insert(rec.id.clone());
+            if self.stored.get(&rec.id).is_some_and(|j| *j == rec.json) {
+                continue;
+            }
+            let Ok(doc) = serde_json::from_str::<BotDoc>(&rec.json) else {
+                tracing::warn!(bot = %rec.id, "A stored bot could not be read; keeping the current version.");
+                continue;
+            };
+            let fresh = doc.build(secrets::random_id(24), max_in_flight);
+            let bot = match registry.get(&rec.id) {
+                Some(old) => {
+                    let c = &old.control;
+                    c.set_published(fresh.control.published());
+                    c.set_secured_access(fresh.control.secured_access());
+                    for (i, h) in fresh.control.hashes().iter().enumerate() {
+                        if let Some(h) = h {
+                            let slot = i as u8 + 1;
+                            c.restore_secret(slot, *h, fresh.control.generation(slot));
+                        }
+                    }
+                    let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);
+                    Bot::with_control(&fresh.definition, key, max_in_flight, c.clone(), fresh.owner.clone())
+                }
+                None => fresh,
+            };
+            registry.insert(Arc::new(bot));
+            self.hints.insert(rec.id.clone(), doc.hints());
+            self.stored.insert(rec.id.clone(), rec.json.clone());
+        }
+        let gone: Vec<String> =
+            self.stored.iter().map(|e| e.key().clone()).filter(|id| !seen.contains(id)).collect();
+        for id in gone {
+            if let Some(bot) = registry.remove(&id) {
+                bot.control.set_published(false);
+            }
+            self.stored.remove(&id);
+            self.hints.remove(&id);
+        }
     }
 
     /// The hints of a bot's secrets.
@@ -58,10 +112,10 @@ impl Authoring {
         deleted: bool,
         audit: AuditEntry,
     ) -> Result<(), ApiError> {
-        let m = if deleted {
-            Mutation::DeleteBot { id: bot.id.clone() }
-        } else {
-            Mutation::PutBot(BotDoc::of(bot, &self.hints(&bot.id)).record())
+        let record = (!deleted).then(|| BotDoc::of(bot, &self.hints(&bot.id)).record());
+        let m = match &record {
+            None => Mutation::DeleteBot { id: bot.id.clone() },
+            Some(r) => Mutation::PutBot(r.clone()),
         };
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.apply(&[m], &[audit]))
@@ -70,6 +124,15 @@ impl Authoring {
             .map_err(|e| {
                 tracing::error!(error = %e, "Saving a bot failed.");
                 ApiError::unavailable("StoreUnavailable", "The change could not be saved. Try again.")
-            })
+            })?;
+        match record {
+            Some(r) => {
+                self.stored.insert(r.id, r.json);
+            }
+            None => {
+                self.stored.remove(&bot.id);
+            }
+        }
+        Ok(())
     }
 }

@@ -47,6 +47,9 @@ pub struct Channel {
     pub service_base: String,
     /// The configured public URL, if any (decides ws:// or wss:// stream URLs).
     pub public_url: String,
+    /// This node's id when several nodes share Redis: it prefixes the ids of the conversations
+    /// this node owns (`node.random`), so any node can route a request to the owner.
+    pub node: Option<String>,
 }
 
 impl Channel {
@@ -87,6 +90,7 @@ impl Channel {
             max_retained: config.channel.max_retained_activities,
             service_base,
             public_url: config.server.public_url.clone(),
+            node: None,
         }
     }
 
@@ -100,7 +104,10 @@ impl Channel {
     pub fn new_claims(&self, bot: &Bot, user: Option<String>, slot: u8, test_chat: bool) -> Claims {
         Claims {
             bot: bot.id.clone(),
-            conversation: new_conversation_id(),
+            conversation: match &self.node {
+                Some(node) => format!("{node}.{}", new_conversation_id()),
+                None => new_conversation_id(),
+            },
             user,
             exp: 0,
             slot,
@@ -174,6 +181,11 @@ impl Channel {
         }
         url
     }
+}
+
+/// The node that owns a conversation (several nodes): the part of its id before the dot.
+pub fn owner_of(conversation: &str) -> Option<&str> {
+    conversation.split_once('.').map(|(node, _)| node)
 }
 
 /// A new conversation id: 128 random bits, url-safe.

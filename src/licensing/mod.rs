@@ -144,6 +144,16 @@ impl Licensing {
         Ok(licensing)
     }
 
+    /// Replaces the snapshot with the store's state (another node changed it).
+    pub async fn reload(&self, data: &crate::store::control::ControlData) {
+        let _guard = self.writer.lock().await;
+        let snapshot = Snapshot::from_data(data);
+        for t in snapshot.tenants.values() {
+            self.publish_plan(t);
+        }
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
