@@ -201,7 +201,17 @@ pub fn open_conversation(
     headers: &HeaderMap,
     id: &str,
 ) -> Result<(Credential, Arc<crate::conversation::Conversation>), ApiError> {
-    let cred = credential(ch, headers)?;
+    open_conversation_with(ch, bearer(headers)?, headers, id)
+}
+
+/// [`open_conversation`] with the credential given apart from the headers (a stream URL's `t`).
+pub fn open_conversation_with(
+    ch: &Channel,
+    credential: &str,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(Credential, Arc<crate::conversation::Conversation>), ApiError> {
+    let cred = auth::check(ch, credential, ch.clock.now_secs())?;
     // A token for another conversation is refused before revealing whether `id` exists.
     if let Credential::Token(c) = &cred
         && c.conversation != id

@@ -6,10 +6,10 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 use serde::Deserialize;
 
-use super::auth::{self, Credential, check_bot, check_conversation, check_origin};
+use super::auth;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -38,20 +38,7 @@ pub async fn stream(
         (None, Ok(b)) => b,
         (None, Err(e)) => return Err(e),
     };
-    let cred = auth::check(ch, token, ch.clock.now_secs())?;
-    if let Credential::Token(c) = &cred
-        && c.conversation != id
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "WrongConversation",
-            "This token is for another conversation.",
-        ));
-    }
-    let conv = ch.conversation(&id)?;
-    check_conversation(&cred, &conv)?;
-    check_bot(&conv.bot, &cred)?;
-    check_origin(&headers, &conv.bot)?;
+    let (_, conv) = super::directline::open_conversation_with(ch, token, &headers, &id)?;
     let watermark = match q.watermark.as_deref().map(str::trim) {
         None | Some("") => 0,
         Some(w) => w.parse().map_err(|_| ApiError::bad_request("`watermark` must be a number or empty."))?,
