@@ -103,7 +103,7 @@ fn token_answer(ch: &Channel, claims: Claims) -> Json<TokenAnswer> {
 pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let ch = app.channel();
     let cred = credential(ch, &headers)?;
-    let Credential::Token(claims) = cred else {
+    let Credential::Token(claims) = &cred else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "TokenRequired",
@@ -111,11 +111,9 @@ pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> R
         ));
     };
     let bot = ch.bot(&claims.bot)?;
-    let cred = Credential::Token(claims);
     check_bot(&bot, &cred)?;
     check_origin(&headers, &bot)?;
-    let Credential::Token(claims) = cred else { unreachable!() };
-    Ok(token_answer(ch, claims).into_response())
+    Ok(token_answer(ch, claims.clone()).into_response())
 }
 
 /// `GET /api/v1/bots/{botId}/directline/token`: a token for an open bot's website channel,
