@@ -111,7 +111,7 @@ impl IntoResponse for ApiError {
 /// into the JSON error body, so a client sees one error shape whatever produced the error.
 ///
 /// Runs on every response, so it only looks at the status and the content type of error answers.
-pub async fn json_error_bodies(res: Response) -> Response {
+pub fn json_error_bodies(res: Response) -> Response {
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return res;
@@ -202,7 +202,7 @@ mod tests {
     #[tokio::test]
     async fn plain_errors_become_json() {
         let res = (StatusCode::PAYLOAD_TOO_LARGE, "too big").into_response();
-        let res = json_error_bodies(res).await;
+        let res = json_error_bodies(res);
         assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
         let body = axum::body::to_bytes(res.into_body(), 1 << 16).await.unwrap();
@@ -212,7 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_timeout_becomes_504() {
-        let res = json_error_bodies(StatusCode::REQUEST_TIMEOUT.into_response()).await;
+        let res = json_error_bodies(StatusCode::REQUEST_TIMEOUT.into_response());
         assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
     }
 }

@@ -10,6 +10,13 @@ use botgate::config::{Config, StoreBackend};
 use botgate::telemetry::{LogFormat, init_tracing};
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: a message allocates a few dozen small buffers
+/// (headers, JSON values, activity strings), and under load glibc's malloc and free were a
+/// quarter of the server's CPU (a `perf record` of `benches/load.sh`'s msg_sys scenario; see
+/// BENCHMARKS.md for the before and after).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// botgate: a Direct Line 3.0 gateway in front of chat bots, with licensing and exact metering.
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]

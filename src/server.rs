@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 
@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::error::{ApiError, json_error_bodies, not_found_fallback};
 use crate::state::{AppState, StartError};
 use crate::telemetry::http_metrics::HttpMetricsLayer;
+use crate::telemetry::request_id::MakeRequestCounter;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -217,9 +218,9 @@ pub fn public_router(state: &AppState) -> Result<Router, StartError> {
         // Propagate the request id to the response (after it is set, below).
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // Set a request id (keeps one the client sent) before the trace span is made.
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestCounter::default()))
         // Outermost: every error answer, from any layer above, leaves as the JSON error body.
-        .layer(axum::middleware::map_response(json_error_bodies));
+        .layer(tower::util::MapResponseLayer::new(json_error_bodies));
     Ok(app)
 }
 
@@ -242,8 +243,8 @@ pub fn admin_router(state: &AppState) -> Router {
         .fallback(not_found_fallback)
         .with_state(state.clone())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .layer(axum::middleware::map_response(json_error_bodies))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestCounter::default()))
+        .layer(tower::util::MapResponseLayer::new(json_error_bodies))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -255,11 +255,12 @@ pub async fn get_activities(
     State(app): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<WatermarkQuery>,
-    headers: HeaderMap,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let ch = app.channel();
     let watermark = q.parse()?;
-    let (_, conv) = open_conversation(ch, &headers, &id)?;
+    // The request's own headers, not a `HeaderMap` extractor's copy (polls are frequent).
+    let (_, conv) = open_conversation(ch, req.headers(), &id)?;
     let (body, _) = conv.activities_since(watermark);
     Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }

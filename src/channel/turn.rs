@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode, header};
+use http::{StatusCode, header};
 use serde_json::{Map, Value, json};
 
 use super::activity::{self, bot_message, end_of_conversation};
@@ -23,14 +23,17 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// `POST /v3/directline/conversations/{id}/activities`.
+///
+/// Takes the whole request rather than a `HeaderMap` extractor, which would copy every header.
 pub async fn post_activity(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let ch = app.channel();
-    let (cred, conv) = open_conversation(ch, &headers, &id)?;
+    let (parts, body) = req.into_parts();
+    let (cred, conv) = open_conversation(ch, &parts.headers, &id)?;
+    let body = read_body(body).await?;
     if conv.ended() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -64,6 +67,23 @@ pub async fn post_activity(
         }
     };
     Ok(id_answer(&id))
+}
+
+/// Reads a request body (already bounded by the body-limit layer).
+pub async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
+        let too_large =
+            std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PayloadTooLarge",
+                "The activity is larger than the gateway accepts.",
+            )
+        } else {
+            ApiError::bad_request("The request body could not be read.")
+        }
+    })
 }
 
 /// `{"id": ...}` as JSON (clients retry on an empty body).

@@ -2,7 +2,7 @@
 //!
 //! A typed `Layer` + `Service` pair because it sits on every request. The per-route handles are
 //! resolved once at start-up for every route template, so a request does one read-only map
-//! lookup and two atomic updates: no label hashing inside prometheus, no lock.
+//! lookup and two atomic updates: no label hashing inside prometheus, no lock, no allocation.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -84,14 +84,44 @@ pub struct HttpMetrics<S> {
     routes: Arc<HashMap<&'static str, RouteHandles>>,
 }
 
+pin_project_lite::pin_project! {
+    /// The response future: counts and times the response when it is ready (no allocation).
+    pub struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        handles: Option<Arc<HashMap<&'static str, RouteHandles>>>,
+        key: &'static str,
+        start: Instant,
+    }
+}
+
+impl<F, RB, E> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(res), Some(routes)) = (&res, this.handles.take())
+            && let Some(h) = routes.get(*this.key)
+        {
+            let class = (res.status().as_u16() / 100).clamp(1, 5) as usize - 1;
+            h.by_class[class].inc();
+            h.latency.observe(this.start.elapsed().as_secs_f64());
+        }
+        Poll::Ready(res)
+    }
+}
+
 impl<S, B, RB> Service<Request<B>> for HttpMetrics<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
-    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = CountedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -102,17 +132,9 @@ where
         // Unknown templates (none exist: every route is listed at start-up) count as unmatched.
         let routes = self.routes.clone();
         let key: &'static str = routes.get_key_value(route).map(|(k, _)| *k).unwrap_or(UNMATCHED);
+
         let start = Instant::now();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let res = fut.await;
-            if let (Ok(res), Some(h)) = (&res, routes.get(key)) {
-                let class = (res.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-                h.by_class[class].inc();
-                h.latency.observe(start.elapsed().as_secs_f64());
-            }
-            res
-        })
+        CountedFuture { inner: self.inner.call(req), handles: Some(routes), key, start }
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod http_metrics;
 pub mod registry;
+pub mod request_id;
 
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
