@@ -105,8 +105,11 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
                 crate::cluster::heartbeat(&state).await;
             }
             _ = sweep.tick() => {
-                let removed = state.sweep();
-                if removed > 0 {
+                // A pass over every conversation: on a blocking thread, not a runtime worker.
+                let s = state.clone();
+                if let Ok(removed) = tokio::task::spawn_blocking(move || s.sweep()).await
+                    && removed > 0
+                {
                     tracing::debug!(removed, "Swept expired conversations.");
                 }
             }
