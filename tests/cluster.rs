@@ -302,3 +302,55 @@ async fn redis_down_and_back_fails_closed_and_counts_nothing_twice() {
     assert_eq!(count, acked.to_string(), "every acknowledged session, once");
     assert_eq!(say_at(&http, &base).await, Some(reqwest::StatusCode::OK), "serving again");
 }
+
+/// `safe_capacity`: with Redis down, a node serves what is left of its lease, then exactly
+/// `safe_capacity_per_node` more sessions, then refuses; all are recorded once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_safe_capacity_allows_exactly_the_configured_number() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(
+        dir.path(),
+        &redis.url(),
+        "[cluster]\nlease_ttl_secs = 30\noutage_policy = \"safe_capacity\"\nsafe_capacity_per_node = 3\n",
+    );
+    let a = BinaryServer::spawn(&["--config", cfg.to_str().unwrap()], &dir.path().join("a"));
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", a.public);
+    for _ in 0..5 {
+        assert_eq!(say_at(&http, &base).await, Some(reqwest::StatusCode::OK));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let fields = redis.cli(&["HGETALL", &format!("bg:{{contoso}}:pool:{month}")]);
+    let lines: Vec<&str> = fields.lines().collect();
+    let sum = |prefix: &str| -> u64 {
+        lines.chunks(2).filter(|kv| kv[0].starts_with(prefix)).map(|kv| kv[1].parse::<u64>().unwrap()).sum()
+    };
+    let left_in_lease = sum("held:") - sum("used:");
+    let (rdir, port) = redis.stop();
+    let (mut ok, mut refused) = (0u64, 0u64);
+    for _ in 0..40 {
+        match say_at(&http, &base).await {
+            Some(reqwest::StatusCode::OK) => ok += 1,
+            Some(reqwest::StatusCode::SERVICE_UNAVAILABLE) => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(ok, left_in_lease + 3, "the lease's {left_in_lease} units, then exactly 3");
+    assert_eq!(refused, 40 - ok);
+    let m = http.get(format!("http://{}/metrics", a.admin)).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="safe_capacity"}"#), Some(3));
+    assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="refused"}"#), Some(refused));
+    let redis = RedisServer::start_in(rdir, port);
+    let expected = (5 + ok).to_string();
+    let mut count = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        count = redis.cli(&["HLEN", "bg:{contoso}:sessions"]);
+        if count == expected {
+            break;
+        }
+    }
+    assert_eq!(count, expected);
+}
