@@ -381,3 +381,19 @@ async fn kill_9_loses_no_acknowledged_session() {
     assert!(counted <= attempted, "stored {counted} > attempted {attempted}");
     println!("kill -9: acknowledged {acked}, stored {counted}, attempted {attempted}");
 }
+
+#[tokio::test]
+async fn metering_can_be_switched_off_for_measurements() {
+    let s = TestServer::with(|c| {
+        c.metering.enabled = false;
+        c.metering.rate_limit_per_minute = 1;
+    })
+    .await;
+    let (t, c, _) = s.conversation("helpdesk").await;
+    for _ in 0..3 {
+        s.say_ok(&t, &c, "vpn").await;
+    }
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, BILLED), Some(0));
+    assert_eq!(metric(&m, TURNS), Some(0));
+}

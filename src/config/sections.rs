@@ -254,6 +254,9 @@ impl UpstreamConfig {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_session_idle_secs() -> u64 {
     1800
 }
@@ -280,6 +283,11 @@ fn default_addon_sessions() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeteringConfig {
+    /// Whether conversations are metered at all. Default true. `false` bills nothing and skips
+    /// the rate limit: it exists to measure what metering costs (`benches/load.sh`), not for
+    /// production.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// A billed session ends after this long without a user message, in seconds. Default 1800.
     #[serde(default = "default_session_idle_secs")]
     pub session_idle_secs: u64,
@@ -308,6 +316,7 @@ pub struct MeteringConfig {
 impl Default for MeteringConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             session_idle_secs: default_session_idle_secs(),
             session_max_secs: default_session_max_secs(),
             session_max_turns: default_session_max_turns(),

@@ -251,7 +251,7 @@ impl Metering {
 
     /// The meter of a new conversation.
     pub fn meter_for(&self, tenant: &str, bot: &str, billed: bool) -> ConversationMeter {
-        if !billed {
+        if !billed || !self.inner.config.enabled {
             return ConversationMeter::unmetered();
         }
         ConversationMeter {
