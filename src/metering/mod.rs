@@ -286,7 +286,8 @@ impl Metering {
             .with_retry_after(retry));
         }
         let mut refilled = false;
-        let (ordinal, month, overage) = loop {
+        // `drawn`: the session took a unit from the pool (not overage, not allowed in an outage).
+        let (ordinal, month, overage, drawn) = loop {
             // The session state's std lock is never held across the refill's await.
             let step = {
                 let mut state = meter.state();
@@ -321,7 +322,7 @@ impl Metering {
                     counters.add_turn();
                     return Ok(outcome);
                 }
-                Step::Began(ordinal, month, overage) => break (ordinal, month, overage),
+                Step::Began(ordinal, month, overage) => break (ordinal, month, overage, !overage),
                 Step::Exhausted(month) => {
                     counters.add_rejected_capacity();
                     let retry = ((month_start_ms(month + 1) - now) / 1000).max(1) as u64;
@@ -344,7 +345,7 @@ impl Metering {
                             counters.add_turn();
                             return Ok(TurnOutcome::Continued);
                         }
-                        break (state.begin(now), month, false);
+                        break (state.begin(now), month, false, false);
                     }
                     // Decide again: another message of this conversation may have begun a
                     // session meanwhile.
@@ -367,7 +368,7 @@ impl Metering {
             tracing::error!(error = %e, bot = %counters.bot, "A billed session could not be recorded; refusing the message.");
             meter.state().abort();
             counters.unbill(overage);
-            if !overage {
+            if drawn {
                 counters.pool.refund(month);
             }
             return Err(ApiError::unavailable(
