@@ -531,3 +531,24 @@ async fn inline_replies_and_a_slow_bot_does_not_slow_another() {
     assert!(!started.is_finished(), "the fast bot answered while the slow bot was still busy");
     started.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stream_closes_when_its_conversation_expires() {
+    let s = TestServer::with(|c| c.channel.idle_timeout_secs = 600).await;
+    let (_, _, start) = s.conversation("helpdesk").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(start["streamUrl"].as_str().unwrap()).await.unwrap();
+    next_set(&mut ws).await;
+    s.clock.advance_secs(601);
+    assert_eq!(s.state().sweep(), 1);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(closed);
+}

@@ -44,10 +44,12 @@ pub async fn stream(
         Some(w) => w.parse().map_err(|_| ApiError::bad_request("`watermark` must be a number or empty."))?,
     };
     let generation = conv.new_socket();
-    Ok(ws.on_upgrade(move |socket| run(socket, conv, generation, watermark)))
+    let app = app.clone();
+    Ok(ws.on_upgrade(move |socket| run(app, socket, conv, generation, watermark)))
 }
 
 async fn run(
+    app: AppState,
     mut socket: WebSocket,
     conv: std::sync::Arc<crate::conversation::Conversation>,
     generation: u64,
@@ -60,7 +62,10 @@ async fn run(
         let changed = conv.changed();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if !conv.socket_current(generation) {
+        // A newer socket took over, or the conversation expired (the sweep wakes its sockets):
+        // close, so an abandoned socket does not keep an ended conversation in memory.
+        let expired = app.channel().conversations.get(&conv.id, app.clock().now_ms()).is_none();
+        if !conv.socket_current(generation) || expired {
             let _ = socket.send(Message::Close(None)).await;
             return;
         }
