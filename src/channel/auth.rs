@@ -14,7 +14,7 @@ use crate::error::ApiError;
 /// A checked credential.
 pub enum Credential {
     /// A token; its bot was checked to be published and its secret generation current.
-    Token(Claims),
+    Token(Arc<Claims>),
     /// A channel secret of `bot` (slot 1 or 2).
     Secret {
         /// The bot.
@@ -69,7 +69,7 @@ pub fn check(channel: &Channel, value: &str, now_secs: i64) -> Result<Credential
             TokenError::Expired => forbidden("TokenExpired", "The token has expired. Get a new token."),
             TokenError::Invalid => forbidden("InvalidToken", "The token is not valid for this gateway."),
         })?;
-        return Ok(Credential::Token(claims));
+        return Ok(Credential::Token(Arc::new(claims)));
     }
     let (bot, slot) = channel
         .bots

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::bots::Bot;
+use crate::channel::token::Claims;
 use crate::clock::Millis;
 use crate::metering::ConversationMeter;
 
@@ -30,6 +31,14 @@ pub struct Conversation {
     log: Mutex<Log>,
     /// Wakes WebSocket streams when the log grows.
     notify: Notify,
+    /// The last token verified for this conversation, so its next requests skip the HMAC.
+    verified: arc_swap::ArcSwapOption<VerifiedToken>,
+}
+
+/// A token and the claims its signature proved.
+struct VerifiedToken {
+    token: Box<str>,
+    claims: Arc<Claims>,
 }
 
 /// The retained activities; `base` is the watermark of the first retained one.
@@ -75,6 +84,22 @@ impl Conversation {
                 max_retained,
             }),
             notify: Notify::new(),
+            verified: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// The claims of `token` if it is the token this conversation last verified and it has not
+    /// expired (the bot's publishing and secret generation are still checked by the caller).
+    pub fn verified_token(&self, token: &str, now_secs: i64) -> Option<Arc<Claims>> {
+        let v = self.verified.load();
+        let v = v.as_ref()?;
+        (v.token.as_bytes() == token.as_bytes() && v.claims.exp > now_secs).then(|| v.claims.clone())
+    }
+
+    /// Remembers a token whose signature was just checked for this conversation.
+    pub fn remember_token(&self, token: &str, claims: Arc<Claims>) {
+        if claims.conversation.as_str() == &*self.id {
+            self.verified.store(Some(Arc::new(VerifiedToken { token: token.into(), claims })));
         }
     }
 
@@ -214,6 +239,29 @@ mod tests {
         assert_eq!(v["watermark"], "3");
         let (json, _) = c.activities_since(3);
         assert_eq!(json, r#"{"activities":[],"watermark":"3"}"#);
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_until_it_expires() {
+        let c = conv(10);
+        let claims = |conversation: &str| {
+            Arc::new(Claims {
+                bot: "helpdesk".into(),
+                conversation: conversation.into(),
+                user: None,
+                exp: 100,
+                slot: 0,
+                generation: 0,
+                test_chat: false,
+            })
+        };
+        assert!(c.verified_token("dl1.a", 0).is_none());
+        c.remember_token("dl1.other", claims("c2"));
+        assert!(c.verified_token("dl1.other", 0).is_none(), "another conversation's token is not kept");
+        c.remember_token("dl1.a", claims("c1"));
+        assert_eq!(c.verified_token("dl1.a", 99).unwrap().exp, 100);
+        assert!(c.verified_token("dl1.b", 99).is_none());
+        assert!(c.verified_token("dl1.a", 100).is_none(), "expired");
     }
 
     #[test]
