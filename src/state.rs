@@ -85,13 +85,13 @@ impl AppState {
         let store: SharedStore = match config.store.backend {
             StoreBackend::Sqlite => {
                 let dir = config.store.data_dir.clone();
-                let store =
-                    tokio::task::spawn_blocking(move || SqliteStore::open(&dir)).await.map_err(|e| {
-                        StoreError::DataDir {
-                            path: config.store.data_dir.display().to_string(),
-                            source: std::io::Error::other(e.to_string()),
-                        }
-                    })??;
+                let sync = config.store.sqlite_sync;
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open_with(&dir, sync))
+                    .await
+                    .map_err(|e| StoreError::DataDir {
+                    path: config.store.data_dir.display().to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
                 tracing::info!(path = store.path(), "Store opened.");
                 Arc::new(store)
             }

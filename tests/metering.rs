@@ -397,3 +397,46 @@ async fn metering_can_be_switched_off_for_measurements() {
     assert_eq!(metric(&m, BILLED), Some(0));
     assert_eq!(metric(&m, TURNS), Some(0));
 }
+
+/// `store.sqlite_sync = "normal"` keeps acknowledged sessions across a `kill -9` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_normal_sync_loses_no_acknowledged_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("normal.toml");
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap()
+            .replace("backend = \"sqlite\"", "backend = \"sqlite\"\nsqlite_sync = \"normal\"");
+    std::fs::write(&cfg, text).unwrap();
+    let data = dir.path().join("data");
+    let server = BinaryServer::spawn(&["--config", cfg.to_str().unwrap()], &data);
+    let base = format!("http://{}", server.public);
+    let http = reqwest::Client::new();
+    let mut acked = 0;
+    for _ in 0..40 {
+        let v: Value = http
+            .get(format!("{base}/api/v1/bots/helpdesk/directline/token"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let (t, c) =
+            (v["token"].as_str().unwrap().to_string(), v["conversationId"].as_str().unwrap().to_string());
+        http.post(format!("{base}/v3/directline/conversations")).bearer_auth(&t).send().await.unwrap();
+        let res = http
+            .post(format!("{base}/v3/directline/conversations/{c}/activities"))
+            .bearer_auth(&t)
+            .json(&serde_json::json!({"type":"message","from":{"id":"u"},"text":"vpn"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        acked += 1;
+    }
+    server.signal("-KILL");
+    drop(server);
+    let ids = SqliteStore::open(&data).unwrap().session_ids().unwrap();
+    assert_eq!(ids.len(), acked);
+}

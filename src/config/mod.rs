@@ -14,7 +14,7 @@ use serde::Deserialize;
 pub use bots::{BotConfig, BotKind, SystemTopic, TopicConfig, TopicKind};
 pub use sections::{
     ChannelConfig, ClusterConfig, IdentityConfig, LicensingConfig, MeteringConfig, MetricsConfig,
-    OutagePolicy, ServerConfig, StoreBackend, StoreConfig, UpstreamConfig,
+    OutagePolicy, ServerConfig, SqliteSync, StoreBackend, StoreConfig, UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 

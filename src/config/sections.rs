@@ -99,6 +99,20 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
 
+/// When a committed SQLite transaction is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SqliteSync {
+    /// fsync at every commit (`synchronous=FULL`): an acknowledged billed session survives a
+    /// crash of botgate, of the kernel, and a power loss.
+    #[default]
+    Full,
+    /// No fsync at commit (`synchronous=NORMAL` in WAL mode): an acknowledged session survives a
+    /// crash of botgate (`kill -9`), but a kernel crash or power loss can lose the transactions
+    /// since the last WAL checkpoint. Session starts no longer wait for the disk.
+    Normal,
+}
+
 /// `[store]`: where state is kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,11 +127,20 @@ pub struct StoreConfig {
     /// For `backend = "redis"`: the server, e.g. `redis://127.0.0.1:6379/`. Default empty.
     #[serde(default)]
     pub redis_url: String,
+    /// SQLite commit durability: `full` (default, fsync per commit) or `normal` (survives a
+    /// process crash, not a power loss).
+    #[serde(default)]
+    pub sqlite_sync: SqliteSync,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { backend: StoreBackend::default(), data_dir: default_data_dir(), redis_url: String::new() }
+        Self {
+            backend: StoreBackend::default(),
+            data_dir: default_data_dir(),
+            redis_url: String::new(),
+            sqlite_sync: SqliteSync::default(),
+        }
     }
 }
 

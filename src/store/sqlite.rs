@@ -15,6 +15,8 @@ use super::control::{
 use super::migrations::MIGRATIONS;
 use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta};
 
+pub use crate::config::SqliteSync as Sync;
+
 /// The database file's name inside the data folder.
 pub const DB_FILE: &str = "botgate.sqlite3";
 
@@ -32,8 +34,14 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating the folder and the file if missing) and migrates the store in `data_dir`.
+    /// Opens (creating the folder and the file if missing) and migrates the store in `data_dir`,
+    /// with `synchronous=FULL`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, Sync::Full)
+    }
+
+    /// Opens the store with the given commit durability.
+    pub fn open_with(data_dir: &Path, sync: Sync) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|source| StoreError::DataDir { path: data_dir.display().to_string(), source })?;
         let file: PathBuf = data_dir.join(DB_FILE);
@@ -47,7 +55,11 @@ impl SqliteStore {
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %path, mode = %mode, "SQLite refused WAL mode; continuing.");
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;").map_err(sql_err)?;
+        let pragma = match sync {
+            Sync::Full => "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
+            Sync::Normal => "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+        };
+        conn.execute_batch(pragma).map_err(sql_err)?;
         migrate(&mut conn, &path)?;
         Ok(Self { dir: data_dir.to_path_buf(), path, conn: Mutex::new(Some(conn)) })
     }
