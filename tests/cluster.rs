@@ -180,27 +180,6 @@ fn node_config(dir: &std::path::Path, url: &str, extra: &str) -> std::path::Path
     file
 }
 
-async fn say_at(http: &reqwest::Client, base: &str) -> Option<reqwest::StatusCode> {
-    let v: serde_json::Value = http
-        .get(format!("{base}/api/v1/bots/helpdesk/directline/token"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    let (t, c) = (v["token"].as_str()?.to_string(), v["conversationId"].as_str()?.to_string());
-    http.post(format!("{base}/v3/directline/conversations")).bearer_auth(&t).send().await.ok()?;
-    let res = http
-        .post(format!("{base}/v3/directline/conversations/{c}/activities"))
-        .bearer_auth(&t)
-        .json(&serde_json::json!({"type":"message","from":{"id":"u"},"text":"vpn"}))
-        .send()
-        .await
-        .ok()?;
-    Some(res.status())
-}
-
 /// A node killed with SIGKILL loses no acknowledged session, its conversations end cleanly (404
 /// through another node), and its unused lease comes back after the TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,17 +199,7 @@ async fn a_killed_node_loses_nothing_and_its_lease_returns() {
     }
     assert_eq!(acked, 25);
     // A conversation owned by A.
-    let v: serde_json::Value = http
-        .get(format!("{base_a}/api/v1/bots/helpdesk/directline/token"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (t, c) =
-        (v["token"].as_str().unwrap().to_string(), v["conversationId"].as_str().unwrap().to_string());
-    http.post(format!("{base_a}/v3/directline/conversations")).bearer_auth(&t).send().await.unwrap();
+    let (t, c) = started_at(&http, &base_a).await.unwrap();
     let month = chrono::Utc::now().format("%Y-%m").to_string();
     let pool = format!("bg:{{contoso}}:pool:{month}");
     let granted_before: u64 = redis.cli(&["HGET", &pool, "granted"]).parse().unwrap();

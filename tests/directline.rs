@@ -122,6 +122,22 @@ async fn starting_twice_answers_200_and_resume_gives_a_fresh_stream_url() {
     assert_eq!(all["activities"].as_array().unwrap().len(), 2, "greeting + the echoed event");
 }
 
+/// Waits (at most 5 s) for the server to close the socket.
+async fn assert_closes(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) {
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server did not close the socket");
+}
+
 async fn next_set(
     ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
 ) -> Value {
@@ -168,17 +184,7 @@ async fn websocket_replays_streams_keeps_alive_and_a_second_socket_closes_the_fi
     let set = next_set(&mut ws2).await;
     assert_eq!(set["activities"][0]["id"], id2.as_str());
     // The first socket was closed by the second.
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
-    assert!(closed);
+    assert_closes(&mut ws).await;
 
     // A bad token cannot open a stream.
     let bad = url.replace("?t=dl1.", "?t=dl1.x");
@@ -540,15 +546,5 @@ async fn a_stream_closes_when_its_conversation_expires() {
     next_set(&mut ws).await;
     s.clock.advance_secs(601);
     assert_eq!(s.state().sweep(), 1);
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return true,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
-    assert!(closed);
+    assert_closes(&mut ws).await;
 }

@@ -414,25 +414,7 @@ async fn kill_9_with_normal_sync_loses_no_acknowledged_session() {
     let http = reqwest::Client::new();
     let mut acked = 0;
     for _ in 0..40 {
-        let v: Value = http
-            .get(format!("{base}/api/v1/bots/helpdesk/directline/token"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let (t, c) =
-            (v["token"].as_str().unwrap().to_string(), v["conversationId"].as_str().unwrap().to_string());
-        http.post(format!("{base}/v3/directline/conversations")).bearer_auth(&t).send().await.unwrap();
-        let res = http
-            .post(format!("{base}/v3/directline/conversations/{c}/activities"))
-            .bearer_auth(&t)
-            .json(&serde_json::json!({"type":"message","from":{"id":"u"},"text":"vpn"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
+        assert_eq!(say_at(&http, &base).await, Some(reqwest::StatusCode::OK));
         acked += 1;
     }
     server.signal("-KILL");

@@ -317,3 +317,32 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// Through the server at `base`: an open-bot token for `helpdesk`, and its conversation started.
+pub async fn started_at(http: &reqwest::Client, base: &str) -> Option<(String, String)> {
+    let v: serde_json::Value = http
+        .get(format!("{base}/api/v1/bots/helpdesk/directline/token"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let (t, c) = (v["token"].as_str()?.to_string(), v["conversationId"].as_str()?.to_string());
+    http.post(format!("{base}/v3/directline/conversations")).bearer_auth(&t).send().await.ok()?;
+    Some((t, c))
+}
+
+/// A new conversation with `helpdesk` at `base` that says "vpn" (a user topic); the status of
+/// that message, or `None` when the server could not be reached.
+pub async fn say_at(http: &reqwest::Client, base: &str) -> Option<reqwest::StatusCode> {
+    let (t, c) = started_at(http, base).await?;
+    let res = http
+        .post(format!("{base}/v3/directline/conversations/{c}/activities"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"type":"message","from":{"id":"u"},"text":"vpn"}))
+        .send()
+        .await
+        .ok()?;
+    Some(res.status())
+}
