@@ -67,6 +67,9 @@ pub fn stamp(a: &mut Map<String, Value>, id: &str, ts: Millis, conversation: &st
 }
 
 /// The JSON of a built-in bot's message.
+///
+/// Written directly rather than through a `serde_json::Value` (which allocates a map and a
+/// string per field): every built-in reply goes through here.
 pub fn bot_message(
     bot: &Bot,
     id: &str,
@@ -75,34 +78,78 @@ pub fn bot_message(
     text: &str,
     reply_to: Option<&str>,
 ) -> String {
-    let mut v = json!({
-        "type": "message",
-        "id": id,
-        "timestamp": rfc3339_ms(ts),
-        "channelId": CHANNEL_ID,
-        "conversation": { "id": conversation },
-        "from": { "id": bot.id, "name": bot.name, "role": "bot" },
-        "text": text,
-    });
-    if let (Some(r), Value::Object(m)) = (reply_to, &mut v) {
-        m.insert("replyToId".into(), Value::String(r.to_string()));
-    }
-    v.to_string()
+    let mut out = String::with_capacity(200 + text.len() + bot.name.len());
+    bot_activity(&mut out, "message", bot, id, ts, conversation, reply_to);
+    out.push_str(",\"text\":");
+    json_str(&mut out, text);
+    out.push('}');
+    out
 }
 
 /// The JSON of the bot's `endOfConversation` activity.
 pub fn end_of_conversation(bot: &Bot, id: &str, ts: Millis, conversation: &str, reply_to: &str) -> String {
-    json!({
-        "type": "endOfConversation",
-        "id": id,
-        "timestamp": rfc3339_ms(ts),
-        "channelId": CHANNEL_ID,
-        "conversation": { "id": conversation },
-        "from": { "id": bot.id, "name": bot.name, "role": "bot" },
-        "replyToId": reply_to,
-        "code": "completedSuccessfully",
-    })
-    .to_string()
+    let mut out = String::with_capacity(240);
+    bot_activity(&mut out, "endOfConversation", bot, id, ts, conversation, Some(reply_to));
+    out.push_str(",\"code\":\"completedSuccessfully\"}");
+    out
+}
+
+/// The fields every activity from a built-in bot has, as an unclosed JSON object.
+fn bot_activity(
+    out: &mut String,
+    kind: &str,
+    bot: &Bot,
+    id: &str,
+    ts: Millis,
+    conversation: &str,
+    reply_to: Option<&str>,
+) {
+    out.push_str("{\"type\":");
+    json_str(out, kind);
+    out.push_str(",\"id\":");
+    json_str(out, id);
+    out.push_str(",\"timestamp\":\"");
+    out.push_str(&rfc3339_ms(ts));
+    out.push_str("\",\"channelId\":\"");
+    out.push_str(CHANNEL_ID);
+    out.push_str("\",\"conversation\":{\"id\":");
+    json_str(out, conversation);
+    out.push_str("},\"from\":{\"id\":");
+    json_str(out, &bot.id);
+    out.push_str(",\"name\":");
+    json_str(out, &bot.name);
+    out.push_str(",\"role\":\"bot\"}");
+    if let Some(r) = reply_to {
+        out.push_str(",\"replyToId\":");
+        json_str(out, r);
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        let esc = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if (c as u32) < 0x20 => {
+                out.push_str(&s[start..i]);
+                out.push_str(&format!("\\u{:04x}", c as u32));
+                start = i + c.len_utf8();
+                continue;
+            }
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        out.push_str(esc);
+        start = i + c.len_utf8();
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -115,6 +162,28 @@ mod tests {
         assert_eq!(parse(b"[]").unwrap_err().code, "BadRequest");
         assert_eq!(parse(br#"{"text":"x"}"#).unwrap_err().code, "BadRequest");
         assert!(parse(br#"{"type":"message"}"#).is_ok());
+    }
+
+    #[test]
+    fn bot_activities_are_valid_json_with_every_field() {
+        let c = crate::config::Config::embedded_default().unwrap();
+        let bot = Bot::from_config(&c.bots[0], "k".into(), 1);
+        let text = "quote \" backslash \\ newline \n tab \t bell \u{7} é 😀";
+        let v: Value =
+            serde_json::from_str(&bot_message(&bot, "c|0000001", 0, "c", text, Some("c|0000000"))).unwrap();
+        assert_eq!(v["text"], text);
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["replyToId"], "c|0000000");
+        assert_eq!(v["from"], json!({"id": "helpdesk", "name": "Contoso Helpdesk", "role": "bot"}));
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["conversation"]["id"], "c");
+        let v: Value = serde_json::from_str(&bot_message(&bot, "i", 0, "c", "hi", None)).unwrap();
+        assert!(v.get("replyToId").is_none());
+        let e: Value = serde_json::from_str(&end_of_conversation(&bot, "i", 0, "c", "r")).unwrap();
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str(), e["replyToId"].as_str()),
+            (Some("endOfConversation"), Some("completedSuccessfully"), Some("r"))
+        );
     }
 
     #[test]
