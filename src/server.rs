@@ -130,13 +130,21 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
 /// they are acknowledged; these counters are not billing).
 const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
-async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
+async fn serve<S>(listener: TcpListener, app: S, mut stop: watch::Receiver<bool>)
+where
+    S: tower::Service<axum::extract::Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    use axum::ServiceExt as _;
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
         // Replies are small and written whole; Nagle would only add latency.
         let _ = tcp.set_nodelay(true);
     });
-    let result = axum::serve(listener, app)
+    let result = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
@@ -183,34 +191,41 @@ async fn shutdown_signal() {
     }
 }
 
+/// The public service: the router and its middleware stack.
+///
+/// The standard layers wrap the router as one service (`ServiceBuilder`), not through
+/// `Router::layer`, which wraps every route separately and boxes a future per layer per request:
+/// with eight layers that boxing and copying was a tenth of a message's instructions
+/// (callgrind, `benches/instructions.sh`). The stack is type-erased once, at the top.
+pub type PublicService =
+    tower::util::BoxCloneSyncService<axum::extract::Request, Response, std::convert::Infallible>;
+
 /// The public router and its middleware stack, outermost layer first.
-pub fn public_router(state: &AppState) -> Result<Router, StartError> {
+pub fn public_router(state: &AppState) -> Result<PublicService, StartError> {
     let (routes, templates) = crate::routes::public(state);
     let http_metrics = HttpMetricsLayer::new(state.metrics(), &templates).map_err(StartError::Metrics)?;
     let server = &state.config().server;
-    let app = routes
+    let mut router = routes
         // Innermost, per route and on the fallback: the route template is known here
         // (MatchedPath), so requests are counted and timed by template, never by raw URI.
         .fallback(not_found_fallback)
         .layer(http_metrics)
-        .with_state(state.clone())
-        // Forwarding (several nodes): a request for another node's conversation goes to its owner
-        // before routing; inside the body limit, so a forwarded body is bounded too.
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cluster::forward::forward))
-        // Body limit: refuses oversized bodies before any handler buffers them (413).
-        .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
-        // Timeout: inside CORS so a 504 still carries CORS headers; WebSocket upgrades answer at
-        // once and their streams are not limited by it.
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            Duration::from_secs(server.request_timeout_secs),
-        ))
-        // Catch panics: a bug answers 500 `InternalError` (cause logged) instead of dropping the
-        // connection; outside the handlers and the timeout so it sees every panic.
-        .layer(CatchPanicLayer::custom(panic_response))
-        // CORS: browsers (Web Chat) call from other origins; preflights are answered here
-        // before authentication, and every real response carries the allow-origin header.
-        .layer(crate::channel::cors::layer())
+        .with_state(state.clone());
+    if state.cluster().is_some() {
+        // Forwarding (several nodes only): a request for another node's conversation goes to its
+        // owner before routing; inside the body limit, so a forwarded body is bounded too.
+        router = router
+            .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cluster::forward::forward));
+    }
+    let stack = tower::ServiceBuilder::new()
+        // Outermost: every error answer, from any layer below, leaves as the JSON error body.
+        .layer(tower::util::MapResponseLayer::new(json_error_bodies))
+        // One body type for the layers' wrapped bodies.
+        .map_response(|res: Response<_>| res.map(axum::body::Body::new))
+        // Set a request id (keeps one the client sent) before the trace span is made.
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestCounter::default()))
+        // Propagate the request id to the response.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // Trace: one span per request with the request id, at DEBUG so the hot path logs
         // nothing by default.
         .layer(
@@ -218,13 +233,24 @@ pub fn public_router(state: &AppState) -> Result<Router, StartError> {
                 .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
                 .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
         )
-        // Propagate the request id to the response (after it is set, below).
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        // Set a request id (keeps one the client sent) before the trace span is made.
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestCounter::default()))
-        // Outermost: every error answer, from any layer above, leaves as the JSON error body.
-        .layer(tower::util::MapResponseLayer::new(json_error_bodies));
-    Ok(app)
+        // CORS: browsers (Web Chat) call from other origins; preflights are answered here
+        // before authentication, and every real response carries the allow-origin header.
+        .layer(crate::channel::cors::layer())
+        // Catch panics: a bug answers 500 `InternalError` (cause logged) instead of dropping the
+        // connection; outside the handlers and the timeout so it sees every panic.
+        .layer(CatchPanicLayer::custom(panic_response))
+        // Timeout: inside CORS so a 504 still carries CORS headers; WebSocket upgrades answer at
+        // once and their streams are not limited by it.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            Duration::from_secs(server.request_timeout_secs),
+        ))
+        // The timeout builds its 504 from an empty body of the inner type: make it axum's.
+        .map_response(|res: Response<_>| res.map(axum::body::Body::new))
+        // Body limit: refuses oversized bodies before any handler buffers them (413).
+        .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
+        .service(router);
+    Ok(PublicService::new(stack))
 }
 
 fn panic_response(cause: Box<dyn std::any::Any + Send + 'static>) -> Response<axum::body::Body> {
