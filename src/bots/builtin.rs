@@ -1,5 +1,7 @@
 //! Built-in bots: topics with trigger phrases and replies, answered by the gateway itself.
 
+use std::collections::HashMap;
+
 use crate::config::{SystemTopic, TopicConfig, TopicKind};
 
 /// One topic, with its trigger phrases normalized once at load.
@@ -30,6 +32,10 @@ pub struct BuiltinBot {
     topics: Vec<Topic>,
     greeting: Option<usize>,
     fallback: usize,
+    /// Trigger phrases by their first word: (topic, the phrase's words, its length). A message
+    /// is matched with one map lookup per word, instead of a substring search per phrase (that
+    /// search was 3% of a message's instructions).
+    index: HashMap<String, Vec<(usize, Vec<String>, usize)>>,
 }
 
 impl BuiltinBot {
@@ -48,7 +54,16 @@ impl BuiltinBot {
         let find = |role| topics.iter().position(|t| t.system == Some(role));
         let greeting = find(SystemTopic::Greeting);
         let fallback = find(SystemTopic::Fallback).unwrap_or(0);
-        Self { topics, greeting, fallback }
+        let mut index: HashMap<String, Vec<(usize, Vec<String>, usize)>> = HashMap::new();
+        for (i, t) in topics.iter().enumerate() {
+            for p in &t.triggers {
+                let words: Vec<String> = p.split_whitespace().map(str::to_string).collect();
+                if let Some(first) = words.first() {
+                    index.entry(first.clone()).or_default().push((i, words[1..].to_vec(), p.len()));
+                }
+            }
+        }
+        Self { topics, greeting, fallback, index }
     }
 
     /// The topics.
@@ -66,11 +81,17 @@ impl BuiltinBot {
     /// the fallback when none matches.
     pub fn classify(&self, text: &str) -> &Topic {
         let text = normalize(text);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        // (topic, phrase length): the longest phrase wins, then the earlier topic.
         let mut best: Option<(usize, usize)> = None;
-        for (i, t) in self.topics.iter().enumerate() {
-            for p in &t.triggers {
-                if text.contains(p.as_str()) && best.is_none_or(|(_, len)| p.len() > len) {
-                    best = Some((i, p.len()));
+        for (at, w) in words.iter().enumerate() {
+            let Some(candidates) = self.index.get(*w) else { continue };
+            for (topic, rest, len) in candidates {
+                let follows = words.len() > at + rest.len()
+                    && rest.iter().zip(&words[at + 1..]).all(|(a, b)| a.as_str() == *b);
+                let better = best.is_none_or(|(t, l)| *len > l || (*len == l && *topic < t));
+                if follows && better {
+                    best = Some((*topic, *len));
                 }
             }
         }

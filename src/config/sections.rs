@@ -444,8 +444,8 @@ pub struct IdentityConfig {
     /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
     #[serde(default = "default_leeway_secs")]
     pub leeway_secs: u64,
-    /// Most verified tokens cached (keyed by a hash of the token, until they expire), so repeat
-    /// requests skip the signature check. Default 10000.
+    /// Most verified tokens cached (keyed by the token, until they expire), so repeat requests
+    /// skip the signature check. Default 10000.
     #[serde(default = "default_cache_capacity")]
     pub cache_capacity: usize,
 }
