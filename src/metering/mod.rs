@@ -40,11 +40,6 @@ impl ConversationMeter {
         Self { counters: None, session: Mutex::new(SessionState::default()) }
     }
 
-    /// Whether this conversation is billed.
-    pub fn is_billed(&self) -> bool {
-        self.counters.is_some()
-    }
-
     fn state(&self) -> std::sync::MutexGuard<'_, SessionState> {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
