@@ -55,7 +55,7 @@ async fn a_pool_across_three_nodes_gives_exactly_n() {
     }
     assert_eq!(ok, 150);
     assert_eq!(refused, 90);
-    assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:sessions"]), "150");
+    assert_eq!(redis.billed_sessions(), 150);
     // The admin report is the same from every node.
     for n in &nodes {
         let v = n.state().metering().usage().unwrap();
@@ -206,7 +206,7 @@ async fn a_killed_node_loses_nothing_and_its_lease_returns() {
     assert!(granted_before > 25, "A holds unused units: {granted_before}");
     a.signal("-KILL");
     drop(a);
-    assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:sessions"]), "25");
+    assert_eq!(redis.billed_sessions(), 25);
     // After the TTL, B's next heartbeat or lease call reclaims A's unused units.
     let mut reclaimed = false;
     for _ in 0..50 {
@@ -260,15 +260,15 @@ async fn redis_down_and_back_fails_closed_and_counts_nothing_twice() {
     assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="refused"}"#), Some(refused));
     assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="spooled"}"#), Some(ok));
     let redis = RedisServer::start_in(rdir, port);
-    let mut count = String::new();
+    let mut count = 0;
     for _ in 0..50 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        count = redis.cli(&["HLEN", "bg:{contoso}:sessions"]);
-        if count == acked.to_string() {
+        count = redis.billed_sessions() as u64;
+        if count == acked {
             break;
         }
     }
-    assert_eq!(count, acked.to_string(), "every acknowledged session, once");
+    assert_eq!(count, acked, "every acknowledged session, once");
     assert_eq!(say_at(&http, &base).await, Some(reqwest::StatusCode::OK), "serving again");
 }
 
@@ -312,11 +312,11 @@ async fn redis_down_with_safe_capacity_allows_exactly_the_configured_number() {
     assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="safe_capacity"}"#), Some(3));
     assert_eq!(metric(&m, r#"botgate_metering_degraded_total{reason="refused"}"#), Some(refused));
     let redis = RedisServer::start_in(rdir, port);
-    let expected = (5 + ok).to_string();
-    let mut count = String::new();
+    let expected = 5 + ok;
+    let mut count = 0;
     for _ in 0..50 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        count = redis.cli(&["HLEN", "bg:{contoso}:sessions"]);
+        count = redis.billed_sessions() as u64;
         if count == expected {
             break;
         }

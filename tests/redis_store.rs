@@ -21,7 +21,7 @@ async fn sessions_licensing_and_restart_with_redis() {
         s.say_ok(&t, &c, "hours").await;
     }
     assert_eq!(metric(&s.metrics().await, BILLED), Some(3));
-    assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:sessions"]), "3");
+    assert_eq!(redis.billed_sessions(), 3);
     assert!(redis.cli(&["GET", "bg:{contoso}:tenant"]).contains("\"contoso\""));
 
     let (dir, clock) = s.stop().await;
@@ -41,4 +41,43 @@ async fn sessions_licensing_and_restart_with_redis() {
     assert_eq!((sessions, turns), (3, 6));
     let audit = redis.cli(&["LLEN", "bg:{contoso}:audit"]);
     assert_eq!(audit, "5", "the seeded tenant's audit entries, written once");
+}
+
+/// A ledger batch retried or replayed under its id is kept and counted once; its cost in Redis
+/// does not grow with its size.
+#[test]
+fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
+    use botgate::store::{SessionRecord, Store};
+    let redis = RedisServer::start();
+    let store = botgate::store::redis::RedisStore::open(&redis.url()).unwrap();
+    let began_ms = 1_795_000_000_000; // 2026-11-18
+    let rec = |id: &str, bot: &str, overage: bool| SessionRecord {
+        id: id.into(),
+        tenant: "contoso".into(),
+        bot: bot.into(),
+        began_ms,
+        overage,
+        node: "n1".into(),
+    };
+    let mut batch: Vec<SessionRecord> = (0..200).map(|i| rec(&format!("c{i}.1"), "helpdesk", false)).collect();
+    batch.push(rec("c200.1", "helpdesk", true));
+    batch.push(rec("c201.1", "sales", false));
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    store.record_sessions("n1.1.1", &batch).unwrap();
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let calls: u64 = stats
+        .lines()
+        .filter(|l| !l.starts_with("cmdstat_config"))
+        .filter_map(|l| l.split_once("calls=").and_then(|(_, r)| r.split(',').next()))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    // EVALSHA, HSETNX, HINCRBY for helpdesk sessions, its overage, sales sessions and the
+    // node's pool use, plus adding the tenant to the tenant set once: 7, for 202 sessions.
+    assert_eq!(calls, 7, "{stats}");
+    store.record_sessions("n1.1.1", &batch).unwrap();
+    assert_eq!(redis.billed_sessions(), 202);
+    let usage = store.load_usage().unwrap();
+    let by_bot: Vec<(&str, u64, u64)> = usage.iter().map(|u| (u.bot.as_str(), u.sessions, u.overage)).collect();
+    assert_eq!(by_bot, [("helpdesk", 201, 1), ("sales", 1, 0)]);
+    assert_eq!(redis.cli(&["HGET", "bg:{contoso}:pool:2026-11", "used:n1"]), "201");
 }

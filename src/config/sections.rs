@@ -583,6 +583,11 @@ pub struct ClusterConfig {
     /// New sessions a node may begin per outage under `safe_capacity`. Default 100.
     #[serde(default = "default_safe_capacity")]
     pub safe_capacity_per_node: u64,
+    /// How long the ledger holds a batch of billed sessions open for more before writing it to
+    /// Redis, in milliseconds (0 to 100). A session's first message waits for its batch, so this
+    /// trades that much latency for fewer Redis commands per session. Default 0.
+    #[serde(default)]
+    pub ledger_linger_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -595,6 +600,7 @@ impl Default for ClusterConfig {
             max_grant: default_max_grant(),
             outage_policy: OutagePolicy::default(),
             safe_capacity_per_node: default_safe_capacity(),
+            ledger_linger_ms: 0,
         }
     }
 }
@@ -617,6 +623,9 @@ impl ClusterConfig {
         }
         if self.max_grant == 0 {
             return Err(invalid("cluster.max_grant", "must be at least 1"));
+        }
+        if self.ledger_linger_ms > 100 {
+            return Err(invalid("cluster.ledger_linger_ms", "must be at most 100"));
         }
         Ok(())
     }

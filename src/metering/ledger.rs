@@ -2,12 +2,14 @@
 //!
 //! One writer thread owns the writes: it takes every session waiting in its queue, records the
 //! batch in one transaction (one fsync), then acknowledges each. While one batch is on disk the
-//! next one gathers, so session starts never serialize on the disk.
+//! next one gathers, so session starts never serialize on the disk. An optional linger holds a
+//! batch open a little longer, so several nodes on one Redis write fewer, larger batches.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -16,35 +18,54 @@ use crate::store::{SessionRecord, SharedStore, StoreError};
 /// Most sessions recorded in one transaction.
 const MAX_BATCH: usize = 4096;
 
+/// Batches the spool replays per pass.
+const REPLAY_BATCHES: usize = 64;
+
 type Ack = oneshot::Sender<Result<(), String>>;
+
+/// A session waiting to be recorded, with when it was queued (the linger counts from the first
+/// of a batch).
+type Pending = (SessionRecord, Instant, Ack);
+
+/// How the writer batches.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Prefix of batch ids: this node's id and its start time, so ids never repeat across nodes
+    /// or restarts.
+    pub batch_prefix: String,
+    /// How long the first session of a batch may wait for more before the batch is written.
+    /// Zero writes as soon as the previous batch is durable (plain group commit).
+    pub linger: Duration,
+}
 
 /// A handle to the ledger's writer thread; cloning is shallow.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::Sender<(SessionRecord, Ack)>,
+    tx: mpsc::Sender<Pending>,
 }
 
 impl Ledger {
     /// Starts the writer thread over `store`. With a `spool`, a batch the store refuses (Redis
-    /// unreachable) is written there instead, acknowledged, and replayed to the store later
-    /// (recording is idempotent by session id, so a replay never counts twice). The thread ends
-    /// when every handle is dropped.
+    /// unreachable) is written there instead, acknowledged, and replayed to the store later,
+    /// whole and under its batch id (recording is idempotent by batch id, so a replay never
+    /// counts twice). The thread ends when every handle is dropped.
     pub fn start(
         store: SharedStore,
         spool: Option<SharedStore>,
         spooled: Arc<AtomicU64>,
+        options: LedgerOptions,
     ) -> Result<Self, std::io::Error> {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("botgate-ledger".into())
-            .spawn(move || run(store, spool, spooled, rx))?;
+            .spawn(move || run(store, spool, spooled, options, rx))?;
         Ok(Self { tx })
     }
 
     /// Records a session; resolves once it is durable.
     pub async fn record(&self, rec: SessionRecord) -> Result<(), String> {
         let (ack, done) = oneshot::channel();
-        self.tx.send((rec, ack)).map_err(|_| "the ledger is stopped".to_string())?;
+        self.tx.send((rec, Instant::now(), ack)).map_err(|_| "the ledger is stopped".to_string())?;
         done.await.map_err(|_| "the ledger stopped before the session was recorded".to_string())?
     }
 }
@@ -53,20 +74,26 @@ fn run(
     store: SharedStore,
     spool: Option<SharedStore>,
     spooled: Arc<AtomicU64>,
-    rx: mpsc::Receiver<(SessionRecord, Ack)>,
+    options: LedgerOptions,
+    rx: mpsc::Receiver<Pending>,
 ) {
     let mut batch = Vec::with_capacity(64);
     let mut acks = Vec::with_capacity(64);
+    let mut seq: u64 = 0;
+    let mut replayed = Instant::now();
     loop {
-        let (rec, ack) = match &spool {
+        let (rec, queued, ack) = match &spool {
             None => match rx.recv() {
                 Ok(item) => item,
                 Err(_) => return,
             },
             Some(spool) => {
-                // With a spool, wake at least once a second to replay what it holds.
-                let item = rx.recv_timeout(std::time::Duration::from_secs(1));
-                replay(&*store, &**spool);
+                // With a spool, replay what it holds about once a second.
+                let item = rx.recv_timeout(Duration::from_secs(1));
+                if replayed.elapsed() >= Duration::from_secs(1) {
+                    replay(&*store, &**spool);
+                    replayed = Instant::now();
+                }
                 match item {
                     Ok(item) => item,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -76,20 +103,31 @@ fn run(
         };
         batch.push(rec);
         acks.push(ack);
+        let deadline = queued + options.linger;
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok((rec, ack)) => {
-                    batch.push(rec);
-                    acks.push(ack);
+            let next = match rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(mpsc::TryRecvError::Disconnected) => None,
+                Err(mpsc::TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        None
+                    } else {
+                        rx.recv_timeout(left).ok()
+                    }
                 }
-                Err(_) => break,
-            }
+            };
+            let Some((rec, _, ack)) = next else { break };
+            batch.push(rec);
+            acks.push(ack);
         }
-        let result = store.record_sessions(&batch).or_else(|e: StoreError| match &spool {
+        seq += 1;
+        let batch_id = format!("{}.{seq}", options.batch_prefix);
+        let result = store.record_sessions(&batch_id, &batch).or_else(|e: StoreError| match &spool {
             Some(spool) => {
                 tracing::warn!(error = %e, sessions = batch.len(), "The store refused billed sessions; spooling them locally.");
                 spooled.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                spool.record_sessions(&batch).map_err(|e| e.to_string())
+                spool.record_sessions(&batch_id, &batch).map_err(|e| e.to_string())
             }
             None => {
                 tracing::error!(error = %e, sessions = batch.len(), "Recording billed sessions failed.");
@@ -103,21 +141,90 @@ fn run(
     }
 }
 
-/// Moves spooled sessions to the store, oldest first; stops at the first failure.
+/// Moves spooled batches to the store, oldest first, each whole under its own id; stops at the
+/// first failure.
 fn replay(store: &dyn crate::store::Store, spool: &dyn crate::store::Store) {
-    let Ok(pending) = spool.spooled(512) else { return };
-    if pending.is_empty() {
-        return;
-    }
-    match store.record_sessions(&pending) {
-        Ok(()) => {
-            let ids: Vec<String> = pending.iter().map(|s| s.id.clone()).collect();
-            if let Err(e) = spool.forget(&ids) {
-                tracing::error!(error = %e, "Clearing replayed sessions from the spool failed; they will be replayed again (idempotently).");
-            } else {
-                tracing::info!(sessions = ids.len(), "Replayed spooled billed sessions to the store.");
+    let Ok(pending) = spool.spooled(REPLAY_BATCHES) else { return };
+    let mut done = Vec::new();
+    let mut sessions = 0;
+    for b in &pending {
+        match store.record_sessions(&b.id, &b.sessions) {
+            Ok(()) => {
+                done.push(b.id.clone());
+                sessions += b.sessions.len();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "The store is still unreachable; the spool waits.");
+                break;
             }
         }
-        Err(e) => tracing::debug!(error = %e, "The store is still unreachable; the spool waits."),
+    }
+    if done.is_empty() {
+        return;
+    }
+    if let Err(e) = spool.forget(&done) {
+        tracing::error!(error = %e, "Clearing replayed batches from the spool failed; they will be replayed again (idempotently).");
+    } else {
+        tracing::info!(batches = done.len(), sessions, "Replayed spooled billed sessions to the store.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn rec(id: &str) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            tenant: "t".into(),
+            bot: "b".into(),
+            began_ms: 1,
+            overage: false,
+            node: "n1".into(),
+        }
+    }
+
+    /// The batches the store holds, by id, with their sizes (the SQLite ledger keeps each
+    /// session's batch id, and `spooled` reads them back grouped).
+    fn batches(store: &SqliteStore) -> Vec<(String, usize)> {
+        use crate::store::Store;
+        store.spooled(1000).unwrap().into_iter().map(|b| (b.id, b.sessions.len())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_linger_gathers_sessions_that_arrive_within_it_into_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let options = LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::from_millis(500) };
+        let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
+        // Ten sessions queued one after another, each in its own task: with a 500 ms linger the
+        // first waits for the other nine (queued within microseconds), and all ten are one batch.
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move { ledger.record(rec(&format!("s{i}"))).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(batches(&store), [("n1.7.1".to_string(), 10)]);
+        // The next session is the next batch.
+        ledger.record(rec("s10")).await.unwrap();
+        assert_eq!(batches(&store), [("n1.7.1".to_string(), 10), ("n1.7.2".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn without_a_linger_a_lone_session_is_written_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let options = LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::ZERO };
+        let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
+        for i in 0..3 {
+            ledger.record(rec(&format!("s{i}"))).await.unwrap();
+        }
+        let ids: Vec<String> = batches(&store).into_iter().map(|b| b.0).collect();
+        assert_eq!(ids, ["n1.7.1", "n1.7.2", "n1.7.3"]);
     }
 }

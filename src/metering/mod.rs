@@ -23,7 +23,7 @@ use crate::config::{CapacityPolicy, Config, MeteringConfig, TenantConfig};
 use crate::error::ApiError;
 use crate::store::{DailyUsage, SessionRecord, SharedStore, UsageDelta};
 use counters::{BotCounters, CounterSnapshot};
-use ledger::Ledger;
+use ledger::{Ledger, LedgerOptions};
 use pool::{CapacityPlan, Draw, MonthIndex, TenantPool, month_of, month_start_ms};
 use session::{Decision, SessionRules, SessionState};
 
@@ -155,6 +155,9 @@ impl Metering {
         }
         let m = &config.metering;
         let degraded = Degraded::default();
+        // Batch ids never repeat: the node's id and this start's time prefix a counter.
+        let batch_prefix =
+            format!("{}.{}", cluster.as_ref().map(|c| c.leases.node()).unwrap_or("local"), clock.now_ms());
         let inner = Inner {
             rules: SessionRules {
                 idle_ms: m.session_idle_secs as i64 * 1000,
@@ -167,6 +170,13 @@ impl Metering {
                 store.clone(),
                 cluster.as_ref().map(|c| c.spool.clone()),
                 degraded.spooled.clone(),
+                LedgerOptions {
+                    batch_prefix,
+                    linger: std::time::Duration::from_millis(match &cluster {
+                        Some(_) => config.cluster.ledger_linger_ms,
+                        None => 0,
+                    }),
+                },
             )?,
             store,
             cluster,

@@ -75,6 +75,15 @@ pub struct SessionRecord {
     pub node: String,
 }
 
+/// A batch of sessions a node's spool holds, as it was first written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledBatch {
+    /// The batch id the ledger gave it.
+    pub id: String,
+    /// Its sessions.
+    pub sessions: Vec<SessionRecord>,
+}
+
 /// Sessions and turns of one bot on one day, as kept in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DailyUsage {
@@ -113,9 +122,11 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers (readiness).
     fn ping(&self) -> Result<(), StoreError>;
 
-    /// Records billed sessions in one durable transaction (one fsync for the batch). A session
-    /// id already recorded is kept once. Returns only when the batch is durable.
-    fn record_sessions(&self, batch: &[SessionRecord]) -> Result<(), StoreError>;
+    /// Records a batch of billed sessions in one durable write (one fsync, or one Redis script
+    /// per tenant). Recording is idempotent: SQLite keeps a session id once, Redis keeps a batch
+    /// id once (a batch is retried or replayed whole, under its id, never regrouped). Returns only
+    /// when the batch is durable.
+    fn record_sessions(&self, batch_id: &str, sessions: &[SessionRecord]) -> Result<(), StoreError>;
 
     /// Adds non-billing counters for (tenant, bot, day).
     fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError>;
@@ -135,15 +146,16 @@ pub trait Store: Send + Sync + 'static {
     /// A tenant's audit log, oldest first, after sequence `after_seq`, at most `limit` entries.
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 
-    /// Sessions held in this store as a node's local spool (oldest first, at most `limit`).
-    fn spooled(&self, limit: usize) -> Result<Vec<SessionRecord>, StoreError> {
+    /// Batches held in this store as a node's local spool, whole, oldest first, at most `limit`
+    /// batches.
+    fn spooled(&self, limit: usize) -> Result<Vec<SpooledBatch>, StoreError> {
         let _ = limit;
         Ok(Vec::new())
     }
 
-    /// Removes replayed sessions from the spool.
-    fn forget(&self, ids: &[String]) -> Result<(), StoreError> {
-        let _ = ids;
+    /// Removes replayed batches from the spool.
+    fn forget(&self, batch_ids: &[String]) -> Result<(), StoreError> {
+        let _ = batch_ids;
         Ok(())
     }
 

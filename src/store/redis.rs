@@ -4,9 +4,10 @@
 //! Cluster slot and a change to one tenant is one `MULTI`/`EXEC`. After a control-plane change
 //! the store publishes the tenant on [`CHANGES_CHANNEL`]; nodes reload on that message.
 //!
-//! Billed sessions are recorded by a script that stores the session under its unique id and
-//! counts it only if the id was new, so a retried batch (after a timeout, or replayed from a
-//! node's spool after an outage) is never counted twice.
+//! Billed sessions are recorded a ledger batch at a time: one script stores the batch's
+//! sessions (each with its unique id) under the batch id and counts them only if the batch id was
+//! new, so a retried batch (after a timeout, or replayed whole from a node's spool after an
+//! outage) is never counted twice, and the Redis work per batch does not grow with its size.
 //!
 //! The connection is a std `Mutex<Option<Connection>>`: callers are blocking threads (the
 //! ledger's writer, `spawn_blocking`), a failed call drops the connection and the next call
@@ -35,24 +36,23 @@ pub fn key(t: &str, name: &str) -> String {
     format!("bg:{{{t}}}:{name}")
 }
 
-/// Records a batch of one tenant's sessions of one month, each only if its id is new:
-/// `KEYS[1]` sessions hash, `KEYS[2]` usage hash, `KEYS[3]` the month's pool; `ARGV[1]` node,
-/// then per session: id, value, `bot|day`, overage (0/1). Counts each new session for its bot and
-/// day and (not overage) as used by the node in the pool. Returns how many were new.
+/// Records one ledger batch of one tenant and month, only if the batch is new: `KEYS[1]` the
+/// sessions hash, `KEYS[2]` the usage hash, `KEYS[3]` the month's pool; `ARGV[1]` node,
+/// `ARGV[2]` the batch field, `ARGV[3]` its sessions (a line each: `id|bot|began_ms|overage`),
+/// `ARGV[4]` how many drew from the pool (counted as used by the node), then pairs of usage
+/// field and increment. Returns 1 if the batch was new, 0 if it was already recorded.
+///
+/// Its cost is fixed per batch, not per session: `HSETNX`, one `HINCRBY` per bot and day (two
+/// with overage) and one for the pool, whatever the batch holds.
 const RECORD: &str = r#"
-local new = 0
-for i = 2, #ARGV, 4 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    new = new + 1
-    redis.call('HINCRBY', KEYS[2], ARGV[i + 2] .. '|sessions', 1)
-    if ARGV[i + 3] == '1' then
-      redis.call('HINCRBY', KEYS[2], ARGV[i + 2] .. '|overage', 1)
-    elseif ARGV[1] ~= '' then
-      redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], 1)
-    end
-  end
+if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return 0 end
+for i = 5, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
 end
-return new
+if ARGV[4] ~= '0' and ARGV[1] ~= '' then
+  redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], ARGV[4])
+end
+return 1
 "#;
 
 /// The Redis store.
@@ -60,6 +60,10 @@ pub struct RedisStore {
     client: redis::Client,
     url: String,
     conn: Mutex<Option<Connection>>,
+    /// The ledger script, loaded once per connection and called by its hash (`EVALSHA`).
+    record: redis::Script,
+    /// Tenants this process has seen in the tenant set, so a batch does not re-add its tenant.
+    registered: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -80,7 +84,13 @@ impl RedisStore {
     /// Connects (and checks the server answers).
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|e| err(url, e))?;
-        let store = Self { client, url: url.to_string(), conn: Mutex::new(None) };
+        let store = Self {
+            client,
+            url: url.to_string(),
+            conn: Mutex::new(None),
+            record: redis::Script::new(RECORD),
+            registered: Mutex::new(Default::default()),
+        };
         store.ping()?;
         Ok(store)
     }
@@ -100,6 +110,12 @@ impl RedisStore {
                 .map_err(|e| err(&self.url, e))?;
             let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
             let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+            // A new connection may be a restarted server: load the ledger script (kept until the
+            // server restarts; a `NOSCRIPT` answer drops the connection, and the next call
+            // loads it again) and register tenants anew.
+            let mut c = c;
+            self.record.load(&mut c).map_err(|e| err(&self.url, e))?;
+            self.registered.lock().unwrap_or_else(|p| p.into_inner()).clear();
             *guard = Some(c);
         }
         let conn = guard.as_mut().ok_or(StoreError::Closed)?;
@@ -138,42 +154,62 @@ impl Store for RedisStore {
         self.with_conn(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
     }
 
-    fn record_sessions(&self, batch: &[SessionRecord]) -> Result<(), StoreError> {
+    fn record_sessions(&self, batch_id: &str, batch: &[SessionRecord]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.with_conn(|c| {
-            // One script call per tenant and month (one Cluster slot each), whatever the batch size.
-            let mut groups: std::collections::BTreeMap<
-                (&str, &str, crate::metering::pool::MonthIndex),
-                Vec<&SessionRecord>,
-            > = Default::default();
-            for s in batch {
-                groups
-                    .entry((&s.tenant, &s.node, crate::metering::pool::month_of(s.began_ms)))
-                    .or_default()
-                    .push(s);
-            }
-            let mut pipe = redis::pipe();
-            for ((tenant, node, month), sessions) in &groups {
-                let mut c = redis::cmd("EVAL");
-                c.arg(RECORD)
+        // One script call per tenant and month (one Cluster slot each), whatever the batch size.
+        // The grouping is a function of the batch, so a replayed batch yields the same fields.
+        let mut groups: std::collections::BTreeMap<(&str, crate::metering::pool::MonthIndex), Vec<&SessionRecord>> =
+            Default::default();
+        for s in batch {
+            groups.entry((&s.tenant, crate::metering::pool::month_of(s.began_ms))).or_default().push(s);
+        }
+        let node = batch[0].node.as_str();
+        let mut pipe = redis::pipe();
+        let mut new_tenants = Vec::new();
+        {
+            let registered = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+            for ((tenant, month), sessions) in &groups {
+                let mut packed = String::with_capacity(sessions.len() * 48);
+                let mut usage: std::collections::BTreeMap<String, u64> = Default::default();
+                let mut drawn = 0u64;
+                for s in sessions {
+                    use std::fmt::Write;
+                    let _ = writeln!(packed, "{}|{}|{}|{}", s.id, s.bot, s.began_ms, u8::from(s.overage));
+                    let day = day_of(s.began_ms);
+                    *usage.entry(format!("{}|{day}|sessions", s.bot)).or_default() += 1;
+                    if s.overage {
+                        *usage.entry(format!("{}|{day}|overage", s.bot)).or_default() += 1;
+                    } else {
+                        drawn += 1;
+                    }
+                }
+                let mut c = redis::cmd("EVALSHA");
+                c.arg(self.record.get_hash())
                     .arg(3)
                     .arg(key(tenant, "sessions"))
                     .arg(key(tenant, "usage"))
                     .arg(crate::metering::lease::pool_key(tenant, *month))
-                    .arg(*node);
-                for s in sessions {
-                    c.arg(&s.id)
-                        .arg(format!("{}|{}|{}", s.bot, s.began_ms, u8::from(s.overage)))
-                        .arg(format!("{}|{}", s.bot, day_of(s.began_ms)))
-                        .arg(u8::from(s.overage));
+                    .arg(node)
+                    .arg(format!("{batch_id}/{}", crate::metering::pool::month_label(*month)))
+                    .arg(packed)
+                    .arg(drawn);
+                for (field, n) in usage {
+                    c.arg(field).arg(n);
                 }
                 pipe.add_command(c).ignore();
-                pipe.cmd("SADD").arg(TENANTS).arg(*tenant).ignore();
+                if !registered.contains(*tenant) {
+                    pipe.cmd("SADD").arg(TENANTS).arg(*tenant).ignore();
+                    new_tenants.push(tenant.to_string());
+                }
             }
-            pipe.query::<()>(c)
-        })
+        }
+        self.with_conn(|c| pipe.query::<()>(c))?;
+        if !new_tenants.is_empty() {
+            self.registered.lock().unwrap_or_else(|p| p.into_inner()).extend(new_tenants);
+        }
+        Ok(())
     }
 
     fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError> {
@@ -240,8 +276,10 @@ impl Store for RedisStore {
         self.with_conn(|c| {
             let mut ids = Vec::new();
             for t in self.tenants(c)? {
-                let k: Vec<String> = redis::cmd("HKEYS").arg(key(&t, "sessions")).query(c)?;
-                ids.extend(k);
+                let batches: Vec<String> = redis::cmd("HVALS").arg(key(&t, "sessions")).query(c)?;
+                for b in &batches {
+                    ids.extend(b.lines().filter_map(|l| l.split('|').next()).map(str::to_string));
+                }
             }
             ids.sort();
             Ok(ids)

@@ -13,7 +13,7 @@ use super::control::{
     AuditEntry, BotRecord, ControlData, Mutation, SeatRecord, SubscriptionRecord, TenantRecord, TrialRecord,
 };
 use super::migrations::MIGRATIONS;
-use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta};
+use super::{DailyUsage, SessionRecord, SpooledBatch, Store, StoreError, UsageDelta};
 
 pub use crate::config::SqliteSync as Sync;
 
@@ -119,7 +119,7 @@ impl Store for SqliteStore {
         self.with_conn(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).map(|_| ()))
     }
 
-    fn record_sessions(&self, batch: &[SessionRecord]) -> Result<(), StoreError> {
+    fn record_sessions(&self, batch_id: &str, batch: &[SessionRecord]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -127,8 +127,8 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO billed_sessions (id, tenant, bot, day, began_ms, overage, node)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT OR IGNORE INTO billed_sessions (id, tenant, bot, day, began_ms, overage, node, batch)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
                 for s in batch {
                     stmt.execute(params![
@@ -138,7 +138,8 @@ impl Store for SqliteStore {
                         day_of(s.began_ms),
                         s.began_ms,
                         s.overage,
-                        s.node
+                        s.node,
+                        batch_id
                     ])?;
                 }
             }
@@ -353,31 +354,44 @@ impl Store for SqliteStore {
         })
     }
 
-    fn spooled(&self, limit: usize) -> Result<Vec<SessionRecord>, StoreError> {
+    fn spooled(&self, limit: usize) -> Result<Vec<SpooledBatch>, StoreError> {
         self.with_conn(|c| {
             let mut st = c.prepare_cached(
-                "SELECT id, tenant, bot, began_ms, overage, node FROM billed_sessions ORDER BY began_ms, id LIMIT ?1",
+                "SELECT batch, id, tenant, bot, began_ms, overage, node FROM billed_sessions
+                 WHERE batch IN (SELECT batch FROM billed_sessions GROUP BY batch ORDER BY MIN(began_ms), batch LIMIT ?1)
+                 ORDER BY batch, id",
             )?;
             let rows = st.query_map(params![limit as i64], |r| {
-                Ok(SessionRecord {
-                    id: r.get(0)?,
-                    tenant: r.get(1)?,
-                    bot: r.get(2)?,
-                    began_ms: r.get(3)?,
-                    overage: r.get(4)?,
-                    node: r.get(5)?,
-                })
+                Ok((
+                    r.get::<_, String>(0)?,
+                    SessionRecord {
+                        id: r.get(1)?,
+                        tenant: r.get(2)?,
+                        bot: r.get(3)?,
+                        began_ms: r.get(4)?,
+                        overage: r.get(5)?,
+                        node: r.get(6)?,
+                    },
+                ))
             })?;
-            rows.collect()
+            let mut batches: Vec<SpooledBatch> = Vec::new();
+            for row in rows {
+                let (batch, session) = row?;
+                match batches.last_mut() {
+                    Some(b) if b.id == batch => b.sessions.push(session),
+                    _ => batches.push(SpooledBatch { id: batch, sessions: vec![session] }),
+                }
+            }
+            Ok(batches)
         })
     }
 
-    fn forget(&self, ids: &[String]) -> Result<(), StoreError> {
+    fn forget(&self, batch_ids: &[String]) -> Result<(), StoreError> {
         self.with_conn(|c| {
             let tx = c.transaction()?;
             {
-                let mut st = tx.prepare_cached("DELETE FROM billed_sessions WHERE id = ?1")?;
-                for id in ids {
+                let mut st = tx.prepare_cached("DELETE FROM billed_sessions WHERE batch = ?1")?;
+                for id in batch_ids {
                     st.execute(params![id])?;
                 }
             }
@@ -425,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(dir.path()).unwrap();
         s.ping().unwrap();
-        s.record_sessions(&[rec("a", "b1", 0), rec("b", "b1", 0)]).unwrap();
+        s.record_sessions("x.1", &[rec("a", "b1", 0), rec("b", "b1", 0)]).unwrap();
         s.close().unwrap();
         assert!(matches!(s.ping(), Err(StoreError::Closed)));
         let s = SqliteStore::open(dir.path()).unwrap();
@@ -436,13 +450,56 @@ mod tests {
     fn a_session_id_is_recorded_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(dir.path()).unwrap();
-        s.record_sessions(&[rec("a", "b1", 0)]).unwrap();
-        s.record_sessions(&[rec("a", "b1", 0), rec("c", "b2", 86_400_000)]).unwrap();
+        s.record_sessions("x.1", &[rec("a", "b1", 0)]).unwrap();
+        s.record_sessions("x.2", &[rec("a", "b1", 0), rec("c", "b2", 86_400_000)]).unwrap();
         let usage = s.load_usage().unwrap();
         assert_eq!(usage.len(), 2);
         assert_eq!(usage[0].sessions, 1);
         assert_eq!(usage[0].day, "1970-01-01");
         assert_eq!(usage[1].day, "1970-01-02");
+    }
+
+    #[test]
+    fn the_spool_gives_back_whole_batches_under_their_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        s.record_sessions("n1.5.1", &[rec("a", "b1", 10), rec("b", "b1", 11)]).unwrap();
+        s.record_sessions("n1.5.2", &[rec("c", "b1", 12)]).unwrap();
+        s.record_sessions("n1.5.3", &[rec("d", "b1", 13), rec("e", "b2", 13), rec("f", "b1", 14)]).unwrap();
+        let first = s.spooled(2).unwrap();
+        let ids: Vec<(&str, usize)> = first.iter().map(|b| (b.id.as_str(), b.sessions.len())).collect();
+        assert_eq!(ids, [("n1.5.1", 2), ("n1.5.2", 1)]);
+        s.forget(&["n1.5.1".to_string(), "n1.5.2".to_string()]).unwrap();
+        let rest = s.spooled(10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].id, "n1.5.3");
+        let mut ids: Vec<&str> = rest[0].sessions.iter().map(|r| r.id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["d", "e", "f"]);
+        s.forget(&["n1.5.3".to_string()]).unwrap();
+        assert!(s.spooled(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rows_from_before_batches_become_batches_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            // A version-3 database, as an older botgate left it.
+            let c = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..3] {
+                c.execute_batch(m).unwrap();
+            }
+            c.execute_batch(
+                "PRAGMA user_version = 3;
+                 INSERT INTO billed_sessions (id, tenant, bot, day, began_ms, overage, node)
+                 VALUES ('a', 't', 'b1', '1970-01-01', 1, 0, 'n1'), ('b', 't', 'b1', '1970-01-01', 2, 0, 'n1');",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let ids: Vec<String> = s.spooled(10).unwrap().into_iter().map(|b| b.id).collect();
+        assert_eq!(ids, ["row:a", "row:b"]);
     }
 
     #[test]

@@ -304,6 +304,17 @@ impl RedisServer {
         (dir, port)
     }
 
+    /// How many billed sessions the Redis ledger holds, read through the store; panics if a
+    /// session id is recorded twice.
+    pub fn billed_sessions(&self) -> usize {
+        use botgate::store::Store;
+        let ids = botgate::store::redis::RedisStore::open(&self.url()).unwrap().session_ids().unwrap();
+        let mut unique = ids.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "a session recorded twice in Redis");
+        ids.len()
+    }
+
     /// A Redis command through `redis-cli`.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
