@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Several nodes on one Redis, measured against one node in the same run.
 #
-#   bash benches/cluster.sh          # ROUNDS=2 DURATION=5 NODES=3 CONC=24 MESSAGES=20
+#   bash benches/cluster.sh          # ROUNDS=2 DURATION=5 NODES=3 CONC=24 MESSAGES=20 LINGER=0
 #
-# For each round: one node alone, then NODES nodes together (the load split evenly, each
-# botgate-load talking to its own node), all on one redis-server (appendfsync always). Prints
-# messages per second of each, their ratio, and Redis commands per billed session (from
-# INFO commandstats) for the cluster runs. Every botgate-load run checks its billed sessions
-# exactly and the script stops on a FAIL. Installs redis-server if it is missing.
+# For each round: one node alone, then NODES nodes together, each on its own redis-server
+# (appendfsync always), driven the same way: NODES botgate-load processes with CONC/NODES
+# connections each (all on the one node, or one per node). Prints messages per second of each,
+# their ratio, and Redis commands per billed session (from INFO commandstats). Every run checks
+# the Redis ledger against the generators' summed schedules exactly and the script stops on a
+# FAIL. Installs redis-server if it is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS=${ROUNDS:-2}; DURATION=${DURATION:-5}; NODES=${NODES:-3}; CONC=${CONC:-24}; MESSAGES=${MESSAGES:-20}
+LINGER=${LINGER:-0} # cluster.ledger_linger_ms of every node
 log() { echo "cluster.sh: $*" >&2; }
 command -v redis-server >/dev/null || { log "installing redis-server"; apt-get install -y -qq redis-server >&2; }
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin botgate --bin botgate-load >&2
@@ -29,38 +31,59 @@ start_redis() {
   log "redis-server did not start"; exit 1
 }
 
-start_node() { # name -> sets NODE_PUBLIC NODE_ADMIN
+start_node() { # name -> sets NODE_PUBLIC
   sed -e "s|backend = \"sqlite\"|backend = \"redis\"\nredis_url = \"redis://127.0.0.1:$RPORT/\"|" benches/load.toml > "$WORK/$1.toml"
+  printf '\n[cluster]\nledger_linger_ms = %s\n' "$LINGER" >> "$WORK/$1.toml"
   "$BIN" --config "$WORK/$1.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data-dir "$WORK/$1" \
     > "$WORK/$1.out" 2>/dev/null & PIDS+=($!)
   for _ in $(seq 100); do grep -q listening "$WORK/$1.out" 2>/dev/null && break; sleep 0.05; done
-  NODE_PUBLIC=$(sed -E 's/.*public=([^ ]+).*/\1/' "$WORK/$1.out"); NODE_ADMIN=$(sed -E 's/.*admin=([^ ]+).*/\1/' "$WORK/$1.out")
+  NODE_PUBLIC=$(sed -E 's/.*public=([^ ]+).*/\1/' "$WORK/$1.out")
 }
 
 redis_calls() { redis-cli -p "$RPORT" info commandstats | awk -F'[=,]' '/^cmdstat_/ {s+=$2} END {print s+0}'; }
-sessions() { redis-cli -p "$RPORT" hlen 'bg:{contoso}:sessions'; }
+# Billed sessions: the ledger's per-bot counters; batches: one field each in the sessions hash.
+sessions() { redis-cli -p "$RPORT" --raw hgetall 'bg:{contoso}:usage' | awk 'NR % 2 == 1 {f = $0} NR % 2 == 0 && f ~ /\|sessions$/ {s += $0} END {print s + 0}'; }
+batches() { redis-cli -p "$RPORT" hlen 'bg:{contoso}:sessions'; }
 
-run_load() { # public admin conc -> prints msgs_per_s
-  local out; out=$("$LOAD" --target "http://$1" --admin "http://$2" -c "$3" -k "$MESSAGES" -d "$DURATION" -q 2>&1) || { log "FAIL: $out"; exit 1; }
-  echo "$out" | grep '^summary' | sed -E 's/.*msgs_per_s=([0-9.]+).*/\1/'
+run_load() { # public conc -> prints "msgs_per_s billed_expected billed_expected_max"
+  local out; out=$("$LOAD" --target "http://$1" -c "$2" -k "$MESSAGES" -d "$DURATION" -q --no-check 2>&1) || { log "FAIL: $out"; exit 1; }
+  echo "$out" | grep '^summary' | sed -E 's/.*msgs_per_s=([0-9.]+).*billed_expected=([0-9]+) billed_expected_max=([0-9]+).*/\1 \2 \3/'
+}
+
+# drive public... : NODES generators at once, generator i on node i mod (number of nodes), CONC
+# split evenly; checks the Redis ledger exactly against their summed schedules; sets MSGS (total
+# msg/s), PER_SESSION (Redis commands per billed session), PER_BATCH, SESSIONS.
+drive() {
+  local targets=("$@") c0 s0 b0 c1 s1 b1 lo hi per outs=()
+  c0=$(redis_calls); s0=$(sessions); b0=$(batches)
+  per=$(( (CONC + NODES - 1) / NODES ))
+  for i in $(seq 0 $((NODES - 1))); do
+    run_load "${targets[$(( i % ${#targets[@]} ))]}" "$per" > "$WORK/rps$i" & outs+=($!)
+  done
+  for p in "${outs[@]}"; do wait "$p" || { log "a load run failed"; exit 1; }; done
+  MSGS=$(cat "$WORK"/rps* | awk '{s+=$1} END {printf "%.1f", s}')
+  lo=$(cat "$WORK"/rps* | awk '{s+=$2} END {print s}'); hi=$(cat "$WORK"/rps* | awk '{s+=$3} END {print s}')
+  c1=$(redis_calls); s1=$(sessions); b1=$(batches)
+  SESSIONS=$((s1 - s0))
+  # Exact across nodes: the Redis ledger holds what the clients' schedules imply, summed.
+  [ "$lo" = "$hi" ] || { log "FAIL: some messages' fate is unknown ($lo..$hi); not an exact run"; exit 1; }
+  [ "$SESSIONS" = "$lo" ] || { log "FAIL: the Redis ledger moved by $SESSIONS, the clients imply $lo"; exit 1; }
+  PER_SESSION=$(python3 -c "print('%.3f' % (($c1-$c0)/max(1,$SESSIONS)))")
+  PER_BATCH=$(python3 -c "print('%.1f' % ($SESSIONS/max(1,$b1-$b0)))")
 }
 
 for round in $(seq "$ROUNDS"); do
   cleanup; WORK=$(mktemp -d); PIDS=()
   start_redis; start_node solo
-  one=$(run_load "$NODE_PUBLIC" "$NODE_ADMIN" "$CONC")
+  drive "$NODE_PUBLIC"
+  one=$MSGS; one_cmds=$PER_SESSION
   cleanup; WORK=$(mktemp -d); PIDS=()
   start_redis
-  publics=(); admins=()
-  for i in $(seq "$NODES"); do start_node "n$i"; publics+=("$NODE_PUBLIC"); admins+=("$NODE_ADMIN"); done
-  c0=$(redis_calls); s0=$(sessions)
-  per=$(( (CONC + NODES - 1) / NODES )); outs=()
-  for i in $(seq 0 $((NODES - 1))); do run_load "${publics[$i]}" "${admins[$i]}" "$per" > "$WORK/rps$i" & outs+=($!); done
-  for p in "${outs[@]}"; do wait "$p" || { log "a node's load run failed"; exit 1; }; done
-  many=$(cat "$WORK"/rps* | awk '{s+=$1} END {printf "%.1f", s}')
-  c1=$(redis_calls); s1=$(sessions)
+  publics=()
+  for i in $(seq "$NODES"); do start_node "n$i"; publics+=("$NODE_PUBLIC"); done
+  drive "${publics[@]}"
+  many=$MSGS
   ratio=$(python3 -c "print('%.2f' % ($many/$one))")
-  per_session=$(python3 -c "print('%.3f' % (($c1-$c0)/max(1,$s1-$s0)))")
   [ -n "${VERBOSE:-}" ] && redis-cli -p "$RPORT" info commandstats >&2
-  echo "round $round: one node $one msg/s; $NODES nodes $many msg/s (ratio $ratio); redis commands per billed session $per_session ($((s1 - s0)) sessions, exact)"
+  echo "round $round: one node $one msg/s ($one_cmds redis commands per session); $NODES nodes $many msg/s (ratio $ratio); redis commands per billed session $PER_SESSION ($SESSIONS sessions, exact; $PER_BATCH per ledger batch; linger ${LINGER} ms)"
 done

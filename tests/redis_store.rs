@@ -81,3 +81,34 @@ fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
     assert_eq!(by_bot, [("helpdesk", 201, 1), ("sales", 1, 0)]);
     assert_eq!(redis.cli(&["HGET", "bg:{contoso}:pool:2026-11", "used:n1"]), "201");
 }
+
+/// Many sessions finding the node's lease empty at once make one lease call at a time, not one
+/// each: the others wait for it and take what it brought.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_on_an_empty_lease_makes_few_lease_calls() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let s = TestServer::with(|c| {
+        c.store.backend = botgate::config::StoreBackend::Redis;
+        c.store.redis_url = url.clone();
+    })
+    .await;
+    let mut convs = Vec::new();
+    for _ in 0..60 {
+        convs.push(s.conversation("helpdesk").await);
+    }
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let says = convs.iter().map(|(t, c, _)| s.say_ok(t, c, "vpn"));
+    futures_util::future::join_all(says).await;
+    assert_eq!(redis.billed_sessions(), 60);
+    // The lease script is the only caller of PEXPIRE: one call per grant. Grants grow from 10
+    // (at most fourfold each), so 60 sessions need at least 3 (10 + 40 + 160); without the
+    // single flight, sessions that found the lease empty together would each ask.
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let grants: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_pexpire:calls="))
+        .and_then(|r| r.split(',').next())
+        .map_or(0, |n| n.parse().unwrap());
+    assert!((3..=5).contains(&grants), "{grants} lease grants for 60 sessions");
+}

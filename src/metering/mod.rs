@@ -290,7 +290,9 @@ impl Metering {
             )
             .with_retry_after(retry));
         }
-        let mut refilled = false;
+        // Refills this session asked for or waited on; a few, since a refill's units can go to
+        // other sessions before this one draws again.
+        let mut refills = 0u8;
         // `drawn`: the session took a unit from the pool (not overage, not allowed in an outage).
         let (ordinal, month, overage, drawn) = loop {
             // The session state's std lock is never held across the refill's await.
@@ -311,7 +313,7 @@ impl Metering {
                                 Step::Began(state.begin(now), month, false)
                             }
                             // This node's lease is used up: one round trip to Redis for more.
-                            Draw::Exhausted { month } if pool.lease().is_some() && !refilled => {
+                            Draw::Exhausted { month } if pool.lease().is_some() && refills < 4 => {
                                 Step::Refill(month)
                             }
                             Draw::Exhausted { month } if pool.policy() == CapacityPolicy::AllowOverage => {
@@ -341,7 +343,7 @@ impl Metering {
                     .with_retry_after(retry));
                 }
                 Step::Refill(month) => {
-                    refilled = true;
+                    refills += 1;
                     if let Err(e) = self.refill(&counters.pool, month).await {
                         self.degraded(&e)?;
                         // Allowed without a lease (safe_capacity): decide again, then begin.
@@ -385,33 +387,55 @@ impl Metering {
         Ok(TurnOutcome::Began { overage })
     }
 
-    /// Asks Redis for more of `pool` (several nodes); ends an outage episode on success.
-    async fn refill(&self, pool: &Arc<TenantPool>, month: pool::MonthIndex) -> Result<u64, String> {
-        let Some(cluster) = &self.inner.cluster else { return Ok(0) };
+    /// Gets more of `pool` for a session that found this node's lease empty (several nodes);
+    /// ends an outage episode on success. One Redis call at a time per pool: a session that
+    /// waited for a refill in flight takes its outcome, and a pool Redis recently had nothing
+    /// left for is not asked again for a moment.
+    async fn refill(&self, pool: &Arc<TenantPool>, month: pool::MonthIndex) -> Result<(), String> {
+        let (Some(cluster), Some(lease)) = (&self.inner.cluster, pool.lease()) else { return Ok(()) };
+        let seen = lease.refills();
+        let gate = lease.refill.clone().lock_owned().await;
+        match lease.refilled_since(seen) {
+            Some(true) => return Ok(()),
+            Some(false) => return Err("the lease refill this session waited for failed".into()),
+            None => {}
+        }
+        let now = self.inner.clock.now_ms();
+        if pool.lease_available(month, now) > 0 || lease.known_empty(month, now) {
+            return Ok(());
+        }
         let (leases, pool2) = (cluster.leases.clone(), pool.clone());
-        let grant = tokio::task::spawn_blocking(move || leases.refill_blocking(&pool2, month))
-            .await
-            .map_err(|e| e.to_string())??;
+        tokio::task::spawn_blocking(move || {
+            let _gate = gate;
+            let outcome = leases.refill_blocking(&pool2, month);
+            if let Some(l) = pool2.lease() {
+                l.refill_done(month, now, &outcome);
+            }
+            outcome
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         self.end_episode();
-        Ok(grant)
+        Ok(())
     }
 
-    /// Starts a background refill when the lease runs low (one at a time per pool).
+    /// Starts a background refill when the lease runs low (unless one is in flight).
     fn prefetch(&self, pool: &Arc<TenantPool>, month: pool::MonthIndex) {
         let (Some(cluster), Some(lease)) = (&self.inner.cluster, pool.lease()) else { return };
-        if !cluster.leases.low(pool, month) {
+        let now = self.inner.clock.now_ms();
+        if !cluster.leases.low(pool, month) || lease.known_empty(month, now) {
             return;
         }
-        if lease.refilling.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            return;
-        }
+        let Ok(gate) = lease.refill.clone().try_lock_owned() else { return };
         let (leases, pool) = (cluster.leases.clone(), pool.clone());
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = leases.refill_blocking(&pool, month) {
+            let _gate = gate;
+            let outcome = leases.refill_blocking(&pool, month);
+            if let Err(e) = &outcome {
                 tracing::debug!(tenant = %pool.tenant, error = %e, "A background lease refill failed.");
             }
             if let Some(l) = pool.lease() {
-                l.refilling.store(false, std::sync::atomic::Ordering::Release);
+                l.refill_done(month, now, &outcome);
             }
         });
     }

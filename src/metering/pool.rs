@@ -133,8 +133,49 @@ pub struct Lease {
     valid_until: std::sync::atomic::AtomicI64,
     /// Units used in the month across every node, as last read from Redis (for the gauges).
     global_used: AtomicU64,
-    /// Set while a refill is in flight (one at a time per pool).
-    pub refilling: std::sync::atomic::AtomicBool,
+    /// Held while a refill is in flight: one Redis call at a time per pool. A session that finds
+    /// the lease empty waits here, then uses what the refill in flight brought instead of asking
+    /// again (no thundering herd when a busy lease runs out).
+    pub refill: Arc<tokio::sync::Mutex<()>>,
+    /// The month and time (ms) until which Redis is known to have nothing left to grant
+    /// (`month << 48 | until`), so a drained pool is not asked again on every new session.
+    empty_until: AtomicU64,
+    /// Refills finished, and whether the last one reached Redis: a session that waited for a
+    /// refill in flight takes its outcome instead of asking again.
+    refills: AtomicU64,
+    last_refill_ok: std::sync::atomic::AtomicBool,
+}
+
+impl Lease {
+    /// How long a grant of nothing is believed, ms. A purchase resets it at once; a lease given
+    /// back or reclaimed elsewhere is seen within this long.
+    const EMPTY_FOR_MS: i64 = 1000;
+
+    /// Whether Redis recently had nothing to grant for `month`.
+    pub fn known_empty(&self, month: MonthIndex, now: Millis) -> bool {
+        let v = self.empty_until.load(Ordering::Relaxed);
+        (v >> 48) as MonthIndex == month && now < (v & ((1 << 48) - 1)) as i64
+    }
+
+    /// How many refills have finished (read before waiting for the refill gate).
+    pub fn refills(&self) -> u64 {
+        self.refills.load(Ordering::Acquire)
+    }
+
+    /// If a refill finished since `seen` refills, whether it reached Redis.
+    pub fn refilled_since(&self, seen: u64) -> Option<bool> {
+        (self.refills.load(Ordering::Acquire) != seen).then(|| self.last_refill_ok.load(Ordering::Relaxed))
+    }
+
+    /// Notes how a refill for `month` begun at `now` ended: granted units, or an error.
+    pub fn refill_done(&self, month: MonthIndex, now: Millis, outcome: &Result<u64, String>) {
+        if let Ok(0) = outcome {
+            let until = (now + Self::EMPTY_FOR_MS).max(0) as u64 & ((1 << 48) - 1);
+            self.empty_until.store((u64::from(month) << 48) | until, Ordering::Relaxed);
+        }
+        self.last_refill_ok.store(outcome.is_ok(), Ordering::Relaxed);
+        self.refills.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for TenantPool {
@@ -173,7 +214,10 @@ impl TenantPool {
                 leased: AtomicU64::new(pack(month, 0)),
                 valid_until: std::sync::atomic::AtomicI64::new(0),
                 global_used: AtomicU64::new(pack(month, 0)),
-                refilling: std::sync::atomic::AtomicBool::new(false),
+                refill: Arc::new(tokio::sync::Mutex::new(())),
+                empty_until: AtomicU64::new(0),
+                refills: AtomicU64::new(0),
+                last_refill_ok: std::sync::atomic::AtomicBool::new(true),
             }),
         })
     }
@@ -204,6 +248,11 @@ impl TenantPool {
         if let Some(l) = &self.lease {
             l.valid_until.fetch_max(valid_until, Ordering::Relaxed);
         }
+    }
+
+    /// Units of this node's lease a draw in `month` can take at `now` (0 once it expired).
+    pub fn lease_available(&self, month: MonthIndex, now: Millis) -> u64 {
+        self.limit(month, now).saturating_sub(self.used(month))
     }
 
     /// Units leased to this node in `month` and not used yet.
@@ -249,6 +298,10 @@ impl TenantPool {
     /// Replaces the plan (a purchase or a trial changed the capacity).
     pub fn set_plan(&self, plan: CapacityPlan) {
         self.plan.store(Arc::new(plan));
+        // More capacity may have been bought: ask Redis again at the next session.
+        if let Some(l) = &self.lease {
+            l.empty_until.store(0, Ordering::Relaxed);
+        }
         // Relaxed: a stale cache only costs one recomputation; the plan itself is published by
         // the ArcSwap.
         self.capacity_cache.store(u64::MAX, Ordering::Relaxed);
