@@ -59,7 +59,8 @@ fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
         overage,
         node: "n1".into(),
     };
-    let mut batch: Vec<SessionRecord> = (0..200).map(|i| rec(&format!("c{i}.1"), "helpdesk", false)).collect();
+    let mut batch: Vec<SessionRecord> =
+        (0..200).map(|i| rec(&format!("c{i}.1"), "helpdesk", false)).collect();
     batch.push(rec("c200.1", "helpdesk", true));
     batch.push(rec("c201.1", "sales", false));
     redis.cli(&["CONFIG", "RESETSTAT"]);
@@ -77,7 +78,8 @@ fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
     store.record_sessions("n1.1.1", &batch).unwrap();
     assert_eq!(redis.billed_sessions(), 202);
     let usage = store.load_usage().unwrap();
-    let by_bot: Vec<(&str, u64, u64)> = usage.iter().map(|u| (u.bot.as_str(), u.sessions, u.overage)).collect();
+    let by_bot: Vec<(&str, u64, u64)> =
+        usage.iter().map(|u| (u.bot.as_str(), u.sessions, u.overage)).collect();
     assert_eq!(by_bot, [("helpdesk", 201, 1), ("sales", 1, 0)]);
     assert_eq!(redis.cli(&["HGET", "bg:{contoso}:pool:2026-11", "used:n1"]), "201");
 }

@@ -6,8 +6,9 @@
 //! The pool of a tenant and month is one Redis hash, `bg:{tenant}:pool:YYYY-MM`:
 //! `granted` (units handed out, used or not), and per node `held:N` (units leased to N),
 //! `used:N` (sessions N recorded: the ledger script counts them), `exp:N` (lease expiry, ms),
-//! `seq:N`/`last:N` (the last call, for idempotent retries). Every script first reclaims the
-//! unused units of nodes whose lease expired (a crashed node's lease comes back after the TTL).
+//! `seq:N`/`last:N` (the last call, for idempotent retries). The grant and renew scripts first
+//! reclaim the unused units of nodes whose lease expired (a crashed node's lease comes back after
+//! the TTL), in the same call.
 //! A grant never exceeds what the month still has, and shrinks as the pool nears empty
 //! (at most a quarter of what is left), so the last units are not stranded on an idle node.
 
@@ -16,31 +17,39 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::clock::{Millis, SharedClock};
+use crate::store::StoreError;
 use crate::store::redis::{RedisStore, key};
 
 use super::pool::{MonthIndex, TenantPool, month_label};
 
-const RECLAIM: &str = r#"
-local h = KEYS[1]
-local now = tonumber(ARGV[1])
-local me = ARGV[2]
-local f = redis.call('HGETALL', h)
-local v = {}
-for i = 1, #f, 2 do v[f[i]] = f[i + 1] end
-local granted = tonumber(v['granted'] or '0')
-for k, exp in pairs(v) do
-  local n = string.match(k, '^exp:(.+)$')
-  if n and n ~= me and tonumber(exp) <= now then
-    local held = tonumber(v['held:' .. n] or '0')
-    local used = tonumber(v['used:' .. n] or '0')
-    if held > used then
-      granted = granted - (held - used)
-      redis.call('HSET', h, 'held:' .. n, used)
+/// A Lua function every lease script starts with: reads the pool hash once, reclaims the unused
+/// units of other nodes whose lease expired, and returns the hash as a table (as reclaimed).
+const RECLAIM_FN: &str = r#"
+local function reclaim(h, now, me)
+  local f = redis.call('HGETALL', h)
+  local v = {}
+  for i = 1, #f, 2 do v[f[i]] = f[i + 1] end
+  local granted = tonumber(v['granted'] or '0')
+  local changed = false
+  for k, exp in pairs(v) do
+    local n = string.match(k, '^exp:(.+)$')
+    if n and n ~= me and tonumber(exp) <= now then
+      local held = tonumber(v['held:' .. n] or '0')
+      local used = tonumber(v['used:' .. n] or '0')
+      if held > used then
+        granted = granted - (held - used)
+        v['held:' .. n] = tostring(used)
+        redis.call('HSET', h, 'held:' .. n, used)
+      end
+      v[k] = nil
+      redis.call('HDEL', h, k)
+      changed = true
     end
-    redis.call('HDEL', h, k)
   end
+  if changed then redis.call('HSET', h, 'granted', granted) end
+  v['granted'] = tostring(granted)
+  return v
 end
-redis.call('HSET', h, 'granted', granted)
 "#;
 
 /// `KEYS[1]` pool; `ARGV` now, node, seq, want, capacity, ttl_ms. Returns the units granted.
@@ -48,14 +57,15 @@ const LEASE: &str = r#"
 local h = KEYS[1]
 local now, node, seq = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local want, cap, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if redis.call('HGET', h, 'seq:' .. node) == seq then
-  return tonumber(redis.call('HGET', h, 'last:' .. node) or '0')
+local v = reclaim(h, now, node)
+if v['seq:' .. node] == seq then
+  return tonumber(v['last:' .. node] or '0')
 end
-local granted = tonumber(redis.call('HGET', h, 'granted') or '0')
+local granted = tonumber(v['granted'])
 local avail = cap - granted
 if avail < 0 then avail = 0 end
 local grant = math.min(want, math.max(1, math.floor(avail / 4)), avail)
-local held = tonumber(redis.call('HGET', h, 'held:' .. node) or '0')
+local held = tonumber(v['held:' .. node] or '0')
 redis.call('HSET', h, 'granted', granted + grant, 'held:' .. node, held + grant,
   'seq:' .. node, seq, 'last:' .. node, grant, 'exp:' .. node, now + ttl)
 redis.call('PEXPIRE', h, 5356800000)
@@ -67,13 +77,13 @@ return grant
 const RENEW: &str = r#"
 local h = KEYS[1]
 local now, node, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-if redis.call('HEXISTS', h, 'held:' .. node) == 1 then
+local v = reclaim(h, now, node)
+if v['held:' .. node] then
   redis.call('HSET', h, 'exp:' .. node, now + ttl)
 end
-local f = redis.call('HGETALL', h)
 local used = 0
-for i = 1, #f, 2 do
-  if string.match(f[i], '^used:') then used = used + tonumber(f[i + 1]) end
+for k, n in pairs(v) do
+  if string.match(k, '^used:') then used = used + tonumber(n) end
 end
 return used
 "#;
@@ -119,6 +129,14 @@ pub struct Leases {
     last: Mutex<HashMap<String, (Millis, u64, u64)>>,
 }
 
+/// The grant and renew scripts, each after [`RECLAIM_FN`].
+static LEASE_SCRIPT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{LEASE}"));
+static RENEW_SCRIPT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{RENEW}"));
+
+/// One script call. (Lease calls are rare, a few per node per second at most, so the script
+/// text goes along each time.)
 fn eval(script: &str, keys: &[String], args: &[String]) -> redis::Cmd {
     let mut c = redis::cmd("EVAL");
     c.arg(script).arg(keys.len());
@@ -162,31 +180,7 @@ impl Leases {
         let capacity = pool.capacity(month);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let pk = pool_key(&pool.tenant, month);
-        let call = || {
-            self.store.with_conn(|c| {
-                let mut pipe = redis::pipe();
-                pipe.add_command(eval(
-                    RECLAIM,
-                    std::slice::from_ref(&pk),
-                    &[now.to_string(), self.node.clone()],
-                ))
-                .ignore();
-                pipe.add_command(eval(
-                    LEASE,
-                    std::slice::from_ref(&pk),
-                    &[
-                        now.to_string(),
-                        self.node.clone(),
-                        seq.to_string(),
-                        want.to_string(),
-                        capacity.to_string(),
-                        self.config.ttl_ms.to_string(),
-                    ],
-                ));
-                let (grant,): (u64,) = pipe.query(c)?;
-                Ok(grant)
-            })
-        };
+        let call = || self.grant(&pk, now, seq, want, capacity);
         let grant = call().or_else(|_| call()).map_err(|e| e.to_string())?;
         pool.add_lease(month, grant, now + self.config.ttl_ms - self.config.ttl_ms / 10);
         self.last
@@ -194,6 +188,26 @@ impl Leases {
             .unwrap_or_else(|p| p.into_inner())
             .insert(pool.tenant.clone(), (now, pool.used(month), grant.max(1)));
         Ok(grant)
+    }
+
+    /// One call of the grant script: call `seq` of this node asks for `want` units of pool
+    /// `pk` (capacity `capacity`); the same `seq` again returns the same grant.
+    fn grant(&self, pk: &str, now: Millis, seq: u64, want: u64, capacity: u64) -> Result<u64, StoreError> {
+        self.store.with_conn(|c| {
+            eval(
+                &LEASE_SCRIPT,
+                &[pk.to_string()],
+                &[
+                    now.to_string(),
+                    self.node.clone(),
+                    seq.to_string(),
+                    want.to_string(),
+                    capacity.to_string(),
+                    self.config.ttl_ms.to_string(),
+                ],
+            )
+            .query::<u64>(c)
+        })
     }
 
     /// Whether the lease of `pool` is running low (a quarter of the last grant left).
@@ -213,13 +227,7 @@ impl Leases {
                 let mut pipe = redis::pipe();
                 for k in &keys {
                     pipe.add_command(eval(
-                        RECLAIM,
-                        std::slice::from_ref(k),
-                        &[now.to_string(), self.node.clone()],
-                    ))
-                    .ignore();
-                    pipe.add_command(eval(
-                        RENEW,
+                        &RENEW_SCRIPT,
                         std::slice::from_ref(k),
                         &[now.to_string(), self.node.clone(), self.config.ttl_ms.to_string()],
                     ));
@@ -252,5 +260,71 @@ impl Leases {
             })
             .map_err(|e| e.to_string())?;
         Ok(back.into_iter().map(|b| b.max(0) as u64).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+
+    /// A real `redis-server` on a free loopback port, killed on drop.
+    struct Redis(std::process::Child, u16);
+
+    impl Redis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (scripts/test.sh installs it)");
+            let redis = Self(child, port);
+            for _ in 0..200 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return redis;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("redis-server did not start");
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn leases(redis: &Redis, node: &str, clock: &Arc<ManualClock>) -> Leases {
+        let store = Arc::new(RedisStore::open(&format!("redis://127.0.0.1:{}/", redis.1)).unwrap());
+        let config = LeaseConfig { ttl_ms: 10_000, target_secs: 5, max_grant: 1000 };
+        Leases::new(store, node.into(), clock.clone(), config)
+    }
+
+    #[test]
+    fn a_retried_grant_is_not_a_second_grant_and_a_dead_nodes_lease_comes_back() {
+        let redis = Redis::start();
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let (a, b) = (leases(&redis, "a", &clock), leases(&redis, "b", &clock));
+        let now = clock.now_ms();
+        // Capacity 100: a quarter of what is left at most per grant.
+        assert_eq!(a.grant("p", now, 7, 50, 100).unwrap(), 25);
+        assert_eq!(a.grant("p", now, 7, 50, 100).unwrap(), 25, "the same call again: the same grant");
+        assert_eq!(a.grant("p", now, 8, 50, 100).unwrap(), 18, "a new call: a quarter of the 75 left");
+        assert_eq!(b.grant("p", now, 1, 50, 100).unwrap(), 14);
+        // A dies holding 43 units; after its TTL, B's next call reclaims them.
+        clock.advance_ms(10_001);
+        assert_eq!(b.grant("p", clock.now_ms(), 2, 50, 100).unwrap(), (100 - 14) / 4);
     }
 }

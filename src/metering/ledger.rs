@@ -110,11 +110,7 @@ fn run(
                 Err(mpsc::TryRecvError::Disconnected) => None,
                 Err(mpsc::TryRecvError::Empty) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        None
-                    } else {
-                        rx.recv_timeout(left).ok()
-                    }
+                    if left.is_zero() { None } else { rx.recv_timeout(left).ok() }
                 }
             };
             let Some((rec, _, ack)) = next else { break };

@@ -160,8 +160,10 @@ impl Store for RedisStore {
         }
         // One script call per tenant and month (one Cluster slot each), whatever the batch size.
         // The grouping is a function of the batch, so a replayed batch yields the same fields.
-        let mut groups: std::collections::BTreeMap<(&str, crate::metering::pool::MonthIndex), Vec<&SessionRecord>> =
-            Default::default();
+        let mut groups: std::collections::BTreeMap<
+            (&str, crate::metering::pool::MonthIndex),
+            Vec<&SessionRecord>,
+        > = Default::default();
         for s in batch {
             groups.entry((&s.tenant, crate::metering::pool::month_of(s.began_ms))).or_default().push(s);
         }

@@ -336,10 +336,8 @@ async fn run(args: Args) -> ExitCode {
                     if pass { "PASS" } else { "FAIL" },
                     args.bot
                 );
-                summary.push_str(&format!(
-                    " billed_delta={got} billing={}",
-                    if pass { "PASS" } else { "FAIL" }
-                ));
+                summary
+                    .push_str(&format!(" billed_delta={got} billing={}", if pass { "PASS" } else { "FAIL" }));
                 if !pass {
                     code = ExitCode::FAILURE;
                 }
