@@ -114,3 +114,52 @@ async fn a_herd_on_an_empty_lease_makes_few_lease_calls() {
         .map_or(0, |n| n.parse().unwrap());
     assert!((3..=5).contains(&grants), "{grants} lease grants for 60 sessions");
 }
+
+/// Nodes starting at once on an empty Redis seed a configured tenant once: one of them applies
+/// its records and audit entries, the others apply nothing.
+#[test]
+fn nodes_racing_to_seed_a_tenant_seed_it_once() {
+    use botgate::store::Store;
+    use botgate::store::control::{AuditEntry, Mutation, TenantRecord};
+    let redis = RedisServer::start();
+    let stores: Vec<_> = (0..6)
+        .map(|_| std::sync::Arc::new(botgate::store::redis::RedisStore::open(&redis.url()).unwrap()))
+        .collect();
+    for round in 0..20 {
+        let tenant = format!("t{round}");
+        let record = TenantRecord {
+            id: tenant.clone(),
+            name: tenant.clone(),
+            allow_ad_hoc_subscriptions: false,
+            capacity_policy: botgate::config::CapacityPolicy::Reject,
+        };
+        let audit = AuditEntry {
+            seq: 0,
+            tenant: tenant.clone(),
+            at_ms: 0,
+            actor: "config".into(),
+            action: "tenant.create".into(),
+            target: tenant.clone(),
+            before: None,
+            after: None,
+        };
+        let start = std::sync::Arc::new(std::sync::Barrier::new(stores.len()));
+        let seeded: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = stores
+                .iter()
+                .map(|store| {
+                    let (start, record, audit) = (start.clone(), record.clone(), audit.clone());
+                    s.spawn(move || {
+                        start.wait();
+                        store
+                            .seed_tenant(&record.id, &[Mutation::PutTenant(record.clone())], &[audit])
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| usize::from(h.join().unwrap())).sum()
+        });
+        assert_eq!(seeded, 1, "round {round}");
+        assert_eq!(redis.cli(&["LLEN", &format!("bg:{{{tenant}}}:audit")]), "1", "round {round}");
+    }
+}

@@ -66,12 +66,12 @@ impl Licensing {
         let err = |e: crate::store::StoreError| LicensingError(e.to_string());
         let data = store.load_control().map_err(err)?;
         let now = clock.now_ms();
-        let mut mutations = Vec::new();
-        let mut audit = Vec::new();
         for t in &config.tenants {
             if data.tenants.iter().any(|r| r.id == t.id) {
                 continue;
             }
+            let mut mutations = Vec::new();
+            let mut audit = Vec::new();
             let record = TenantRecord {
                 id: t.id.clone(),
                 name: if t.name.is_empty() { t.id.clone() } else { t.name.clone() },
@@ -123,9 +123,10 @@ impl Licensing {
                     id: g.clone(),
                 });
             }
-        }
-        if !mutations.is_empty() {
-            store.apply(&mutations, &audit).map_err(err)?;
+            // Atomic per tenant: of several nodes starting at once, one seeds it.
+            if !store.seed_tenant(&t.id, &mutations, &audit).map_err(err)? {
+                tracing::debug!(tenant = %t.id, "Another node seeded this tenant first.");
+            }
         }
         let data = store.load_control().map_err(err)?;
         let snapshot = Snapshot::from_data(&data);

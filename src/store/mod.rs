@@ -143,6 +143,23 @@ pub trait Store: Send + Sync + 'static {
     /// Applies control-plane changes and appends their audit entries, in one transaction.
     fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError>;
 
+    /// Seeds tenant `tenant` from configuration: applies `mutations` and `audit` only if the store
+    /// does not know the tenant yet, atomically, so several nodes starting at once on an empty
+    /// store seed it once. Returns whether this call seeded it.
+    fn seed_tenant(
+        &self,
+        tenant: &str,
+        mutations: &[Mutation],
+        audit: &[AuditEntry],
+    ) -> Result<bool, StoreError> {
+        // One process owns an embedded store: checking first is enough.
+        if self.load_control()?.tenants.iter().any(|t| t.id == tenant) {
+            return Ok(false);
+        }
+        self.apply(mutations, audit)?;
+        Ok(true)
+    }
+
     /// A tenant's audit log, oldest first, after sequence `after_seq`, at most `limit` entries.
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 

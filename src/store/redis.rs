@@ -346,102 +346,16 @@ impl Store for RedisStore {
     }
 
     fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError> {
-        self.with_conn(|c| {
-            // Tenants of deleted bots are found before the transaction.
-            let mut bot_tenants = std::collections::HashMap::new();
-            for m in mutations {
-                if let Mutation::DeleteBot { id } = m {
-                    let t: Option<String> = redis::cmd("HGET").arg(BOT_INDEX).arg(id).query(c)?;
-                    bot_tenants.insert(id.clone(), t.unwrap_or_default());
-                }
-            }
-            // Audit sequence numbers, reserved per tenant before the transaction (a failed
-            // transaction leaves a gap, never a duplicate).
-            let mut seqs: std::collections::HashMap<String, i64> = Default::default();
-            for a in audit {
-                *seqs.entry(a.tenant.clone()).or_default() += 1;
-            }
-            let mut next: std::collections::HashMap<String, i64> = Default::default();
-            for (t, n) in &seqs {
-                let last: i64 = redis::cmd("INCRBY").arg(key(t, "auditseq")).arg(*n).query(c)?;
-                next.insert(t.clone(), last - n + 1);
-            }
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let mut touched = std::collections::BTreeSet::new();
-            for m in mutations {
-                match m {
-                    Mutation::PutTenant(t) => {
-                        pipe.cmd("SET").arg(key(&t.id, "tenant")).arg(json(t)).ignore();
-                        pipe.cmd("SADD").arg(TENANTS).arg(&t.id).ignore();
-                        touched.insert(t.id.clone());
-                    }
-                    Mutation::PutSubscription(s) => {
-                        pipe.cmd("HSET").arg(key(&s.tenant, "subs")).arg(&s.id).arg(json(s)).ignore();
-                        touched.insert(s.tenant.clone());
-                    }
-                    Mutation::PutAssignment { tenant, kind, id } => {
-                        pipe.cmd("SADD")
-                            .arg(key(tenant, "assign"))
-                            .arg(format!("{}:{id}", kind_str(*kind)))
-                            .ignore();
-                        touched.insert(tenant.clone());
-                    }
-                    Mutation::DeleteAssignment { tenant, kind, id } => {
-                        pipe.cmd("SREM")
-                            .arg(key(tenant, "assign"))
-                            .arg(format!("{}:{id}", kind_str(*kind)))
-                            .ignore();
-                        touched.insert(tenant.clone());
-                    }
-                    Mutation::PutSeat(s) => {
-                        pipe.cmd("HSET").arg(key(&s.tenant, "seats")).arg(&s.user).arg(&s.via).ignore();
-                        touched.insert(s.tenant.clone());
-                    }
-                    Mutation::DeleteSeats { tenant, user, via } => {
-                        let seats: Vec<(String, String)> =
-                            redis::cmd("HGETALL").arg(key(tenant, "seats")).query(c)?;
-                        for (u, v) in seats {
-                            if user.as_ref().is_none_or(|x| *x == u) && via.as_ref().is_none_or(|x| *x == v) {
-                                pipe.cmd("HDEL").arg(key(tenant, "seats")).arg(u).ignore();
-                            }
-                        }
-                        touched.insert(tenant.clone());
-                    }
-                    Mutation::PutTrial(t) => {
-                        pipe.cmd("HSET").arg(key(&t.tenant, "trials")).arg(&t.user).arg(json(t)).ignore();
-                        touched.insert(t.tenant.clone());
-                    }
-                    Mutation::PutBot(b) => {
-                        pipe.cmd("HSET").arg(key(&b.tenant, "bots")).arg(&b.id).arg(json(b)).ignore();
-                        pipe.cmd("HSET").arg(BOT_INDEX).arg(&b.id).arg(&b.tenant).ignore();
-                        pipe.cmd("SADD").arg(TENANTS).arg(&b.tenant).ignore();
-                        touched.insert(b.tenant.clone());
-                    }
-                    Mutation::DeleteBot { id } => {
-                        let t = bot_tenants.get(id).cloned().unwrap_or_default();
-                        pipe.cmd("HDEL").arg(key(&t, "bots")).arg(id).ignore();
-                        pipe.cmd("HDEL").arg(BOT_INDEX).arg(id).ignore();
-                        touched.insert(t);
-                    }
-                }
-            }
-            for a in audit {
-                let seq = next.get_mut(&a.tenant).map(|s| {
-                    *s += 1;
-                    *s - 1
-                });
-                let mut e = a.clone();
-                e.seq = seq.unwrap_or(0);
-                pipe.cmd("RPUSH").arg(key(&a.tenant, "audit")).arg(json(&e)).ignore();
-                touched.insert(a.tenant.clone());
-            }
-            pipe.query::<()>(c)?;
-            for t in touched {
-                redis::cmd("PUBLISH").arg(CHANGES_CHANNEL).arg(t).query::<i64>(c)?;
-            }
-            Ok(())
-        })
+        self.with_conn(|c| apply_on(c, mutations, audit, None)).map(|_| ())
+    }
+
+    fn seed_tenant(
+        &self,
+        tenant: &str,
+        mutations: &[Mutation],
+        audit: &[AuditEntry],
+    ) -> Result<bool, StoreError> {
+        self.with_conn(|c| apply_on(c, mutations, audit, Some(tenant)))
     }
 
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
@@ -478,4 +392,115 @@ impl Store for RedisStore {
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
+}
+
+/// Applies control-plane changes and their audit entries in one `MULTI`/`EXEC`, then publishes
+/// the touched tenants. With `only_new`, the transaction runs only if that tenant does not exist
+/// (`WATCH` on its key: a node that loses the race to seed it applies nothing). Returns whether
+/// it applied.
+fn apply_on(
+    c: &mut Connection,
+    mutations: &[Mutation],
+    audit: &[AuditEntry],
+    only_new: Option<&str>,
+) -> RedisResult<bool> {
+    if let Some(t) = only_new {
+        redis::cmd("WATCH").arg(key(t, "tenant")).query::<()>(c)?;
+        if redis::cmd("EXISTS").arg(key(t, "tenant")).query::<bool>(c)? {
+            redis::cmd("UNWATCH").query::<()>(c)?;
+            return Ok(false);
+        }
+    }
+
+    // Tenants of deleted bots are found before the transaction.
+    let mut bot_tenants = std::collections::HashMap::new();
+    for m in mutations {
+        if let Mutation::DeleteBot { id } = m {
+            let t: Option<String> = redis::cmd("HGET").arg(BOT_INDEX).arg(id).query(c)?;
+            bot_tenants.insert(id.clone(), t.unwrap_or_default());
+        }
+    }
+    // Audit sequence numbers, reserved per tenant before the transaction (a failed
+    // transaction leaves a gap, never a duplicate).
+    let mut seqs: std::collections::HashMap<String, i64> = Default::default();
+    for a in audit {
+        *seqs.entry(a.tenant.clone()).or_default() += 1;
+    }
+    let mut next: std::collections::HashMap<String, i64> = Default::default();
+    for (t, n) in &seqs {
+        let last: i64 = redis::cmd("INCRBY").arg(key(t, "auditseq")).arg(*n).query(c)?;
+        next.insert(t.clone(), last - n + 1);
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut touched = std::collections::BTreeSet::new();
+    for m in mutations {
+        match m {
+            Mutation::PutTenant(t) => {
+                pipe.cmd("SET").arg(key(&t.id, "tenant")).arg(json(t)).ignore();
+                pipe.cmd("SADD").arg(TENANTS).arg(&t.id).ignore();
+                touched.insert(t.id.clone());
+            }
+            Mutation::PutSubscription(s) => {
+                pipe.cmd("HSET").arg(key(&s.tenant, "subs")).arg(&s.id).arg(json(s)).ignore();
+                touched.insert(s.tenant.clone());
+            }
+            Mutation::PutAssignment { tenant, kind, id } => {
+                pipe.cmd("SADD").arg(key(tenant, "assign")).arg(format!("{}:{id}", kind_str(*kind))).ignore();
+                touched.insert(tenant.clone());
+            }
+            Mutation::DeleteAssignment { tenant, kind, id } => {
+                pipe.cmd("SREM").arg(key(tenant, "assign")).arg(format!("{}:{id}", kind_str(*kind))).ignore();
+                touched.insert(tenant.clone());
+            }
+            Mutation::PutSeat(s) => {
+                pipe.cmd("HSET").arg(key(&s.tenant, "seats")).arg(&s.user).arg(&s.via).ignore();
+                touched.insert(s.tenant.clone());
+            }
+            Mutation::DeleteSeats { tenant, user, via } => {
+                let seats: Vec<(String, String)> =
+                    redis::cmd("HGETALL").arg(key(tenant, "seats")).query(c)?;
+                for (u, v) in seats {
+                    if user.as_ref().is_none_or(|x| *x == u) && via.as_ref().is_none_or(|x| *x == v) {
+                        pipe.cmd("HDEL").arg(key(tenant, "seats")).arg(u).ignore();
+                    }
+                }
+                touched.insert(tenant.clone());
+            }
+            Mutation::PutTrial(t) => {
+                pipe.cmd("HSET").arg(key(&t.tenant, "trials")).arg(&t.user).arg(json(t)).ignore();
+                touched.insert(t.tenant.clone());
+            }
+            Mutation::PutBot(b) => {
+                pipe.cmd("HSET").arg(key(&b.tenant, "bots")).arg(&b.id).arg(json(b)).ignore();
+                pipe.cmd("HSET").arg(BOT_INDEX).arg(&b.id).arg(&b.tenant).ignore();
+                pipe.cmd("SADD").arg(TENANTS).arg(&b.tenant).ignore();
+                touched.insert(b.tenant.clone());
+            }
+            Mutation::DeleteBot { id } => {
+                let t = bot_tenants.get(id).cloned().unwrap_or_default();
+                pipe.cmd("HDEL").arg(key(&t, "bots")).arg(id).ignore();
+                pipe.cmd("HDEL").arg(BOT_INDEX).arg(id).ignore();
+                touched.insert(t);
+            }
+        }
+    }
+    for a in audit {
+        let seq = next.get_mut(&a.tenant).map(|s| {
+            *s += 1;
+            *s - 1
+        });
+        let mut e = a.clone();
+        e.seq = seq.unwrap_or(0);
+        pipe.cmd("RPUSH").arg(key(&a.tenant, "audit")).arg(json(&e)).ignore();
+        touched.insert(a.tenant.clone());
+    }
+    if pipe.query::<Option<()>>(c)?.is_none() {
+        // The watched tenant appeared meanwhile: another node seeded it.
+        return Ok(false);
+    }
+    for t in touched {
+        redis::cmd("PUBLISH").arg(CHANGES_CHANNEL).arg(t).query::<i64>(c)?;
+    }
+    Ok(true)
 }
