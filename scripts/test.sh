@@ -9,6 +9,7 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+[[ -x /usr/bin/chromium ]] || need_apt+=(chromium) # Web Chat in a browser (tests/webchat.rs)
 if ((${#need_apt[@]})); then
     echo "scripts/test.sh: installing ${need_apt[*]}" >&2
     if [[ $(id -u) -eq 0 ]]; then sudo=""; else sudo="sudo"; fi
@@ -16,7 +17,8 @@ if ((${#need_apt[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >&2
 fi
 
-# The Direct Line JS client and the Bot Framework SDK bot, pinned in tests/node/package-lock.json.
+# The Direct Line JS client, the Bot Framework SDK bot, Web Chat and playwright-core, pinned in
+# tests/node/package-lock.json.
 bash tests/node/install.sh
 
 cargo test "$@"
