@@ -82,10 +82,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE billed_sessions ADD COLUMN node TEXT NOT NULL DEFAULT '';
     "#,
     // 4: the ledger batch that wrote a session; a spool replays whole batches under their ids.
-    // Rows from before are each a batch of their own.
+    // Rows from before are each a batch of their own. No index: only a node's spool (sessions
+    // written while Redis was unreachable, a small table) is read by batch, and an index would
+    // cost every session a single node records.
     r#"
     ALTER TABLE billed_sessions ADD COLUMN batch TEXT NOT NULL DEFAULT '';
     UPDATE billed_sessions SET batch = 'row:' || id;
-    CREATE INDEX billed_sessions_by_batch ON billed_sessions (batch);
     "#,
 ];
