@@ -37,9 +37,8 @@ async fn chat(s: &TestServer, page_port: u16, mode: &str) -> Value {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|_| {
-        panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr))
-    });
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|_| panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)));
     assert!(out.status.success(), "{v}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
     // Web Chat rendered the greeting, then each question and its answer, in order.
     let t = v["transcript"].as_str().unwrap();
@@ -53,13 +52,15 @@ async fn chat(s: &TestServer, page_port: u16, mode: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_chat_in_a_browser_talks_to_a_builtin_bot() {
-    let status = std::process::Command::new("bash").arg(node_dir().join("install.sh")).status().expect("bash");
+    let status =
+        std::process::Command::new("bash").arg(node_dir().join("install.sh")).status().expect("bash");
     assert!(status.success(), "tests/node/install.sh failed");
     let (polling_port, ws_port) = (free_port(), free_port());
     // Only the two pages' origins may call the channel for this bot (CORS, checked by Chromium).
     let s = TestServer::with(|c| {
         let bot = c.bots.iter_mut().find(|b| b.id == "helpdesk").unwrap();
-        bot.allowed_origins = vec![format!("http://127.0.0.1:{polling_port}"), format!("http://127.0.0.1:{ws_port}")];
+        bot.allowed_origins =
+            vec![format!("http://127.0.0.1:{polling_port}"), format!("http://127.0.0.1:{ws_port}")];
     })
     .await;
 
@@ -72,7 +73,11 @@ async fn web_chat_in_a_browser_talks_to_a_builtin_bot() {
 
     // Two questions in one conversation begin one billed session; two conversations, two.
     let m = s.metrics().await;
-    assert_eq!(metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#), Some(2), "{m}");
+    assert_eq!(
+        metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#),
+        Some(2),
+        "{m}"
+    );
     assert_eq!(metric(&m, r#"botgate_turns_total{tenant="contoso",bot="helpdesk"}"#), Some(4), "{m}");
 }
 
@@ -80,7 +85,8 @@ async fn web_chat_in_a_browser_talks_to_a_builtin_bot() {
 /// renders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_chat_on_an_origin_the_bot_does_not_allow_gets_nothing() {
-    let status = std::process::Command::new("bash").arg(node_dir().join("install.sh")).status().expect("bash");
+    let status =
+        std::process::Command::new("bash").arg(node_dir().join("install.sh")).status().expect("bash");
     assert!(status.success(), "tests/node/install.sh failed");
     let s = TestServer::with(|c| {
         let bot = c.bots.iter_mut().find(|b| b.id == "helpdesk").unwrap();
