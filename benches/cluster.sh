@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several nodes on one Redis, measured against one node in the same run.
 #
-#   bash benches/cluster.sh          # ROUNDS=2 DURATION=5 NODES=3 CONC=24 MESSAGES=20 LINGER=0
+#   bash benches/cluster.sh          # ROUNDS=2 DURATION=5 NODES=3 CONC=24 MESSAGES=20 [LINGER=ms]
 #
 # For each round: one node alone, then NODES nodes together, each on its own redis-server
 # (appendfsync always), driven the same way: NODES botgate-load processes with CONC/NODES
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS=${ROUNDS:-2}; DURATION=${DURATION:-5}; NODES=${NODES:-3}; CONC=${CONC:-24}; MESSAGES=${MESSAGES:-20}
-LINGER=${LINGER:-0} # cluster.ledger_linger_ms of every node
+LINGER=${LINGER:-} # cluster.ledger_linger_ms of every node (unset: the default)
 log() { echo "cluster.sh: $*" >&2; }
 command -v redis-server >/dev/null || { log "installing redis-server"; apt-get install -y -qq redis-server >&2; }
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin botgate --bin botgate-load >&2
@@ -33,7 +33,7 @@ start_redis() {
 
 start_node() { # name -> sets NODE_PUBLIC
   sed -e "s|backend = \"sqlite\"|backend = \"redis\"\nredis_url = \"redis://127.0.0.1:$RPORT/\"|" benches/load.toml > "$WORK/$1.toml"
-  printf '\n[cluster]\nledger_linger_ms = %s\n' "$LINGER" >> "$WORK/$1.toml"
+  [ -z "$LINGER" ] || printf '\n[cluster]\nledger_linger_ms = %s\n' "$LINGER" >> "$WORK/$1.toml"
   "$BIN" --config "$WORK/$1.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --data-dir "$WORK/$1" \
     > "$WORK/$1.out" 2>/dev/null & PIDS+=($!)
   for _ in $(seq 100); do grep -q listening "$WORK/$1.out" 2>/dev/null && break; sleep 0.05; done
@@ -85,5 +85,5 @@ for round in $(seq "$ROUNDS"); do
   many=$MSGS
   ratio=$(python3 -c "print('%.2f' % ($many/$one))")
   [ -n "${VERBOSE:-}" ] && redis-cli -p "$RPORT" info commandstats >&2
-  echo "round $round: one node $one msg/s ($one_cmds redis commands per session); $NODES nodes $many msg/s (ratio $ratio); redis commands per billed session $PER_SESSION ($SESSIONS sessions, exact; $PER_BATCH per ledger batch; linger ${LINGER} ms)"
+  echo "round $round: one node $one msg/s ($one_cmds redis commands per session); $NODES nodes $many msg/s (ratio $ratio); redis commands per billed session $PER_SESSION ($SESSIONS sessions, exact; $PER_BATCH per ledger batch; linger ${LINGER:-default})"
 done

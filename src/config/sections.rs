@@ -583,10 +583,11 @@ pub struct ClusterConfig {
     /// New sessions a node may begin per outage under `safe_capacity`. Default 100.
     #[serde(default = "default_safe_capacity")]
     pub safe_capacity_per_node: u64,
-    /// How long the ledger holds a batch of billed sessions open for more before writing it to
-    /// Redis, in milliseconds (0 to 100). A session's first message waits for its batch, so this
-    /// trades that much latency for fewer Redis commands per session. Default 0.
-    #[serde(default)]
+    /// While the node is busy (its last ledger write held at least 16 sessions), how long a
+    /// batch of billed sessions waits for more before it is written to Redis, in milliseconds
+    /// (0 to 100). Up to that much latency on a session's first message, for fewer Redis
+    /// commands per session; a quiet node never waits. Default 30.
+    #[serde(default = "default_ledger_linger_ms")]
     pub ledger_linger_ms: u64,
 }
 
@@ -600,9 +601,13 @@ impl Default for ClusterConfig {
             max_grant: default_max_grant(),
             outage_policy: OutagePolicy::default(),
             safe_capacity_per_node: default_safe_capacity(),
-            ledger_linger_ms: 0,
+            ledger_linger_ms: default_ledger_linger_ms(),
         }
     }
+}
+
+fn default_ledger_linger_ms() -> u64 {
+    30
 }
 
 impl ClusterConfig {

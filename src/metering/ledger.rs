@@ -2,8 +2,9 @@
 //!
 //! One writer thread owns the writes: it takes every session waiting in its queue, records the
 //! batch in one transaction (one fsync), then acknowledges each. While one batch is on disk the
-//! next one gathers, so session starts never serialize on the disk. An optional linger holds a
-//! batch open a little longer, so several nodes on one Redis write fewer, larger batches.
+//! next one gathers, so session starts never serialize on the disk. While the ledger is busy, a
+//! linger holds a batch open a little longer, so several nodes on one Redis write fewer, larger
+//! batches; under light load nothing waits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,12 +31,16 @@ type Pending = (SessionRecord, Instant, Ack);
 /// How the writer batches.
 #[derive(Debug, Clone)]
 pub struct LedgerOptions {
-    /// Prefix of batch ids: this node's id and its start time, so ids never repeat across nodes
-    /// or restarts.
+    /// Prefix of batch ids: this node's id, its start time and a random word, so ids never
+    /// repeat across nodes or restarts.
     pub batch_prefix: String,
-    /// How long the first session of a batch may wait for more before the batch is written.
-    /// Zero writes as soon as the previous batch is durable (plain group commit).
+    /// How long the first session of a batch may wait for more before the batch is written,
+    /// while the ledger is busy. Zero writes as soon as the previous batch is durable (plain
+    /// group commit).
     pub linger: Duration,
+    /// The ledger is busy, and lingers, after a write of at least this many sessions: under
+    /// light load a session never waits for others that are not coming.
+    pub linger_after: usize,
 }
 
 /// A handle to the ledger's writer thread; cloning is shallow.
@@ -81,6 +86,7 @@ fn run(
     let mut acks = Vec::with_capacity(64);
     let mut seq: u64 = 0;
     let mut replayed = Instant::now();
+    let mut last_batch = 0usize;
     loop {
         let (rec, queued, ack) = match &spool {
             None => match rx.recv() {
@@ -103,7 +109,8 @@ fn run(
         };
         batch.push(rec);
         acks.push(ack);
-        let deadline = queued + options.linger;
+        let busy = last_batch >= options.linger_after;
+        let deadline = if busy { queued + options.linger } else { queued };
         while batch.len() < MAX_BATCH {
             let next = match rx.try_recv() {
                 Ok(item) => Some(item),
@@ -133,6 +140,7 @@ fn run(
         for ack in acks.drain(..) {
             let _ = ack.send(result.clone());
         }
+        last_batch = batch.len();
         batch.clear();
     }
 }
@@ -192,7 +200,11 @@ mod tests {
     async fn a_linger_gathers_sessions_that_arrive_within_it_into_one_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-        let options = LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::from_millis(500) };
+        let options = LedgerOptions {
+            batch_prefix: "n1.7".into(),
+            linger: Duration::from_millis(500),
+            linger_after: 0,
+        };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         // Ten sessions queued one after another, each in its own task: with a 500 ms linger the
         // first waits for the other nine (queued within microseconds), and all ten are one batch.
@@ -215,12 +227,31 @@ mod tests {
     async fn without_a_linger_a_lone_session_is_written_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-        let options = LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::ZERO };
+        let options = LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::ZERO, linger_after: 0 };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         for i in 0..3 {
             ledger.record(rec(&format!("s{i}"))).await.unwrap();
         }
         let ids: Vec<String> = batches(&store).into_iter().map(|b| b.0).collect();
         assert_eq!(ids, ["n1.7.1", "n1.7.2", "n1.7.3"]);
+    }
+
+    #[tokio::test]
+    async fn the_linger_waits_only_after_a_busy_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        // A long linger that applies only after a write of at least 5 sessions.
+        let options =
+            LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::from_secs(600), linger_after: 5 };
+        let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
+        // Not busy: lone sessions are written at once, not after 600 s.
+        let three = async {
+            for i in 0..3 {
+                ledger.record(rec(&format!("s{i}"))).await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), three).await.expect("a quiet ledger does not linger");
+        let sizes: Vec<usize> = batches(&store).into_iter().map(|b| b.1).collect();
+        assert_eq!(sizes, [1, 1, 1]);
     }
 }

@@ -106,6 +106,11 @@ pub struct Degraded {
     in_episode: std::sync::atomic::AtomicBool,
 }
 
+/// The ledger lingers (`cluster.ledger_linger_ms`) only after a write of at least this many
+/// sessions: a node that begins that many sessions within one Redis round trip is busy enough
+/// for the wait to gather many more, while a quiet node's sessions never wait.
+const LINGER_AFTER: usize = 16;
+
 struct Inner {
     rules: SessionRules,
     cluster: Option<ClusterMetering>,
@@ -155,9 +160,14 @@ impl Metering {
         }
         let m = &config.metering;
         let degraded = Degraded::default();
-        // Batch ids never repeat: the node's id and this start's time prefix a counter.
-        let batch_prefix =
-            format!("{}.{}", cluster.as_ref().map(|c| c.leases.node()).unwrap_or("local"), clock.now_ms());
+        // Batch ids never repeat: the node's id, this start's time and a random word prefix a
+        // counter (two starts in one millisecond, even under one misconfigured node id, differ).
+        let batch_prefix = format!(
+            "{}.{}.{:08x}",
+            cluster.as_ref().map(|c| c.leases.node()).unwrap_or("local"),
+            clock.now_ms(),
+            rand::random::<u32>()
+        );
         let inner = Inner {
             rules: SessionRules {
                 idle_ms: m.session_idle_secs as i64 * 1000,
@@ -176,6 +186,7 @@ impl Metering {
                         Some(_) => config.cluster.ledger_linger_ms,
                         None => 0,
                     }),
+                    linger_after: LINGER_AFTER,
                 },
             )?,
             store,
