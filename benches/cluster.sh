@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS=${ROUNDS:-2}; DURATION=${DURATION:-5}; NODES=${NODES:-3}; CONC=${CONC:-24}; MESSAGES=${MESSAGES:-20}
 LINGER=${LINGER:-} # cluster.ledger_linger_ms of every node (unset: the default)
+RATE=${RATE:-}     # open loop: conversations per second per generator (unset: closed loop, CONC users)
 log() { echo "cluster.sh: $*" >&2; }
 command -v redis-server >/dev/null || { log "installing redis-server"; apt-get install -y -qq redis-server >&2; }
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin botgate --bin botgate-load >&2
@@ -46,7 +47,8 @@ sessions() { redis-cli -p "$RPORT" --raw hgetall 'bg:{contoso}:usage' | awk 'NR 
 batches() { redis-cli -p "$RPORT" hlen 'bg:{contoso}:sessions'; }
 
 run_load() { # public conc -> prints "msgs_per_s billed_expected billed_expected_max"
-  local out; out=$("$LOAD" --target "http://$1" -c "$2" -k "$MESSAGES" -d "$DURATION" -q --no-check 2>&1) || { log "FAIL: $out"; exit 1; }
+  local open=(); [ -z "$RATE" ] || open=(--rate "$RATE" --rate-of conversations --max-in-flight 4000)
+  local out; out=$("$LOAD" --target "http://$1" -c "$2" -k "$MESSAGES" -d "$DURATION" "${open[@]}" -q --no-check 2>&1) || { log "FAIL: $out"; exit 1; }
   echo "$out" | grep '^summary' | sed -E 's/.*msgs_per_s=([0-9.]+).*billed_expected=([0-9]+) billed_expected_max=([0-9]+).*/\1 \2 \3/'
 }
 
@@ -85,5 +87,5 @@ for round in $(seq "$ROUNDS"); do
   many=$MSGS
   ratio=$(python3 -c "print('%.2f' % ($many/$one))")
   [ -n "${VERBOSE:-}" ] && redis-cli -p "$RPORT" info commandstats >&2
-  echo "round $round: one node $one msg/s ($one_cmds redis commands per session); $NODES nodes $many msg/s (ratio $ratio); redis commands per billed session $PER_SESSION ($SESSIONS sessions, exact; $PER_BATCH per ledger batch; linger ${LINGER:-default})"
+  echo "round $round: one node $one msg/s ($one_cmds redis commands per session); $NODES nodes $many msg/s (ratio $ratio); redis commands per billed session $PER_SESSION ($SESSIONS sessions, exact; $PER_BATCH per ledger batch; linger ${LINGER:-default}${RATE:+; open loop, $RATE conversations/s per generator})"
 done

@@ -586,8 +586,10 @@ pub struct ClusterConfig {
     /// While the node is busy (its last ledger write held at least 16 sessions), how long a
     /// batch of billed sessions waits for more before it is written to Redis, in milliseconds
     /// (0 to 100). Up to that much latency on a session's first message, for fewer Redis
-    /// commands per session; a quiet node never waits. Default 30.
-    #[serde(default = "default_ledger_linger_ms")]
+    /// commands per session; a quiet node never waits. Default 0 (off): in a closed loop whose
+    /// clients all wait in one batch (a load test with few users), every batch waits the whole
+    /// linger.
+    #[serde(default)]
     pub ledger_linger_ms: u64,
 }
 
@@ -601,13 +603,9 @@ impl Default for ClusterConfig {
             max_grant: default_max_grant(),
             outage_policy: OutagePolicy::default(),
             safe_capacity_per_node: default_safe_capacity(),
-            ledger_linger_ms: default_ledger_linger_ms(),
+            ledger_linger_ms: 0,
         }
     }
-}
-
-fn default_ledger_linger_ms() -> u64 {
-    30
 }
 
 impl ClusterConfig {
