@@ -6,15 +6,17 @@ use common::*;
 
 const BILLED: &str = r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#;
 
+/// A one-node configuration on the Redis at `url`.
+fn on_redis(c: &mut botgate::config::Config, url: &str) {
+    c.store.backend = botgate::config::StoreBackend::Redis;
+    c.store.redis_url = url.to_string();
+}
+
 #[tokio::test]
 async fn sessions_licensing_and_restart_with_redis() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let s = TestServer::with(|c| {
-        c.store.backend = botgate::config::StoreBackend::Redis;
-        c.store.redis_url = url.clone();
-    })
-    .await;
+    let s = TestServer::with(|c| on_redis(c, &url)).await;
     for _ in 0..3 {
         let (t, c, _) = s.conversation("helpdesk").await;
         s.say_ok(&t, &c, "vpn").await;
@@ -25,11 +27,7 @@ async fn sessions_licensing_and_restart_with_redis() {
     assert!(redis.cli(&["GET", "bg:{contoso}:tenant"]).contains("\"contoso\""));
 
     let (dir, clock) = s.stop().await;
-    let s = TestServer::in_dir(dir, clock, |c| {
-        c.store.backend = botgate::config::StoreBackend::Redis;
-        c.store.redis_url = url.clone();
-    })
-    .await;
+    let s = TestServer::in_dir(dir, clock, |c| on_redis(c, &url)).await;
     // With Redis, a node's own counters start from zero (Prometheus sums them across nodes);
     // the totals are in the store, and the tenant gauges read Redis at each heartbeat.
     botgate::cluster::heartbeat(s.state()).await;
@@ -90,11 +88,7 @@ fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
 async fn a_herd_on_an_empty_lease_makes_few_lease_calls() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let s = TestServer::with(|c| {
-        c.store.backend = botgate::config::StoreBackend::Redis;
-        c.store.redis_url = url.clone();
-    })
-    .await;
+    let s = TestServer::with(|c| on_redis(c, &url)).await;
     let mut convs = Vec::new();
     for _ in 0..60 {
         convs.push(s.conversation("helpdesk").await);
