@@ -115,15 +115,22 @@ impl TokenSigner {
 
 /// Reads a 32-byte key (hex) from `file`, or writes a new random one there.
 pub fn load_or_create_key(file: &Path) -> std::io::Result<Vec<u8>> {
+    load_or_store_key(file, &rand::random::<[u8; 32]>())
+}
+
+/// The key in `file`, or `fresh` (32 bytes or more) written there first if the file is missing.
+pub fn load_or_store_key(file: &Path, fresh: &[u8]) -> std::io::Result<Vec<u8>> {
     match std::fs::read_to_string(file) {
         Ok(text) => decode_hex(text.trim())
             .filter(|k| k.len() >= 32)
             .ok_or_else(|| std::io::Error::other("the key file does not hold a hex key of 32 bytes or more")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key: [u8; 32] = rand::random();
-            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            if fresh.len() < 32 {
+                return Err(std::io::Error::other("a new key must be 32 bytes or more"));
+            }
+            let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
             write_private(file, hex.as_bytes())?;
-            Ok(key.to_vec())
+            Ok(fresh.to_vec())
         }
         Err(e) => Err(e),
     }
@@ -194,5 +201,14 @@ mod tests {
         let b = load_or_create_key(&f).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn a_fresh_key_is_stored_only_when_there_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        assert!(load_or_store_key(&f, &[7; 16]).is_err(), "too short");
+        assert_eq!(load_or_store_key(&f, &[7; 32]).unwrap(), vec![7; 32]);
+        assert_eq!(load_or_store_key(&f, &[9; 32]).unwrap(), vec![7; 32], "the stored key wins");
     }
 }

@@ -401,9 +401,8 @@ impl Store for SqliteStore {
 
     fn shared_key(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
         // One node: the key is a file in the data folder (owner-only permissions).
-        let _ = fresh;
         let file = self.dir.join(format!("{name}.key"));
-        crate::channel::token::load_or_create_key(&file)
+        crate::channel::token::load_or_store_key(&file, fresh)
             .map_err(|source| StoreError::DataDir { path: file.display().to_string(), source })
     }
 
