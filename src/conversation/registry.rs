@@ -79,16 +79,20 @@ impl Conversations {
     }
 
     /// Removes expired conversations; returns how many.
+    ///
+    /// No shard is write-locked for a whole scan: the expired are found under read locks (lookups
+    /// in the shard being scanned go on), then each is removed alone, if it is still expired (a
+    /// message may have come in between).
     pub fn sweep(&self, now: Millis) -> usize {
+        let expired: Vec<Arc<str>> =
+            self.map.iter().filter(|e| self.expired(e.value(), now)).map(|e| e.key().clone()).collect();
         let mut removed = 0;
-        self.map.retain(|_, c| {
-            let keep = !self.expired(c, now);
-            if !keep {
+        for id in expired {
+            if let Some((_, c)) = self.map.remove_if(&id, |_, c| self.expired(c, now)) {
                 c.wake();
                 removed += 1;
             }
-            keep
-        });
+        }
         self.count.fetch_sub(removed, Ordering::Relaxed);
         removed
     }
