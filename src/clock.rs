@@ -84,6 +84,13 @@ impl Clock for ManualClock {
 /// one: chrono's `format` parses its pattern on each call and was 2% of a message's CPU in the
 /// msg_sys profile of `benches/load.sh`.
 pub fn rfc3339_ms(ms: Millis) -> String {
+    let mut out = String::with_capacity(24);
+    push_rfc3339_ms(&mut out, ms);
+    out
+}
+
+/// Appends [`rfc3339_ms`]'s form of `ms` to `out` (no allocation of its own).
+pub fn push_rfc3339_ms(out: &mut String, ms: Millis) {
     let ms = ms.max(0);
     let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     let (y, mo, d) = civil_from_days(days);
@@ -102,7 +109,8 @@ pub fn rfc3339_ms(ms: Millis) -> String {
     put(14, 2, mi);
     put(17, 2, s);
     put(20, 3, milli);
-    String::from_utf8_lossy(&b).into_owned()
+    // Every byte is an ASCII digit or separator: no UTF-8 check needed.
+    out.extend(b.iter().map(|&c| char::from(c)));
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's
