@@ -12,9 +12,8 @@
 //! A grant never exceeds what the month still has, and shrinks as the pool nears empty
 //! (at most a quarter of what is left), so the last units are not stranded on an idle node.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crate::clock::{Millis, SharedClock};
 use crate::store::StoreError;
@@ -125,8 +124,6 @@ pub struct Leases {
     clock: SharedClock,
     config: LeaseConfig,
     seq: AtomicU64,
-    /// Per tenant: (time, units used) at the last grant, to size the next from the recent rate.
-    last: Mutex<HashMap<String, (Millis, u64, u64)>>,
 }
 
 /// The grant and renew scripts, each after [`RECLAIM_FN`].
@@ -153,7 +150,7 @@ impl Leases {
     /// A client for node `node`.
     pub fn new(store: Arc<RedisStore>, node: String, clock: SharedClock, config: LeaseConfig) -> Self {
         let seq = AtomicU64::new(clock.now_ms() as u64 * 1000);
-        Self { store, node, clock, config, seq, last: Mutex::new(HashMap::new()) }
+        Self { store, node, clock, config, seq }
     }
 
     /// This node's id.
@@ -163,8 +160,7 @@ impl Leases {
 
     fn want(&self, pool: &TenantPool, month: MonthIndex, now: Millis) -> u64 {
         let used = pool.used(month);
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(&(at, used_then, grant)) = last.get(&pool.tenant) else { return 10 };
+        let Some((at, used_then, grant)) = pool.lease().and_then(|l| l.last_grant()) else { return 10 };
         let secs = ((now - at).max(1) as f64) / 1000.0;
         let rate = used.saturating_sub(used_then) as f64 / secs;
         let by_rate = (rate * self.config.target_secs as f64).ceil() as u64;
@@ -183,10 +179,9 @@ impl Leases {
         let call = || self.grant(&pk, now, seq, want, capacity);
         let grant = call().or_else(|_| call()).map_err(|e| e.to_string())?;
         pool.add_lease(month, grant, now + self.config.ttl_ms - self.config.ttl_ms / 10);
-        self.last
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(pool.tenant.clone(), (now, pool.used(month), grant.max(1)));
+        if let Some(l) = pool.lease() {
+            l.note_grant(now, pool.used(month), grant);
+        }
         Ok(grant)
     }
 
@@ -208,12 +203,6 @@ impl Leases {
             )
             .query::<u64>(c)
         })
-    }
-
-    /// Whether the lease of `pool` is running low (a quarter of the last grant left).
-    pub fn low(&self, pool: &TenantPool, month: MonthIndex) -> bool {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner()).get(&pool.tenant).map_or(1, |l| l.2);
-        pool.lease_remaining(month) <= last / 4
     }
 
     /// Renews this node's leases of `pools` and reads each month's use across nodes

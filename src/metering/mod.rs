@@ -433,8 +433,11 @@ impl Metering {
     /// Starts a background refill when the lease runs low (unless one is in flight).
     fn prefetch(&self, pool: &Arc<TenantPool>, month: pool::MonthIndex) {
         let (Some(cluster), Some(lease)) = (&self.inner.cluster, pool.lease()) else { return };
+        if !lease.running_low(pool.lease_remaining(month)) {
+            return;
+        }
         let now = self.inner.clock.now_ms();
-        if !cluster.leases.low(pool, month) || lease.known_empty(month, now) {
+        if lease.known_empty(month, now) {
             return;
         }
         let Ok(gate) = lease.refill.clone().try_lock_owned() else { return };

@@ -144,6 +144,12 @@ pub struct Lease {
     /// refill in flight takes its outcome instead of asking again.
     refills: AtomicU64,
     last_refill_ok: std::sync::atomic::AtomicBool,
+    /// The last grant: when (ms), the units used then, and its size (0: none yet). Written
+    /// under the refill gate, so the three are read together consistently by the next refill;
+    /// the per-session low-lease check reads only the size.
+    last_grant_at: std::sync::atomic::AtomicI64,
+    last_grant_used: AtomicU64,
+    last_grant: AtomicU64,
 }
 
 impl Lease {
@@ -165,6 +171,26 @@ impl Lease {
     /// If a refill finished since `seen` refills, whether it reached Redis.
     pub fn refilled_since(&self, seen: u64) -> Option<bool> {
         (self.refills.load(Ordering::Acquire) != seen).then(|| self.last_refill_ok.load(Ordering::Relaxed))
+    }
+
+    /// Notes a grant of `units` at `at`, when the pool had used `used` (to size the next one).
+    pub fn note_grant(&self, at: Millis, used: u64, units: u64) {
+        self.last_grant_at.store(at, Ordering::Relaxed);
+        self.last_grant_used.store(used, Ordering::Relaxed);
+        self.last_grant.store(units.max(1), Ordering::Relaxed);
+    }
+
+    /// The last grant as (when, used then, size), if there was one.
+    pub fn last_grant(&self) -> Option<(Millis, u64, u64)> {
+        let units = self.last_grant.load(Ordering::Relaxed);
+        (units > 0).then(|| {
+            (self.last_grant_at.load(Ordering::Relaxed), self.last_grant_used.load(Ordering::Relaxed), units)
+        })
+    }
+
+    /// Whether `remaining` units are a quarter of the last grant or less (time to ask for more).
+    pub fn running_low(&self, remaining: u64) -> bool {
+        remaining <= self.last_grant.load(Ordering::Relaxed).max(1) / 4
     }
 
     /// Notes how a refill for `month` begun at `now` ended: granted units, or an error.
@@ -218,6 +244,9 @@ impl TenantPool {
                 empty_until: AtomicU64::new(0),
                 refills: AtomicU64::new(0),
                 last_refill_ok: std::sync::atomic::AtomicBool::new(true),
+                last_grant_at: std::sync::atomic::AtomicI64::new(0),
+                last_grant_used: AtomicU64::new(0),
+                last_grant: AtomicU64::new(0),
             }),
         })
     }
