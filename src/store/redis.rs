@@ -60,7 +60,7 @@ pub struct RedisStore {
     client: redis::Client,
     url: String,
     conn: Mutex<Option<Connection>>,
-    /// The ledger script, loaded once per connection and called by its hash (`EVALSHA`).
+    /// The ledger script, called by its hash (`EVALSHA`) and loaded when the server lacks it.
     record: redis::Script,
     /// Tenants this process has seen in the tenant set, so a batch does not re-add its tenant.
     registered: Mutex<std::collections::HashSet<String>>,
@@ -110,11 +110,7 @@ impl RedisStore {
                 .map_err(|e| err(&self.url, e))?;
             let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
             let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-            // A new connection may be a restarted server: load the ledger script (kept until the
-            // server restarts; a `NOSCRIPT` answer drops the connection, and the next call
-            // loads it again) and register tenants anew.
-            let mut c = c;
-            self.record.load(&mut c).map_err(|e| err(&self.url, e))?;
+            // A new connection may be a restarted server: register tenants anew.
             self.registered.lock().unwrap_or_else(|p| p.into_inner()).clear();
             *guard = Some(c);
         }
@@ -207,7 +203,15 @@ impl Store for RedisStore {
                 }
             }
         }
-        self.with_conn(|c| pipe.query::<()>(c))?;
+        self.with_conn(|c| match pipe.query::<()>(c) {
+            // The server does not know the script yet (first write, a restart, `SCRIPT FLUSH`):
+            // load it and send the pipeline once more (its `SADD`s are idempotent).
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.record.load(c)?;
+                pipe.query::<()>(c)
+            }
+            other => other,
+        })?;
         if !new_tenants.is_empty() {
             self.registered.lock().unwrap_or_else(|p| p.into_inner()).extend(new_tenants);
         }
