@@ -50,22 +50,18 @@ impl ScrapeWriter for UsageCollector {
             rows = fold(rows, self.max_bot_series);
         }
         out.reserve(rows.len() * 5 * 80 + 1024);
-        family(out, "botgate_billed_sessions_total", "counter", "Billed sessions begun, per bot.");
-        for r in &rows {
-            line(out, "botgate_billed_sessions_total", r, None, r.s.billed);
-        }
-        family(out, "botgate_turns_total", "counter", "User turns, per bot.");
-        for r in &rows {
-            line(out, "botgate_turns_total", r, None, r.s.turns);
-        }
-        family(
-            out,
-            "botgate_overage_sessions_total",
-            "counter",
-            "Billed sessions served beyond capacity, per bot.",
-        );
-        for r in &rows {
-            line(out, "botgate_overage_sessions_total", r, None, r.s.overage);
+        let per_bot: [(&str, &str, fn(&CounterSnapshot) -> u64); 3] = [
+            ("botgate_billed_sessions_total", "Billed sessions begun, per bot.", |s| s.billed),
+            ("botgate_turns_total", "User turns, per bot.", |s| s.turns),
+            ("botgate_overage_sessions_total", "Billed sessions served beyond capacity, per bot.", |s| {
+                s.overage
+            }),
+        ];
+        for (name, help, value) in per_bot {
+            family(out, name, "counter", help);
+            for r in &rows {
+                line(out, name, r, None, value(&r.s));
+            }
         }
         family(
             out,
