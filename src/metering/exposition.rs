@@ -41,6 +41,9 @@ struct Row<'a> {
     s: CounterSnapshot,
 }
 
+/// A per-bot counter family: name, help, and its value in a snapshot.
+type PerBotFamily = (&'static str, &'static str, fn(&CounterSnapshot) -> u64);
+
 impl ScrapeWriter for UsageCollector {
     fn write(&self, out: &mut String) {
         let bots = self.metering.bots();
@@ -50,7 +53,7 @@ impl ScrapeWriter for UsageCollector {
             rows = fold(rows, self.max_bot_series);
         }
         out.reserve(rows.len() * 5 * 80 + 1024);
-        let per_bot: [(&str, &str, fn(&CounterSnapshot) -> u64); 3] = [
+        let per_bot: [PerBotFamily; 3] = [
             ("botgate_billed_sessions_total", "Billed sessions begun, per bot.", |s| s.billed),
             ("botgate_turns_total", "User turns, per bot.", |s| s.turns),
             ("botgate_overage_sessions_total", "Billed sessions served beyond capacity, per bot.", |s| {
