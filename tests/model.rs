@@ -17,7 +17,7 @@ mod reference;
 use proptest::prelude::*;
 use proptest::strategy::{BoxedStrategy, Union};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
-use reference::{Kind, Model, Op, Params, Say};
+use reference::{Kind, Model, Op, Params, Rule, Say};
 
 fn env_or(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -47,7 +47,7 @@ impl ReferenceStateMachine for Reference {
         let days = proptest::option::weighted(0.4, 0..=45i64);
         let mut steps: Vec<(u32, BoxedStrategy<Op>)> = vec![
             (
-                3,
+                2,
                 (tenant.clone(), kind, 1..=2u32, start, days)
                     .prop_map(|(tenant, kind, quantity, start, days)| Op::Buy {
                         tenant,
@@ -61,19 +61,19 @@ impl ReferenceStateMachine for Reference {
             (2, (1..3usize).prop_map(|tenant| Op::Onboard { tenant }).boxed()),
             (1, tenant.clone().prop_map(|tenant| Op::Assign { tenant }).boxed()),
             (
-                3,
+                1,
                 (tenant.clone(), authored.clone())
                     .prop_map(|(tenant, bot)| Op::Create { tenant, bot })
                     .boxed(),
             ),
             (
-                3,
-                (tenant.clone(), authored.clone(), proptest::bool::weighted(0.8))
+                1,
+                (tenant.clone(), authored.clone(), proptest::bool::weighted(0.5))
                     .prop_map(|(tenant, bot, on)| Op::Publish { tenant, bot, on })
                     .boxed(),
             ),
             (1, (tenant, authored).prop_map(|(tenant, bot)| Op::Delete { tenant, bot }).boxed()),
-            (4, (0..3usize, 0..16u8).prop_map(|(bot, client)| Op::Token { bot, client }).boxed()),
+            (3, (0..3usize, 0..16u8).prop_map(|(bot, client)| Op::Token { bot, client }).boxed()),
             (
                 4,
                 prop_oneof![1..=120i64, (1..=40i64).prop_map(|m| m * 60), (1..=30i64).prop_map(|h| h * 3600)]
@@ -89,7 +89,7 @@ impl ReferenceStateMachine for Reference {
         if !authoring.is_empty() {
             let create = (proptest::sample::select(authoring), 1..3usize)
                 .prop_map(|(tenant, bot)| Op::Create { tenant, bot });
-            steps.push((4, create.boxed()));
+            steps.push((3, create.boxed()));
         }
         let bots = s.authored_bots();
         let unpublished: Vec<(usize, usize)> = bots.iter().filter(|b| !b.2).map(|b| (b.0, b.1)).collect();
@@ -99,13 +99,13 @@ impl ReferenceStateMachine for Reference {
                 bot,
                 on: true,
             });
-            steps.push((5, publish.boxed()));
+            steps.push((3, publish.boxed()));
         }
         let published: Vec<usize> = bots.iter().filter(|b| b.2).map(|b| b.1).collect();
         if !published.is_empty() {
             let token = (proptest::sample::select(published), 0..16u8)
                 .prop_map(|(bot, client)| Op::Token { bot, client });
-            steps.push((5, token.boxed()));
+            steps.push((3, token.boxed()));
         }
         let (held, idle) = s.clients_by_held();
         let names: Vec<u8> = held.iter().chain(&idle).copied().collect();
@@ -129,7 +129,23 @@ impl ReferenceStateMachine for Reference {
             if !held.is_empty() {
                 let talk = (proptest::sample::select(held), say())
                     .prop_map(|(client, what)| Op::Say { client, what });
-                steps.push((14, talk.boxed()));
+                steps.push((20, talk.boxed()));
+            }
+            // The clock to a rule's edge (or a second before), then likely a message there.
+            let deadlines = s.deadlines();
+            if !deadlines.is_empty() {
+                let at = (proptest::sample::select(deadlines.clone()), proptest::bool::ANY)
+                    .prop_map(|((client, rule), early)| Op::Deadline { client, rule, early });
+                steps.push((2, at.boxed()));
+            }
+            if let Some(last) = s.last_client.filter(|c| names.contains(c)) {
+                let mine: Vec<(u8, Rule)> = deadlines.into_iter().filter(|d| d.0 == last).collect();
+                if !mine.is_empty() {
+                    let at = (proptest::sample::select(mine), proptest::bool::ANY)
+                        .prop_map(|((client, rule), early)| Op::Deadline { client, rule, early });
+                    steps.push((5, at.boxed()));
+                }
+                steps.push((12, say().prop_map(move |what| Op::Say { client: last, what }).boxed()));
             }
         }
         Union::new_weighted(steps).boxed()

@@ -84,8 +84,23 @@ pub enum Op {
     Advance { secs: i64 },
     /// The clock moves to `before` seconds before the next month begins.
     ToMonthEnd { before: i64 },
+    /// The clock moves to the instant a rule fires for the client (or one second before).
+    Deadline { client: u8, rule: Rule, early: bool },
     /// The server stops gracefully and starts again on the same data folder and clock.
     Restart,
+}
+
+/// A rule with a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// The open session's idle time.
+    SessionIdle,
+    /// The open session's longest duration.
+    SessionMax,
+    /// The held conversation's idle time.
+    ConversationIdle,
+    /// The client's token expiry.
+    TokenExpiry,
 }
 
 /// The configuration a sequence runs under (the values given to the server).
@@ -242,6 +257,8 @@ pub struct Model {
     pub expect: Expect,
     /// How many graceful restarts happened.
     pub restarts: u32,
+    /// The client the last step was about (the generator likes to go on with it).
+    pub last_client: Option<u8>,
 }
 
 /// The month of an instant.
@@ -319,6 +336,7 @@ impl Model {
             used: BTreeMap::new(),
             expect: Expect::default(),
             restarts: 0,
+            last_client: None,
         }
     }
 
@@ -383,12 +401,26 @@ impl Model {
                 })
             }
             Op::Advance { secs } => secs > 0,
+            Op::Deadline { client, rule, early } => {
+                self.named(client)
+                    && self
+                        .deadline(self.client(client), rule)
+                        .is_some_and(|d| d - i64::from(early) > self.now)
+            }
             _ => true,
         }
     }
 
     /// Applies a step and records the answer it must get.
     pub fn apply(&mut self, op: &Op) {
+        if let Op::Token { client, .. }
+        | Op::Start { client }
+        | Op::Say { client, .. }
+        | Op::Refresh { client }
+        | Op::Deadline { client, .. } = *op
+        {
+            self.last_client = Some(client);
+        }
         self.expect = match *op {
             Op::Buy { tenant, kind, quantity, start, days } => {
                 let start = day_of(self.now) + Duration::days(start);
@@ -441,6 +473,10 @@ impl Model {
             }
             Op::ToMonthEnd { before } => {
                 self.now = month_start(self.month() + 1) - before;
+                Expect::default()
+            }
+            Op::Deadline { client, rule, early } => {
+                self.now = self.deadline(self.client(client), rule).expect("a deadline") - i64::from(early);
                 Expect::default()
             }
             Op::Restart => {
@@ -519,6 +555,30 @@ impl Model {
     fn held(&self, client: usize) -> Option<Conversation> {
         let idle = self.p.conversation_idle;
         self.clients[client].conversation.filter(|c| self.now - c.last_user < idle)
+    }
+
+    /// The (client name, rule) pairs with a deadline more than a second ahead.
+    pub fn deadlines(&self) -> Vec<(u8, Rule)> {
+        let (held, idle) = self.clients_by_held();
+        let rules = [Rule::SessionIdle, Rule::SessionMax, Rule::ConversationIdle, Rule::TokenExpiry];
+        held.into_iter()
+            .chain(idle)
+            .flat_map(|n| rules.map(|r| (n, r)))
+            .filter(|&(n, r)| self.deadline(self.client(n), r).is_some_and(|d| d - 1 > self.now))
+            .collect()
+    }
+
+    /// When `rule` fires for a client, if it has what the rule is about.
+    pub fn deadline(&self, client: usize, rule: Rule) -> Option<i64> {
+        let c = &self.clients[client];
+        let conv = self.held(client);
+        let session = conv.and_then(|c| c.session);
+        match rule {
+            Rule::SessionIdle => session.map(|s| s.last_user + self.p.session_idle),
+            Rule::SessionMax => session.map(|s| s.began + self.p.session_max),
+            Rule::ConversationIdle => conv.map(|c| c.last_user + self.p.conversation_idle),
+            Rule::TokenExpiry => Some(c.token_expiry),
+        }
     }
 
     fn start(&mut self, client: usize) -> Expect {
