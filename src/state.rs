@@ -158,6 +158,10 @@ impl AppState {
         }
         let authoring = Authoring::load(&store, &channel.bots, config.upstream.max_concurrency_per_bot)
             .map_err(StartError::Control)?;
+        // Every bot is exported from the start, stored ones as well as configured ones.
+        for bot in channel.bots.all() {
+            let _ = metering.counters(&bot.tenant, &bot.id);
+        }
         let licensing = {
             let (config, clock, store, metering) =
                 (config.clone(), clock.clone(), store.clone(), metering.clone());

@@ -110,19 +110,19 @@ pub async fn create(
         topics: body.topics,
     };
     validate(&def)?;
+    let exists =
+        || ApiError::new(StatusCode::CONFLICT, "BotExists", "A bot with this id exists. Choose another id.");
+    // Held until the bot is in the registry: a concurrent create of the same id gets 409.
+    let Some(_reservation) = app.authoring().reserve(&id) else { return Err(exists()) };
     if app.channel().bots.get(&id).is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "BotExists",
-            "A bot with this id exists. Choose another id.",
-        ));
+        return Err(exists());
     }
     let max = app.config().upstream.max_concurrency_per_bot;
     let bot = Arc::new(Bot::with_control(
         &def,
         secrets::random_id(24),
         max,
-        Arc::new(BotControl::default()),
+        Arc::new(BotControl::with_instance(&secrets::random_id(12))),
         Some(p.identity.user.clone()),
     ));
     let fresh = [secrets::generate(), secrets::generate()];

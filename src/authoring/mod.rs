@@ -26,9 +26,35 @@ pub struct Authoring {
     hints: DashMap<String, [Option<String>; 2]>,
     /// The stored document of each stored bot, to tell what another node changed.
     stored: DashMap<String, String>,
+    /// Ids being created right now: a create holds its id across the store write, so two
+    /// creates of one id cannot both pass the uniqueness check.
+    creating: DashMap<String, ()>,
+}
+
+/// An id held by a create in progress; released on drop.
+pub struct Reservation<'a> {
+    creating: &'a DashMap<String, ()>,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.creating.remove(&self.id);
+    }
 }
 
 impl Authoring {
+    /// Holds `id` for a create, or `None` when another create holds it.
+    pub fn reserve(&self, id: &str) -> Option<Reservation<'_>> {
+        match self.creating.entry(id.to_string()) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(());
+                Some(Reservation { creating: &self.creating, id: id.to_string() })
+            }
+        }
+    }
+
     /// Loads the stored bots into the registry (replacing configured bots of the same id).
     pub fn load(store: &SharedStore, registry: &BotRegistry, max_in_flight: usize) -> Result<Self, String> {
         let data = store.load_control().map_err(|e| e.to_string())?;
