@@ -247,7 +247,10 @@ endpoint = "http://127.0.0.1:1/api/messages"
         };
         let err = Config::from_str(&tenant(r#""a", "b", "c""#), "x.toml").unwrap_err().to_string();
         assert!(err.contains("tenants[0].licensed_users") && err.contains("3 users"), "{err}");
-        assert!(Config::from_str(&tenant(r#""a", "a""#), "x.toml").is_ok(), "one user listed twice takes one seat");
+        assert!(
+            Config::from_str(&tenant(r#""a", "a""#), "x.toml").is_ok(),
+            "one user listed twice takes one seat"
+        );
     }
 
     #[test]

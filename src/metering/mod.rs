@@ -629,6 +629,19 @@ impl Metering {
         self.inner.cluster.as_ref().map(|c| &c.leases)
     }
 
+    /// Gives back this node's unused leases (graceful shutdown; several nodes), keeping the units
+    /// of the sessions its spool still holds for Redis. Returns the units given back.
+    pub fn release_leases(&self) -> Result<u64, String> {
+        let (Some(cluster), month) = (&self.inner.cluster, self.current_month()) else { return Ok(0) };
+        let mut pending: HashMap<String, u64> = HashMap::new();
+        for batch in cluster.spool.spooled(usize::MAX).map_err(|e| e.to_string())? {
+            for s in batch.sessions.iter().filter(|s| !s.overage && month_of(s.began_ms) == month) {
+                *pending.entry(s.tenant.clone()).or_default() += 1;
+            }
+        }
+        cluster.leases.release_blocking(&self.pools(), month, |t| pending.get(t).copied().unwrap_or(0))
+    }
+
     /// Every bot's counters.
     pub fn bots(&self) -> Vec<Arc<BotCounters>> {
         self.inner.bots.iter().map(|b| b.clone()).collect()

@@ -50,7 +50,14 @@ for i = 5, #ARGV, 2 do
   redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 if ARGV[4] ~= '0' and ARGV[1] ~= '' then
-  redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], ARGV[4])
+  local used = redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], ARGV[4])
+  local held = tonumber(redis.call('HGET', KEYS[3], 'held:' .. ARGV[1]) or '0')
+  if used > held then
+    -- Sessions whose units were reclaimed before they were recorded (a partitioned node's
+    -- spool): the node held them after all, and what is granted next accounts for them.
+    redis.call('HINCRBY', KEYS[3], 'granted', used - held)
+    redis.call('HSET', KEYS[3], 'held:' .. ARGV[1], used)
+  end
 end
 return 1
 "#;
