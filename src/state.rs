@@ -128,7 +128,7 @@ impl AppState {
                         ttl_ms: c.lease_ttl_secs as i64 * 1000,
                         target_secs: c.lease_target_secs,
                         max_grant: c.max_grant,
-                        redis_time: clock.is_wall_clock(),
+                        store_time: clock.is_wall_clock(),
                     },
                 );
                 tracing::info!(node = %node_id, "Joining the cluster: leases of capacity from Redis.");

@@ -8,6 +8,7 @@
 pub mod control;
 mod migrations;
 pub mod redis;
+pub mod redis_lease;
 pub mod sqlite;
 
 use control::{AuditEntry, ControlData, Mutation};

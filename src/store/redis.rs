@@ -195,7 +195,7 @@ impl Store for RedisStore {
                     .arg(3)
                     .arg(key(tenant, "sessions"))
                     .arg(key(tenant, "usage"))
-                    .arg(crate::metering::lease::pool_key(tenant, *month))
+                    .arg(super::redis_lease::pool_key(tenant, *month))
                     .arg(node)
                     .arg(format!("{batch_id}/{}", crate::metering::pool::month_label(*month)))
                     .arg(packed)
