@@ -57,6 +57,12 @@ pub enum StoreError {
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
+    /// A seat was claimed and every seat of the tenant is taken (another node took the last).
+    #[error("every user license seat of tenant {tenant} is taken")]
+    SeatsFull {
+        /// The tenant.
+        tenant: String,
+    },
 }
 
 /// One billed session as the ledger records it.

@@ -357,7 +357,19 @@ impl Store for RedisStore {
     }
 
     fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError> {
-        self.with_conn(|c| apply_on(c, mutations, audit, None)).map(|_| ())
+        // A seat claim watches the seats it counted: when another node changed them before the
+        // transaction ran, it is counted again.
+        for _ in 0..8 {
+            match self.with_conn(|c| apply_on(c, mutations, audit, None))? {
+                Applied::Yes => return Ok(()),
+                Applied::SeatsFull(tenant) => return Err(StoreError::SeatsFull { tenant }),
+                Applied::No => {}
+            }
+        }
+        Err(StoreError::Redis {
+            url: self.url.clone(),
+            message: "the seats kept changing while a seat was claimed".into(),
+        })
     }
 
     fn seed_tenant(
@@ -366,7 +378,7 @@ impl Store for RedisStore {
         mutations: &[Mutation],
         audit: &[AuditEntry],
     ) -> Result<bool, StoreError> {
-        self.with_conn(|c| apply_on(c, mutations, audit, Some(tenant)))
+        self.with_conn(|c| apply_on(c, mutations, audit, Some(tenant))).map(|a| a == Applied::Yes)
     }
 
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
@@ -405,21 +417,43 @@ impl Store for RedisStore {
     }
 }
 
+/// Whether [`apply_on`] applied its transaction.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    Yes,
+    /// A watched key changed (or the tenant to seed exists): nothing was written.
+    No,
+    /// A seat claim found every seat of this tenant taken: nothing was written.
+    SeatsFull(String),
+}
+
 /// Applies control-plane changes and their audit entries in one `MULTI`/`EXEC`, then publishes
 /// the touched tenants. With `only_new`, the transaction runs only if that tenant does not exist
-/// (`WATCH` on its key: a node that loses the race to seed it applies nothing). Returns whether
-/// it applied.
+/// (`WATCH` on its key: a node that loses the race to seed it applies nothing). A seat claim
+/// counts the tenant's seats under `WATCH`, so it applies only if a seat was free when it ran.
 fn apply_on(
     c: &mut Connection,
     mutations: &[Mutation],
     audit: &[AuditEntry],
     only_new: Option<&str>,
-) -> RedisResult<bool> {
+) -> RedisResult<Applied> {
     if let Some(t) = only_new {
         redis::cmd("WATCH").arg(key(t, "tenant")).query::<()>(c)?;
         if redis::cmd("EXISTS").arg(key(t, "tenant")).query::<bool>(c)? {
             redis::cmd("UNWATCH").query::<()>(c)?;
-            return Ok(false);
+            return Ok(Applied::No);
+        }
+    }
+    for m in mutations {
+        if let Mutation::ClaimSeat { seat, seats } = m {
+            let k = key(&seat.tenant, "seats");
+            redis::cmd("WATCH").arg(&k).query::<()>(c)?;
+            let held: bool = redis::cmd("HEXISTS").arg(&k).arg(&seat.user).query(c)?;
+            let taken: u64 = redis::cmd("HLEN").arg(&k).query(c)?;
+            if !held && taken >= *seats {
+                redis::cmd("UNWATCH").query::<()>(c)?;
+                return Ok(Applied::SeatsFull(seat.tenant.clone()));
+            }
         }
     }
 
@@ -464,7 +498,7 @@ fn apply_on(
                 pipe.cmd("SREM").arg(key(tenant, "assign")).arg(format!("{}:{id}", kind_str(*kind))).ignore();
                 touched.insert(tenant.clone());
             }
-            Mutation::PutSeat(s) => {
+            Mutation::PutSeat(s) | Mutation::ClaimSeat { seat: s, .. } => {
                 pipe.cmd("HSET").arg(key(&s.tenant, "seats")).arg(&s.user).arg(&s.via).ignore();
                 touched.insert(s.tenant.clone());
             }
@@ -507,11 +541,11 @@ fn apply_on(
         touched.insert(a.tenant.clone());
     }
     if pipe.query::<Option<()>>(c)?.is_none() {
-        // The watched tenant appeared meanwhile: another node seeded it.
-        return Ok(false);
+        // A watched key changed meanwhile: another node seeded the tenant, or took a seat.
+        return Ok(Applied::No);
     }
     for t in touched {
         redis::cmd("PUBLISH").arg(CHANGES_CHANNEL).arg(t).query::<i64>(c)?;
     }
-    Ok(true)
+    Ok(Applied::Yes)
 }
