@@ -151,6 +151,9 @@ pub enum Mutation {
     PutTrial(TrialRecord),
     /// Insert or replace a bot.
     PutBot(BotRecord),
+    /// A new bot: applied only if no bot has its id (the store checks atomically with the
+    /// write), else the whole change fails with `StoreError::BotExists`.
+    CreateBot(BotRecord),
     /// Delete a bot.
     DeleteBot {
         /// The bot id.

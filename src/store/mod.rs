@@ -57,6 +57,12 @@ pub enum StoreError {
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
+    /// A bot was created with an id another bot has (created meanwhile, on another node).
+    #[error("a bot with id {id} exists")]
+    BotExists {
+        /// The id.
+        id: String,
+    },
     /// A seat was claimed and every seat of the tenant is taken (another node took the last).
     #[error("every user license seat of tenant {tenant} is taken")]
     SeatsFull {

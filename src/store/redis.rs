@@ -357,12 +357,13 @@ impl Store for RedisStore {
     }
 
     fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError> {
-        // A seat claim watches the seats it counted: when another node changed them before the
-        // transaction ran, it is counted again.
+        // A seat claim watches the seats it counted, a bot's creation the bot index: when
+        // another node changed them before the transaction ran, they are checked again.
         for _ in 0..8 {
             match self.with_conn(|c| apply_on(c, mutations, audit, None))? {
                 Applied::Yes => return Ok(()),
                 Applied::SeatsFull(tenant) => return Err(StoreError::SeatsFull { tenant }),
+                Applied::BotExists(id) => return Err(StoreError::BotExists { id }),
                 Applied::No => {}
             }
         }
@@ -425,6 +426,8 @@ enum Applied {
     No,
     /// A seat claim found every seat of this tenant taken: nothing was written.
     SeatsFull(String),
+    /// A bot created with an id another bot has: nothing was written.
+    BotExists(String),
 }
 
 /// Applies control-plane changes and their audit entries in one `MULTI`/`EXEC`, then publishes
@@ -453,6 +456,13 @@ fn apply_on(
             if !held && taken >= *seats {
                 redis::cmd("UNWATCH").query::<()>(c)?;
                 return Ok(Applied::SeatsFull(seat.tenant.clone()));
+            }
+        }
+        if let Mutation::CreateBot(b) = m {
+            redis::cmd("WATCH").arg(BOT_INDEX).query::<()>(c)?;
+            if redis::cmd("HEXISTS").arg(BOT_INDEX).arg(&b.id).query::<bool>(c)? {
+                redis::cmd("UNWATCH").query::<()>(c)?;
+                return Ok(Applied::BotExists(b.id.clone()));
             }
         }
     }
@@ -516,7 +526,7 @@ fn apply_on(
                 pipe.cmd("HSET").arg(key(&t.tenant, "trials")).arg(&t.user).arg(json(t)).ignore();
                 touched.insert(t.tenant.clone());
             }
-            Mutation::PutBot(b) => {
+            Mutation::PutBot(b) | Mutation::CreateBot(b) => {
                 pipe.cmd("HSET").arg(key(&b.tenant, "bots")).arg(&b.id).arg(json(b)).ignore();
                 pipe.cmd("HSET").arg(BOT_INDEX).arg(&b.id).arg(&b.tenant).ignore();
                 pipe.cmd("SADD").arg(TENANTS).arg(&b.tenant).ignore();

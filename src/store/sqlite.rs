@@ -316,7 +316,9 @@ impl Store for SqliteStore {
                          VALUES (?1, ?2, ?3, ?4, ?5)",
                         params![t.tenant, t.user, t.started_ms, t.expires_ms, t.extended],
                     )?,
-                    Mutation::PutBot(b) => tx.execute(
+                    // One process owns the database: the caller's registry and its reservation of
+                    // the id already decided that it is free.
+                    Mutation::PutBot(b) | Mutation::CreateBot(b) => tx.execute(
                         "INSERT OR REPLACE INTO bots (id, tenant, json) VALUES (?1, ?2, ?3)",
                         params![b.id, b.tenant, b.json],
                     )?,
