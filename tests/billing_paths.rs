@@ -261,3 +261,38 @@ async fn an_upstream_bot_that_refuses_the_first_turn_is_not_billed() {
     assert_eq!(session(&s, "helpdesk", "vpn").await, 200);
     assert_eq!(metric(&s.metrics().await, &used_series("contoso")), Some(1));
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_after_sending_is_still_billed_for_the_session_the_bot_took() {
+    let (addr, calls) = slow_bot(300).await;
+    let endpoint = format!("http://{addr}/api/messages");
+    let s = TestServer::with(|c| {
+        let extra: botgate::config::Config = toml::from_str(&upstream_config_toml(&endpoint, "")).unwrap();
+        c.bots.extend(extra.bots);
+    })
+    .await;
+    let (t, c, _) = s.conversation("up").await;
+    let impatient = reqwest::Client::builder().timeout(std::time::Duration::from_millis(50)).build().unwrap();
+    let res = impatient
+        .post(s.url(&format!("/v3/directline/conversations/{c}/activities")))
+        .bearer_auth(&t)
+        .json(&json!({"type": "message", "from": {"id": "dl_user"}, "text": "hello"}))
+        .send()
+        .await;
+    assert!(res.is_err(), "the client gave up before the bot answered");
+    // The bot takes the turn after the client left: the session is billed all the same.
+    let mut billed = None;
+    for _ in 0..100 {
+        billed = metric(&s.metrics().await, &billed_series("contoso", "up"));
+        if billed == Some(1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(billed, Some(1));
+    assert!(
+        calls.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the start and the message reached the bot"
+    );
+    assert_eq!(metric(&s.metrics().await, &used_series("contoso")), Some(1));
+}

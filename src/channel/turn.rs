@@ -20,6 +20,7 @@ use crate::bots::builtin::Topic;
 use crate::config::TopicKind;
 use crate::conversation::Conversation;
 use crate::error::ApiError;
+use crate::metering::Turn;
 use crate::state::AppState;
 
 /// `POST /v3/directline/conversations/{id}/activities`.
@@ -142,11 +143,22 @@ async fn message(
         }
         None => {
             a.insert("id".into(), Value::String(appended.id.clone()));
-            // A bot that never accepted the turn (refused, 5xx, timeout) bills nothing: the
-            // error drops the pending session, which gives its unit back.
-            deliver(app, conv, a, Some((&appended.id, appended.ts))).await?;
-            if let Some(turn) = turn {
-                turn.commit().await?;
+            match turn {
+                // A bot that never accepted the turn (refused, 5xx, timeout) bills nothing: the
+                // error drops the pending session, which gives its unit back. The bot call and
+                // the record run in a task of their own, so a client that hangs up after sending
+                // cannot have the bot answer a session that is then not billed.
+                Some(Turn::Began(pending)) => {
+                    let (app, conv, reply_to) = (app.clone(), conv.clone(), appended.id.clone());
+                    let ts = appended.ts;
+                    tokio::spawn(async move {
+                        deliver(&app, &conv, a, Some((&reply_to, ts))).await?;
+                        pending.commit().await.map(drop)
+                    })
+                    .await
+                    .map_err(|_| ApiError::internal())??;
+                }
+                _ => deliver(app, conv, a, Some((&appended.id, appended.ts))).await?,
             }
         }
     }
