@@ -48,6 +48,7 @@ fn token(c: &mut Criterion) {
         exp: NOW_MS / 1000 + 1800,
         slot: 0,
         generation: 0,
+        instance: String::new(),
         test_chat: false,
     };
     let t = signer.sign(&claims);

@@ -18,6 +18,12 @@ pub trait Clock: Send + Sync + 'static {
     fn now_secs(&self) -> i64 {
         self.now_ms().div_euclid(1000)
     }
+
+    /// Whether this is the operating system's wall clock (then rules shared across machines,
+    /// such as lease expiry in Redis, are judged by the shared server's own clock instead).
+    fn is_wall_clock(&self) -> bool {
+        false
+    }
 }
 
 /// A shared clock handle; cloning is shallow.
@@ -33,6 +39,10 @@ impl Clock for SystemClock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as Millis)
             .unwrap_or(0)
+    }
+
+    fn is_wall_clock(&self) -> bool {
+        true
     }
 }
 

@@ -13,7 +13,8 @@
 //! - [`clock`]: the `Clock` trait, the system clock and a manual clock for tests.
 //! - [`cluster`]: several nodes on one Redis: heartbeat, node registry and forwarding, reloads.
 //! - [`telemetry`]: tracing set-up, the metrics registry, the HTTP metrics layer.
-//! - [`store`]: the `Store` trait and its SQLite engine.
+//! - [`store`]: the `Store` trait and its engines: SQLite (one node) and Redis (several nodes,
+//!   with the lease protocol of `metering::lease`).
 //! - [`channel`]: the Direct Line 3.0 channel: tokens, the message path, WebSocket, the bot
 //!   connector, CORS.
 //! - [`conversation`]: conversation state: activity log, watermark, expiry, the map.

@@ -128,6 +128,7 @@ impl AppState {
                         ttl_ms: c.lease_ttl_secs as i64 * 1000,
                         target_secs: c.lease_target_secs,
                         max_grant: c.max_grant,
+                        store_time: clock.is_wall_clock(),
                     },
                 );
                 tracing::info!(node = %node_id, "Joining the cluster: leases of capacity from Redis.");
@@ -158,6 +159,10 @@ impl AppState {
         }
         let authoring = Authoring::load(&store, &channel.bots, config.upstream.max_concurrency_per_bot)
             .map_err(StartError::Control)?;
+        // Every bot is exported from the start, stored ones as well as configured ones.
+        for bot in channel.bots.all() {
+            let _ = metering.counters(&bot.tenant, &bot.id);
+        }
         let licensing = {
             let (config, clock, store, metering) =
                 (config.clone(), clock.clone(), store.clone(), metering.clone());
@@ -333,8 +338,8 @@ impl AppState {
             if let Some(c) = &cluster {
                 c.deregister_blocking();
             }
-            if let Some(leases) = metering.leases() {
-                match leases.release_blocking(&metering.pools(), metering.current_month()) {
+            if metering.leases().is_some() {
+                match metering.release_leases() {
                     Ok(n) => tracing::info!(units = n, "Returned unused capacity leases."),
                     Err(e) => {
                         tracing::warn!(error = %e, "Returning leases failed; they come back after the lease TTL.")

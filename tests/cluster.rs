@@ -323,3 +323,94 @@ async fn redis_down_with_safe_capacity_allows_exactly_the_configured_number() {
     }
     assert_eq!(count, expected);
 }
+
+/// Two nodes assigning seats at once, each from its own snapshot: exactly the seats bought are
+/// taken (the store counts them atomically with each claim), the rest get 409 `NoSeatsLeft`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_assigning_at_once_never_oversell_seats() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let nodes = [Arc::new(TestServer::with(node(&url)).await), Arc::new(TestServer::with(node(&url)).await)];
+    let key = nodes[0].state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
+    let req = botgate::identity::dev_issuer::TokenRequest {
+        tenant: "contoso".into(),
+        user: "root".into(),
+        admin: true,
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    let now = botgate::clock::Clock::now_secs(&*nodes[0].clock);
+    let admin = Arc::new(botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now));
+    // The default tenant bought 10 seats and `alice` holds one: 9 are free.
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let (n, admin) = (nodes[i % 2].clone(), admin.clone());
+            tokio::spawn(async move {
+                let res = n
+                    .http
+                    .put(n.url(&format!("/api/v1/admin/licenses/users/u{i}")))
+                    .bearer_auth(&*admin)
+                    .send()
+                    .await
+                    .unwrap();
+                match res.status().as_u16() {
+                    200 => true,
+                    409 => {
+                        assert_error(res, 409, "NoSeatsLeft").await;
+                        false
+                    }
+                    s => panic!("unexpected {s}: {}", res.text().await.unwrap()),
+                }
+            })
+        })
+        .collect();
+    let mut assigned = 0;
+    for t in tasks {
+        assigned += u32::from(t.await.unwrap());
+    }
+    assert_eq!(assigned, 9);
+    assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:seats"]), "10");
+}
+
+/// Two nodes creating the same bot id at once: exactly one create succeeds, the rest get 409
+/// `BotExists` (the store checks the id atomically with the write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_creating_one_bot_id_at_once_create_it_once() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let nodes = [Arc::new(TestServer::with(node(&url)).await), Arc::new(TestServer::with(node(&url)).await)];
+    let key = nodes[0].state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
+    let req = botgate::identity::dev_issuer::TokenRequest {
+        tenant: "contoso".into(),
+        user: "alice".into(),
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    let now = botgate::clock::Clock::now_secs(&*nodes[0].clock);
+    let alice = Arc::new(botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now));
+    let def = serde_json::json!({"id": "dup", "name": "Dup", "kind": "builtin", "topics": [
+        {"name": "Fallback", "kind": "system", "system": "fallback", "replies": ["Sorry?"]}]});
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (n, alice, def) = (nodes[i % 2].clone(), alice.clone(), def.clone());
+            tokio::spawn(async move {
+                let res =
+                    n.http.post(n.url("/api/v1/bots")).bearer_auth(&*alice).json(&def).send().await.unwrap();
+                match res.status().as_u16() {
+                    201 => true,
+                    409 => {
+                        assert_error(res, 409, "BotExists").await;
+                        false
+                    }
+                    s => panic!("unexpected {s}: {}", res.text().await.unwrap()),
+                }
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        created += u32::from(t.await.unwrap());
+    }
+    assert_eq!(created, 1);
+    assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:bots"]), "1");
+}

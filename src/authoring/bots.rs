@@ -10,6 +10,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::BotChange;
 use super::store::hint;
 use crate::bots::{Bot, BotControl, secrets};
 use crate::config::{BotConfig, BotKind, TopicConfig};
@@ -110,19 +111,19 @@ pub async fn create(
         topics: body.topics,
     };
     validate(&def)?;
+    let exists =
+        || ApiError::new(StatusCode::CONFLICT, "BotExists", "A bot with this id exists. Choose another id.");
+    // Held until the bot is in the registry: a concurrent create of the same id gets 409.
+    let Some(_reservation) = app.authoring().reserve(&id) else { return Err(exists()) };
     if app.channel().bots.get(&id).is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "BotExists",
-            "A bot with this id exists. Choose another id.",
-        ));
+        return Err(exists());
     }
     let max = app.config().upstream.max_concurrency_per_bot;
     let bot = Arc::new(Bot::with_control(
         &def,
         secrets::random_id(24),
         max,
-        Arc::new(BotControl::default()),
+        Arc::new(BotControl::with_instance(&secrets::random_id(12))),
         Some(p.identity.user.clone()),
     ));
     let fresh = [secrets::generate(), secrets::generate()];
@@ -131,7 +132,7 @@ pub async fn create(
         app.authoring().set_hint(&id, i as u8 + 1, hint(s));
     }
     let a = audit(&app, &p.identity.tenant, &p.identity.user, "bot.create", &id, None, Some(view(&bot)));
-    app.authoring().save(app.store(), &bot, false, a).await?;
+    app.authoring().save(app.store(), &bot, BotChange::Create, a).await?;
     app.channel().bots.insert(bot.clone());
     let _ = app.metering().counters(&bot.tenant, &bot.id);
     Ok((StatusCode::CREATED, Json(json!({ "bot": view(&bot), "secrets": fresh }))).into_response())
@@ -189,7 +190,7 @@ pub async fn patch(
     }
     let a =
         audit(&app, &p.identity.tenant, &p.identity.user, "bot.update", &id, Some(before), Some(view(&bot)));
-    if let Err(e) = app.authoring().save(app.store(), &bot, false, a).await {
+    if let Err(e) = app.authoring().save(app.store(), &bot, BotChange::Update, a).await {
         // The control block is shared: undo the access change that was not saved.
         old.control.set_secured_access(old.definition.secured_access);
         return Err(e);
@@ -206,7 +207,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let bot = own_bot(&app, &p.identity.tenant, &id)?;
     let a = audit(&app, &p.identity.tenant, &p.identity.user, "bot.delete", &id, Some(view(&bot)), None);
-    app.authoring().save(app.store(), &bot, true, a).await?;
+    app.authoring().save(app.store(), &bot, BotChange::Delete, a).await?;
     bot.control.set_published(false);
     app.channel().bots.remove(&id);
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -231,7 +232,7 @@ async fn set_published(
         Some(json!({"published": was})),
         Some(json!({"published": on})),
     );
-    if let Err(e) = app.authoring().save(app.store(), &bot, false, a).await {
+    if let Err(e) = app.authoring().save(app.store(), &bot, BotChange::Update, a).await {
         bot.control.set_published(was);
         return Err(e);
     }
@@ -306,7 +307,7 @@ pub async fn regenerate(
         Some(before),
         Some(after),
     );
-    app.authoring().save(app.store(), &bot, false, a).await?;
+    app.authoring().save(app.store(), &bot, BotChange::Update, a).await?;
     Ok(Json(json!({ "slot": slot, "secret": secret, "generation": bot.control.generation(slot) }))
         .into_response())
 }

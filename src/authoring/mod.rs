@@ -16,8 +16,8 @@ use dashmap::DashMap;
 
 use crate::bots::{Bot, BotRegistry, secrets};
 use crate::error::ApiError;
-use crate::store::SharedStore;
 use crate::store::control::{AuditEntry, Mutation};
+use crate::store::{SharedStore, StoreError};
 use store::BotDoc;
 
 /// Authoring state: the secret hints of the bots (the hashes live in the bots themselves).
@@ -26,9 +26,47 @@ pub struct Authoring {
     hints: DashMap<String, [Option<String>; 2]>,
     /// The stored document of each stored bot, to tell what another node changed.
     stored: DashMap<String, String>,
+    /// Ids being created right now: a create holds its id across the store write, so two
+    /// creates of one id cannot both pass the uniqueness check.
+    creating: DashMap<String, ()>,
+}
+
+/// What [`Authoring::save`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BotChange {
+    /// A new bot: refused with 409 `BotExists` if the store knows its id (another node may
+    /// have created it).
+    Create,
+    /// A change to an existing bot.
+    Update,
+    /// The bot is deleted.
+    Delete,
+}
+
+/// An id held by a create in progress; released on drop.
+pub struct Reservation<'a> {
+    creating: &'a DashMap<String, ()>,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.creating.remove(&self.id);
+    }
 }
 
 impl Authoring {
+    /// Holds `id` for a create, or `None` when another create holds it.
+    pub fn reserve(&self, id: &str) -> Option<Reservation<'_>> {
+        match self.creating.entry(id.to_string()) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(());
+                Some(Reservation { creating: &self.creating, id: id.to_string() })
+            }
+        }
+    }
+
     /// Loads the stored bots into the registry (replacing configured bots of the same id).
     pub fn load(store: &SharedStore, registry: &BotRegistry, max_in_flight: usize) -> Result<Self, String> {
         let data = store.load_control().map_err(|e| e.to_string())?;
@@ -109,21 +147,29 @@ impl Authoring {
         &self,
         store: &SharedStore,
         bot: &Bot,
-        deleted: bool,
+        change: BotChange,
         audit: AuditEntry,
     ) -> Result<(), ApiError> {
-        let record = (!deleted).then(|| BotDoc::of(bot, &self.hints(&bot.id)).record());
-        let m = match &record {
-            None => Mutation::DeleteBot { id: bot.id.clone() },
-            Some(r) => Mutation::PutBot(r.clone()),
+        let record = (change != BotChange::Delete).then(|| BotDoc::of(bot, &self.hints(&bot.id)).record());
+        let m = match (&record, change) {
+            (None, _) => Mutation::DeleteBot { id: bot.id.clone() },
+            (Some(r), BotChange::Create) => Mutation::CreateBot(r.clone()),
+            (Some(r), _) => Mutation::PutBot(r.clone()),
         };
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.apply(&[m], &[audit]))
             .await
             .map_err(|_| ApiError::internal())?
-            .map_err(|e| {
-                tracing::error!(error = %e, "Saving a bot failed.");
-                ApiError::unavailable("StoreUnavailable", "The change could not be saved. Try again.")
+            .map_err(|e| match e {
+                StoreError::BotExists { .. } => ApiError::new(
+                    http::StatusCode::CONFLICT,
+                    "BotExists",
+                    "A bot with this id exists. Choose another id.",
+                ),
+                e => {
+                    tracing::error!(error = %e, "Saving a bot failed.");
+                    ApiError::unavailable("StoreUnavailable", "The change could not be saved. Try again.")
+                }
             })?;
         match record {
             Some(r) => {

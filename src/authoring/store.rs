@@ -29,6 +29,9 @@ pub struct BotDoc {
     pub owner: Option<String>,
     /// The two secret slots.
     pub secrets: [Option<StoredSecret>; 2],
+    /// Which bot of this id it is (tokens carry it); empty for bots stored before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -55,7 +58,7 @@ impl BotDoc {
         let mut definition = bot.definition.clone();
         definition.published = bot.control.published();
         definition.secured_access = bot.control.secured_access();
-        Self { definition, owner: bot.owner.clone(), secrets }
+        Self { definition, owner: bot.owner.clone(), secrets, instance: bot.control.instance().to_string() }
     }
 
     /// The store record.
@@ -74,7 +77,7 @@ impl BotDoc {
 
     /// Builds the live bot.
     pub fn build(&self, connector_key: String, max_in_flight: usize) -> Bot {
-        let control = BotControl::default();
+        let control = BotControl::with_instance(&self.instance);
         control.set_published(self.definition.published);
         control.set_secured_access(self.definition.secured_access);
         for (i, s) in self.secrets.iter().enumerate() {

@@ -33,9 +33,21 @@ pub struct BotControl {
     generations: [AtomicU32; 2],
     /// The hashes of the two secrets; read only to make tokens, so a std lock is fine.
     hashes: Mutex<[Option<SecretHash>; 2]>,
+    /// Which bot of this id it is: random for a bot created through the authoring API, empty for
+    /// a configured one. Tokens carry it, so a deleted bot's tokens never reach a later bot with
+    /// the same id (in any tenant).
+    instance: Box<str>,
 }
 
 impl BotControl {
+    /// A control block for the bot instance `instance`.
+    pub fn with_instance(instance: &str) -> Self {
+        Self { instance: Box::from(instance), ..Self::default() }
+    }
+    /// Which bot of this id it is (see the field).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
     /// Whether bot users can reach the bot.
     pub fn published(&self) -> bool {
         self.published.load(Ordering::Relaxed)

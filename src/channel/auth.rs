@@ -87,6 +87,10 @@ pub fn check_bot(bot: &Bot, cred: &Credential) -> Result<(), ApiError> {
         return Err(forbidden("BotNotPublished", "This bot is not published."));
     }
     if let Credential::Token(c) = cred {
+        if c.instance != bot.control.instance() {
+            // A token of a deleted bot whose id was taken again (in this or another tenant).
+            return Err(forbidden("BotNotFound", "There is no bot with this id."));
+        }
         if c.slot == 0 && bot.control.secured_access() && !c.test_chat {
             return Err(forbidden(
                 "SecuredAccessRequired",

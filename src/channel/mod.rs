@@ -112,6 +112,7 @@ impl Channel {
             exp: 0,
             slot,
             generation: bot.control.generation(slot),
+            instance: bot.control.instance().to_string(),
             test_chat,
         }
     }

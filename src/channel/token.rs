@@ -37,6 +37,9 @@ pub struct Claims {
     /// That secret's generation when the token was made.
     #[serde(rename = "g", default)]
     pub generation: u32,
+    /// The bot instance it was made for (see `BotControl::instance`); empty for configured bots.
+    #[serde(rename = "i", default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
     /// Made through the authoring test chat: never billed.
     #[serde(rename = "t", default, skip_serializing_if = "std::ops::Not::not")]
     pub test_chat: bool,
@@ -169,6 +172,7 @@ mod tests {
             exp,
             slot: 1,
             generation: 0,
+            instance: String::new(),
             test_chat: false,
         }
     }

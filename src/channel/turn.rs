@@ -20,6 +20,7 @@ use crate::bots::builtin::Topic;
 use crate::config::TopicKind;
 use crate::conversation::Conversation;
 use crate::error::ApiError;
+use crate::metering::Turn;
 use crate::state::AppState;
 
 /// `POST /v3/directline/conversations/{id}/activities`.
@@ -47,7 +48,13 @@ pub async fn post_activity(
         Credential::Secret { .. } => None,
     };
     activity::set_user(&mut a, token_user)?;
-    let id = match activity::kind(&a) {
+    let kind = activity::kind(&a);
+    if !matches!(kind, "message" | "typing" | "endOfConversation") {
+        // Events, invokes and the rest count against the bot's message rate limit, as
+        // messages do; they never begin a billed session.
+        app.metering().on_user_event(&conv.meter)?;
+    }
+    let id = match kind {
         "message" => message(&app, &conv, a).await?,
         "event" if activity::name(&a) == "startConversation" => greet_event(&app, &conv, a).await?,
         "conversationUpdate" => greet_event(&app, &conv, a).await?,
@@ -111,7 +118,16 @@ async fn message(
     };
     // Built-in bots begin a billed session on a user topic; upstream bots on any user message.
     let user_topic = topic.is_none_or(|t| t.kind == TopicKind::User);
-    ch.metering.on_user_turn(&conv.id, &conv.meter, user_topic).await?;
+    let turn = ch.metering.begin_turn(&conv.id, &conv.meter, user_topic).await?;
+    // A built-in bot always takes the turn: the session is recorded now. An upstream bot's is
+    // recorded once the bot accepted the turn.
+    let turn = match topic {
+        Some(_) => {
+            turn.commit().await?;
+            None
+        }
+        None => Some(turn),
+    };
     conv.touch(app.clock().now_ms());
     let appended = {
         let now = app.clock().now_ms();
@@ -127,7 +143,23 @@ async fn message(
         }
         None => {
             a.insert("id".into(), Value::String(appended.id.clone()));
-            deliver(app, conv, a, Some((&appended.id, appended.ts))).await?;
+            match turn {
+                // A bot that never accepted the turn (refused, 5xx, timeout) bills nothing: the
+                // error drops the pending session, which gives its unit back. The bot call and
+                // the record run in a task of their own, so a client that hangs up after sending
+                // cannot have the bot answer a session that is then not billed.
+                Some(Turn::Began(pending)) => {
+                    let (app, conv, reply_to) = (app.clone(), conv.clone(), appended.id.clone());
+                    let ts = appended.ts;
+                    tokio::spawn(async move {
+                        deliver(&app, &conv, a, Some((&reply_to, ts))).await?;
+                        pending.commit().await.map(drop)
+                    })
+                    .await
+                    .map_err(|_| ApiError::internal())??;
+                }
+                _ => deliver(app, conv, a, Some((&appended.id, appended.ts))).await?,
+            }
         }
     }
     Ok(appended.id)

@@ -238,6 +238,22 @@ endpoint = "http://127.0.0.1:1/api/messages"
     }
 
     #[test]
+    fn more_licensed_users_than_seats_is_refused() {
+        let tenant = |users: &str| {
+            format!(
+                "[[tenants]]\nid = \"t\"\nsubscriptions = [{{ kind = \"user_licenses\", quantity = 1 }}]\n\
+                 licensed_users = [{users}]\n"
+            )
+        };
+        let err = Config::from_str(&tenant(r#""a", "b", "c""#), "x.toml").unwrap_err().to_string();
+        assert!(err.contains("tenants[0].licensed_users") && err.contains("3 users"), "{err}");
+        assert!(
+            Config::from_str(&tenant(r#""a", "a""#), "x.toml").is_ok(),
+            "one user listed twice takes one seat"
+        );
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = Config::from_str("", "x.toml").unwrap();
         assert_eq!(c.server.listen.port(), 8080);

@@ -98,6 +98,24 @@ impl TenantConfig {
                 return Err(invalid(format!("{key}.licensed_users[{i}]"), "must not be empty"));
             }
         }
+        // Each user assigned directly takes a seat: a file cannot assign more than it bought.
+        let users: std::collections::HashSet<&str> = self.licensed_users.iter().map(String::as_str).collect();
+        let seats: u64 = self
+            .subscriptions
+            .iter()
+            .filter(|s| s.kind == SubscriptionKind::UserLicenses)
+            .map(|s| u64::from(s.quantity))
+            .sum();
+        if users.len() as u64 > seats {
+            return Err(invalid(
+                format!("{key}.licensed_users"),
+                format!(
+                    "assigns {} users but the tenant bought {seats} user license seats; buy more \
+                     (`kind = \"user_licenses\"`) or assign fewer",
+                    users.len()
+                ),
+            ));
+        }
         for (i, g) in self.licensed_groups.iter().enumerate() {
             if g.is_empty() {
                 return Err(invalid(format!("{key}.licensed_groups[{i}]"), "must not be empty"));

@@ -252,6 +252,7 @@ mod tests {
                 exp: 100,
                 slot: 0,
                 generation: 0,
+                instance: String::new(),
                 test_chat: false,
             })
         };

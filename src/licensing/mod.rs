@@ -27,10 +27,10 @@ use crate::error::ApiError;
 use crate::identity::Identity;
 use crate::metering::Metering;
 use crate::metering::pool::CapacityPlan;
-use crate::store::SharedStore;
 use crate::store::control::{
     AuditEntry, Mutation, Principal, SeatRecord, SubscriptionRecord, TenantRecord, TrialRecord,
 };
+use crate::store::{SharedStore, StoreError};
 use model::{Denial, Grant, Snapshot, TenantView};
 
 const DAY_MS: i64 = 86_400_000;
@@ -236,7 +236,7 @@ impl Licensing {
                 t.seats.insert(user.to_string(), via.clone());
                 let seat = SeatRecord { tenant: tenant.into(), user: user.into(), via };
                 Ok((
-                    vec![Mutation::PutSeat(seat.clone())],
+                    vec![Mutation::ClaimSeat { seat: seat.clone(), seats: t.seats_bought(now) }],
                     vec![("seat.take", user.to_string(), None, json(&seat))],
                 ))
             })
@@ -300,9 +300,12 @@ impl Licensing {
                 tracing::error!(error = %e, "A licensing write panicked.");
                 ApiError::internal()
             })?
-            .map_err(|e| {
-                tracing::error!(error = %e, "A licensing write failed.");
-                ApiError::unavailable("StoreUnavailable", "The change could not be saved. Try again.")
+            .map_err(|e| match e {
+                StoreError::SeatsFull { .. } => no_seats(&view, now),
+                e => {
+                    tracing::error!(error = %e, "A licensing write failed.");
+                    ApiError::unavailable("StoreUnavailable", "The change could not be saved. Try again.")
+                }
             })?;
         let view = Arc::new(view);
         let mut next = (*current).clone();
@@ -368,11 +371,10 @@ impl Licensing {
                     return Err(no_seats(t, now));
                 }
                 t.seats.insert(id.to_string(), "direct".into());
-                m.push(Mutation::PutSeat(SeatRecord {
-                    tenant: tenant.into(),
-                    user: id.into(),
-                    via: "direct".into(),
-                }));
+                m.push(Mutation::ClaimSeat {
+                    seat: SeatRecord { tenant: tenant.into(), user: id.into(), via: "direct".into() },
+                    seats: t.seats_bought(now),
+                });
             }
             Ok((m, vec![(action, id.to_string(), None, Some(format!("{{\"assigned\":\"{id}\"}}")))]))
         })

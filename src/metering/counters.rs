@@ -71,8 +71,11 @@ impl BotCounters {
             self.overage.fetch_add(1, Ordering::Relaxed);
         }
     }
+    /// Undoes [`add_billed`](Self::add_billed) and the turn that came with it (the session is
+    /// not billed, and the message was refused).
     pub(super) fn unbill(&self, overage: bool) {
         self.billed.fetch_sub(1, Ordering::Relaxed);
+        self.turns.fetch_sub(1, Ordering::Relaxed);
         if overage {
             self.overage.fetch_sub(1, Ordering::Relaxed);
         }
@@ -123,12 +126,14 @@ impl RateLimit {
         let mut cur = self.state.load(Ordering::Relaxed);
         loop {
             let (m, n) = (cur >> 32, cur & 0xffff_ffff);
-            let n = if m == minute { n } else { 0 };
+            // A caller whose clock read is older than the window's minute counts in that window:
+            // a stale minute must never reset the current one.
+            let (window, n) = if m >= minute { (m, n) } else { (minute, 0) };
             if n >= u64::from(self.per_minute) {
                 let until_next = 60 - (now.max(0) / 1000 % 60) as u64;
                 return Err(until_next.max(1));
             }
-            let next = (minute.max(m) << 32) | (n + 1);
+            let next = (window << 32) | (n + 1);
             match self.state.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return Ok(()),
                 Err(actual) => cur = actual,
@@ -150,5 +155,17 @@ mod tests {
         assert!(r.take(t).is_ok());
         assert_eq!(r.take(t), Err(15));
         assert!(r.take(t + 15_000).is_ok(), "the next minute starts a new window");
+    }
+
+    #[test]
+    fn a_stale_minute_does_not_reset_the_window() {
+        let r = RateLimit::new(2);
+        let t = 1_800_000_000_000 + 60_000;
+        assert!(r.take(t).is_ok());
+        assert!(r.take(t).is_ok());
+        assert!(r.take(t).is_err());
+        // A caller that read the clock just before the minute turned.
+        assert!(r.take(t - 1).is_err(), "the current window is full, whatever minute the caller read");
+        assert!(r.take(t).is_err());
     }
 }

@@ -1,109 +1,82 @@
-//! Capacity leases: with several nodes, a tenant's monthly pool lives in Redis and each node
-//! draws sessions from a local lease of it, with the same lock-free CAS as one node. No Redis
-//! call is on the steady-state path: a node asks for more when its lease runs low (in the
-//! background), and only a node whose lease is empty waits for one round trip.
+//! Capacity leases: with several nodes, a tenant's monthly pool lives in a shared store and
+//! each node draws sessions from a local lease of it, with the same lock-free CAS as one node.
+//! No store call is on the steady-state path: a node asks for more when its lease runs low (in
+//! the background), and only a node whose lease is empty waits for one round trip.
 //!
-//! The pool of a tenant and month is one Redis hash, `bg:{tenant}:pool:YYYY-MM`:
-//! `granted` (units handed out, used or not), and per node `held:N` (units leased to N),
-//! `used:N` (sessions N recorded: the ledger script counts them), `exp:N` (lease expiry, ms),
-//! `seq:N`/`last:N` (the last call, for idempotent retries). The grant and renew scripts first
-//! reclaim the unused units of nodes whose lease expired (a crashed node's lease comes back after
-//! the TTL), in the same call.
+//! The protocol is the [`LeaseStore`] trait; `store::redis_lease` implements it on Redis (the
+//! key layout and scripts are documented there). Grants and renewals first reclaim the unused
+//! units of nodes whose lease expired (a crashed node's lease comes back after the TTL), in the
+//! same call.
 //! A grant never exceeds what the month still has, and shrinks as the pool nears empty
 //! (at most a quarter of what is left), so the last units are not stranded on an idle node.
+//!
+//! Leases are fenced. Expiry is judged by Redis's own clock (`TIME`), never a caller's, and a
+//! node's local lease ends a tenth of the TTL before Redis's (measured from before the call), so
+//! no node draws on units another node may reclaim. A reclaimed lease stays reclaimed: renewal
+//! re-arms only a lease Redis still holds, and tells the node when it does not, so the node
+//! drops what it had left; a node whose local lease ran out drops its remainder before it adds a
+//! new grant. Sessions recorded after their units were reclaimed (a partitioned node's spool,
+//! replayed later) raise the node's holding and `granted` by the excess, so what Redis grants
+//! next accounts for them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::clock::{Millis, SharedClock};
 use crate::store::StoreError;
-use crate::store::redis::{RedisStore, key};
 
-use super::pool::{MonthIndex, TenantPool, month_label};
+use super::pool::{MonthIndex, TenantPool};
 
-/// A Lua function every lease script starts with: reads the pool hash once, reclaims the unused
-/// units of other nodes whose lease expired, and returns the hash as a table (as reclaimed).
-const RECLAIM_FN: &str = r#"
-local function reclaim(h, now, me)
-  local f = redis.call('HGETALL', h)
-  local v = {}
-  for i = 1, #f, 2 do v[f[i]] = f[i + 1] end
-  local granted = tonumber(v['granted'] or '0')
-  local changed = false
-  for k, exp in pairs(v) do
-    local n = string.match(k, '^exp:(.+)$')
-    if n and n ~= me and tonumber(exp) <= now then
-      local held = tonumber(v['held:' .. n] or '0')
-      local used = tonumber(v['used:' .. n] or '0')
-      if held > used then
-        granted = granted - (held - used)
-        v['held:' .. n] = tostring(used)
-        redis.call('HSET', h, 'held:' .. n, used)
-      end
-      v[k] = nil
-      redis.call('HDEL', h, k)
-      changed = true
-    end
-  end
-  if changed then redis.call('HSET', h, 'granted', granted) end
-  v['granted'] = tostring(granted)
-  return v
-end
-"#;
+/// Who asks, and when: every lease call carries them.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseCall<'a> {
+    /// The node.
+    pub node: &'a str,
+    /// The caller's time in ms, or `None` to judge expiry by the store's own clock (every node
+    /// on the wall clock; a caller's clock may be skewed).
+    pub now: Option<Millis>,
+    /// How long a lease stays valid without renewal, ms.
+    pub ttl_ms: i64,
+}
 
-/// `KEYS[1]` pool; `ARGV` now, node, seq, want, capacity, ttl_ms. Returns the units granted.
-const LEASE: &str = r#"
-local h = KEYS[1]
-local now, node, seq = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local want, cap, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local v = reclaim(h, now, node)
-if v['seq:' .. node] == seq then
-  return tonumber(v['last:' .. node] or '0')
-end
-local granted = tonumber(v['granted'])
-local avail = cap - granted
-if avail < 0 then avail = 0 end
-local grant = math.min(want, math.max(1, math.floor(avail / 4)), avail)
-local held = tonumber(v['held:' .. node] or '0')
-redis.call('HSET', h, 'granted', granted + grant, 'held:' .. node, held + grant,
-  'seq:' .. node, seq, 'last:' .. node, grant, 'exp:' .. node, now + ttl)
-redis.call('PEXPIRE', h, 5356800000)
-return grant
-"#;
+/// What a renewal found for one pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewal {
+    /// Units used in the month across every node.
+    pub used: u64,
+    /// Whether the store still held this node's lease (and renewed it); `false` means it was
+    /// reclaimed or never granted, and the node must drop what it has left.
+    pub renewed: bool,
+}
 
-/// `KEYS[1]` pool; `ARGV` now, node, ttl_ms. Renews the node's lease if it holds one; returns
-/// the month's use across every node.
-const RENEW: &str = r#"
-local h = KEYS[1]
-local now, node, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local v = reclaim(h, now, node)
-if v['held:' .. node] then
-  redis.call('HSET', h, 'exp:' .. node, now + ttl)
-end
-local used = 0
-for k, n in pairs(v) do
-  if string.match(k, '^used:') then used = used + tonumber(n) end
-end
-return used
-"#;
+/// Where tenants' pools are kept and leased out (several nodes). Every call is atomic per pool
+/// and first reclaims the unused units of other nodes whose lease expired.
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Grants `call.node` up to `want` more units of `tenant`'s pool for `month` (capacity
+    /// `capacity`), renewing its lease; the same `seq` again returns the same grant.
+    fn grant(
+        &self,
+        tenant: &str,
+        month: MonthIndex,
+        call: LeaseCall<'_>,
+        seq: u64,
+        want: u64,
+        capacity: u64,
+    ) -> Result<u64, StoreError>;
 
-/// `KEYS[1]` pool; `ARGV` node. Gives back the node's unused units (graceful shutdown).
-const RELEASE: &str = r#"
-local h = KEYS[1]
-local node = ARGV[1]
-local held = tonumber(redis.call('HGET', h, 'held:' .. node) or '0')
-local used = tonumber(redis.call('HGET', h, 'used:' .. node) or '0')
-if held > used then
-  redis.call('HINCRBY', h, 'granted', used - held)
-  redis.call('HSET', h, 'held:' .. node, used)
-end
-redis.call('HDEL', h, 'exp:' .. node)
-return held - used
-"#;
+    /// Renews `call.node`'s lease of each of `tenants`' pools for `month`, in one round trip.
+    fn renew(
+        &self,
+        tenants: &[&str],
+        month: MonthIndex,
+        call: LeaseCall<'_>,
+    ) -> Result<Vec<Renewal>, StoreError>;
 
-/// The Redis key of a tenant's pool for a month.
-pub fn pool_key(tenant: &str, month: MonthIndex) -> String {
-    key(tenant, &format!("pool:{}", month_label(month)))
+    /// Gives back `node`'s unused units of each tenant's pool for `month`, keeping the units of
+    /// `pending` sessions it served that the store has not recorded yet; returns the units given
+    /// back per tenant.
+    fn release(&self, tenants: &[(&str, u64)], month: MonthIndex, node: &str)
+    -> Result<Vec<i64>, StoreError>;
 }
 
 /// Lease settings.
@@ -115,40 +88,23 @@ pub struct LeaseConfig {
     pub target_secs: u64,
     /// The largest grant.
     pub max_grant: u64,
+    /// Judge expiry by the store's clock (Redis `TIME`), as every node on the wall clock does;
+    /// off, the caller's clock is passed instead (tests on a manual clock).
+    pub store_time: bool,
 }
 
 /// This node's lease client.
 pub struct Leases {
-    store: Arc<RedisStore>,
+    store: Arc<dyn LeaseStore>,
     node: String,
     clock: SharedClock,
     config: LeaseConfig,
     seq: AtomicU64,
 }
 
-/// The grant and renew scripts, each after [`RECLAIM_FN`].
-static LEASE_SCRIPT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{LEASE}"));
-static RENEW_SCRIPT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{RENEW}"));
-
-/// One script call. (Lease calls are rare, a few per node per second at most, so the script
-/// text goes along each time.)
-fn eval(script: &str, keys: &[String], args: &[String]) -> redis::Cmd {
-    let mut c = redis::cmd("EVAL");
-    c.arg(script).arg(keys.len());
-    for k in keys {
-        c.arg(k);
-    }
-    for a in args {
-        c.arg(a);
-    }
-    c
-}
-
 impl Leases {
     /// A client for node `node`.
-    pub fn new(store: Arc<RedisStore>, node: String, clock: SharedClock, config: LeaseConfig) -> Self {
+    pub fn new(store: Arc<dyn LeaseStore>, node: String, clock: SharedClock, config: LeaseConfig) -> Self {
         let seq = AtomicU64::new(clock.now_ms() as u64 * 1000);
         Self { store, node, clock, config, seq }
     }
@@ -156,6 +112,15 @@ impl Leases {
     /// This node's id.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// A call of this node at `now`.
+    fn call(&self, now: Millis) -> LeaseCall<'_> {
+        LeaseCall {
+            node: &self.node,
+            now: (!self.config.store_time).then_some(now),
+            ttl_ms: self.config.ttl_ms,
+        }
     }
 
     fn want(&self, pool: &TenantPool, month: MonthIndex, now: Millis) -> u64 {
@@ -175,9 +140,13 @@ impl Leases {
         let want = self.want(pool, month, now);
         let capacity = pool.capacity(month);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let pk = pool_key(&pool.tenant, month);
-        let call = || self.grant(&pk, now, seq, want, capacity);
+        let call = || self.store.grant(&pool.tenant, month, self.call(now), seq, want, capacity);
         let grant = call().or_else(|_| call()).map_err(|e| e.to_string())?;
+        if pool.lease_expired(now) {
+            // Whatever this node had left may have been reclaimed by now: the new grant is all
+            // it holds.
+            pool.drop_lease(month);
+        }
         pool.add_lease(month, grant, now + self.config.ttl_ms - self.config.ttl_ms / 10);
         if let Some(l) = pool.lease() {
             l.note_grant(now, pool.used(month), grant);
@@ -185,135 +154,36 @@ impl Leases {
         Ok(grant)
     }
 
-    /// One call of the grant script: call `seq` of this node asks for `want` units of pool
-    /// `pk` (capacity `capacity`); the same `seq` again returns the same grant.
-    fn grant(&self, pk: &str, now: Millis, seq: u64, want: u64, capacity: u64) -> Result<u64, StoreError> {
-        self.store.with_conn(|c| {
-            eval(
-                &LEASE_SCRIPT,
-                &[pk.to_string()],
-                &[
-                    now.to_string(),
-                    self.node.clone(),
-                    seq.to_string(),
-                    want.to_string(),
-                    capacity.to_string(),
-                    self.config.ttl_ms.to_string(),
-                ],
-            )
-            .query::<u64>(c)
-        })
-    }
-
     /// Renews this node's leases of `pools` and reads each month's use across nodes
     /// (the heartbeat, every third of the TTL).
     pub fn renew_blocking(&self, pools: &[Arc<TenantPool>], month: MonthIndex) -> Result<(), String> {
         let now = self.clock.now_ms();
-        let keys: Vec<String> = pools.iter().map(|p| pool_key(&p.tenant, month)).collect();
-        let used: Vec<u64> = self
-            .store
-            .with_conn(|c| {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.add_command(eval(
-                        &RENEW_SCRIPT,
-                        std::slice::from_ref(k),
-                        &[now.to_string(), self.node.clone(), self.config.ttl_ms.to_string()],
-                    ));
-                }
-                pipe.query(c)
-            })
-            .map_err(|e| e.to_string())?;
-        for (p, u) in pools.iter().zip(used) {
-            p.renew_lease(now + self.config.ttl_ms - self.config.ttl_ms / 10);
-            p.set_global_used(month, u);
+        let tenants: Vec<&str> = pools.iter().map(|p| p.tenant.as_str()).collect();
+        let answers = self.store.renew(&tenants, month, self.call(now)).map_err(|e| e.to_string())?;
+        for (p, Renewal { used, renewed }) in pools.iter().zip(answers) {
+            if renewed {
+                p.renew_lease(now + self.config.ttl_ms - self.config.ttl_ms / 10);
+            } else {
+                // Reclaimed by another node (or never granted): what is left locally is not
+                // this node's any more.
+                p.drop_lease(month);
+            }
+            p.set_global_used(month, used);
         }
         Ok(())
     }
 
-    /// Gives back the unused units of `pools` (graceful shutdown).
-    pub fn release_blocking(&self, pools: &[Arc<TenantPool>], month: MonthIndex) -> Result<u64, String> {
-        let keys: Vec<String> = pools.iter().map(|p| pool_key(&p.tenant, month)).collect();
-        let back: Vec<i64> = self
-            .store
-            .with_conn(|c| {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.add_command(eval(
-                        RELEASE,
-                        std::slice::from_ref(k),
-                        std::slice::from_ref(&self.node),
-                    ));
-                }
-                pipe.query(c)
-            })
-            .map_err(|e| e.to_string())?;
+    /// Gives back the unused units of `pools` (graceful shutdown), keeping for each tenant the
+    /// units of `pending(tenant)` sessions this node served that Redis has not recorded yet.
+    pub fn release_blocking(
+        &self,
+        pools: &[Arc<TenantPool>],
+        month: MonthIndex,
+        pending: impl Fn(&str) -> u64,
+    ) -> Result<u64, String> {
+        let tenants: Vec<(&str, u64)> =
+            pools.iter().map(|p| (p.tenant.as_str(), pending(&p.tenant))).collect();
+        let back = self.store.release(&tenants, month, &self.node).map_err(|e| e.to_string())?;
         Ok(back.into_iter().map(|b| b.max(0) as u64).sum())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::{Clock, ManualClock};
-
-    /// A real `redis-server` on a free loopback port, killed on drop.
-    struct Redis(std::process::Child, u16);
-
-    impl Redis {
-        fn start() -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let child = std::process::Command::new("redis-server")
-                .args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server (scripts/test.sh installs it)");
-            let redis = Self(child, port);
-            for _ in 0..200 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return redis;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            panic!("redis-server did not start");
-        }
-    }
-
-    impl Drop for Redis {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn leases(redis: &Redis, node: &str, clock: &Arc<ManualClock>) -> Leases {
-        let store = Arc::new(RedisStore::open(&format!("redis://127.0.0.1:{}/", redis.1)).unwrap());
-        let config = LeaseConfig { ttl_ms: 10_000, target_secs: 5, max_grant: 1000 };
-        Leases::new(store, node.into(), clock.clone(), config)
-    }
-
-    #[test]
-    fn a_retried_grant_is_not_a_second_grant_and_a_dead_nodes_lease_comes_back() {
-        let redis = Redis::start();
-        let clock = ManualClock::at("2026-11-28T00:00:00Z");
-        let (a, b) = (leases(&redis, "a", &clock), leases(&redis, "b", &clock));
-        let now = clock.now_ms();
-        // Capacity 100: a quarter of what is left at most per grant.
-        assert_eq!(a.grant("p", now, 7, 50, 100).unwrap(), 25);
-        assert_eq!(a.grant("p", now, 7, 50, 100).unwrap(), 25, "the same call again: the same grant");
-        assert_eq!(a.grant("p", now, 8, 50, 100).unwrap(), 18, "a new call: a quarter of the 75 left");
-        assert_eq!(b.grant("p", now, 1, 50, 100).unwrap(), 14);
-        // A dies holding 43 units; after its TTL, B's next call reclaims them.
-        clock.advance_ms(10_001);
-        assert_eq!(b.grant("p", clock.now_ms(), 2, 50, 100).unwrap(), (100 - 14) / 4);
     }
 }

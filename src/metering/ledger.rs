@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::Refund;
 use crate::store::{SessionRecord, SharedStore, StoreError};
 
 /// Most sessions recorded in one transaction.
@@ -25,8 +26,10 @@ const REPLAY_BATCHES: usize = 64;
 type Ack = oneshot::Sender<Result<(), String>>;
 
 /// A session waiting to be recorded, with when it was queued (the linger counts from the first
-/// of a batch).
-type Pending = (SessionRecord, Instant, Ack);
+/// of a batch), and what undoes it if it cannot be: the writer disarms it once the batch is
+/// durable, and drops it (undoing the session) otherwise, whether or not anyone still waits
+/// for the answer.
+type Pending = (SessionRecord, Instant, Ack, Option<Refund>);
 
 /// How the writer batches.
 #[derive(Debug, Clone)]
@@ -67,10 +70,12 @@ impl Ledger {
         Ok(Self { tx })
     }
 
-    /// Records a session; resolves once it is durable.
-    pub async fn record(&self, rec: SessionRecord) -> Result<(), String> {
+    /// Records a session; resolves once it is durable. If it cannot be recorded, `refund` undoes
+    /// it, also when this future is dropped before the answer.
+    pub async fn record(&self, rec: SessionRecord, refund: Option<Refund>) -> Result<(), String> {
         let (ack, done) = oneshot::channel();
-        self.tx.send((rec, Instant::now(), ack)).map_err(|_| "the ledger is stopped".to_string())?;
+        // A send to a stopped writer hands the item back inside the error, whose drop refunds.
+        self.tx.send((rec, Instant::now(), ack, refund)).map_err(|_| "the ledger is stopped".to_string())?;
         done.await.map_err(|_| "the ledger stopped before the session was recorded".to_string())?
     }
 }
@@ -84,11 +89,12 @@ fn run(
 ) {
     let mut batch = Vec::with_capacity(64);
     let mut acks = Vec::with_capacity(64);
+    let mut refunds: Vec<Option<Refund>> = Vec::with_capacity(64);
     let mut seq: u64 = 0;
     let mut replayed = Instant::now();
     let mut last_batch = 0usize;
     loop {
-        let (rec, queued, ack) = match &spool {
+        let (rec, queued, ack, refund) = match &spool {
             None => match rx.recv() {
                 Ok(item) => item,
                 Err(_) => return,
@@ -109,6 +115,7 @@ fn run(
         };
         batch.push(rec);
         acks.push(ack);
+        refunds.push(refund);
         let busy = last_batch >= options.linger_after;
         let deadline = if busy { queued + options.linger } else { queued };
         while batch.len() < MAX_BATCH {
@@ -120,9 +127,10 @@ fn run(
                     if left.is_zero() { None } else { rx.recv_timeout(left).ok() }
                 }
             };
-            let Some((rec, _, ack)) = next else { break };
+            let Some((rec, _, ack, refund)) = next else { break };
             batch.push(rec);
             acks.push(ack);
+            refunds.push(refund);
         }
         seq += 1;
         let batch_id = format!("{}.{seq}", options.batch_prefix);
@@ -137,6 +145,13 @@ fn run(
                 Err(e.to_string())
             }
         });
+        // Undo (or keep) every session before any waiter hears the answer, so a refused
+        // session's unit is back in the pool by the time its 503 is sent.
+        if result.is_ok() {
+            refunds.drain(..).flatten().for_each(Refund::disarm);
+        } else {
+            refunds.clear();
+        }
         for ack in acks.drain(..) {
             let _ = ack.send(result.clone());
         }
@@ -211,7 +226,7 @@ mod tests {
         let tasks: Vec<_> = (0..10)
             .map(|i| {
                 let ledger = ledger.clone();
-                tokio::spawn(async move { ledger.record(rec(&format!("s{i}"))).await })
+                tokio::spawn(async move { ledger.record(rec(&format!("s{i}")), None).await })
             })
             .collect();
         for t in tasks {
@@ -219,7 +234,7 @@ mod tests {
         }
         assert_eq!(batches(&store), [("n1.7.1".to_string(), 10)]);
         // The next session is the next batch.
-        ledger.record(rec("s10")).await.unwrap();
+        ledger.record(rec("s10"), None).await.unwrap();
         assert_eq!(batches(&store), [("n1.7.1".to_string(), 10), ("n1.7.2".to_string(), 1)]);
     }
 
@@ -230,7 +245,7 @@ mod tests {
         let options = LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::ZERO, linger_after: 0 };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         for i in 0..3 {
-            ledger.record(rec(&format!("s{i}"))).await.unwrap();
+            ledger.record(rec(&format!("s{i}")), None).await.unwrap();
         }
         let ids: Vec<String> = batches(&store).into_iter().map(|b| b.0).collect();
         assert_eq!(ids, ["n1.7.1", "n1.7.2", "n1.7.3"]);
@@ -247,7 +262,7 @@ mod tests {
         // Not busy: lone sessions are written at once, not after 600 s.
         let three = async {
             for i in 0..3 {
-                ledger.record(rec(&format!("s{i}"))).await.unwrap();
+                ledger.record(rec(&format!("s{i}")), None).await.unwrap();
             }
         };
         tokio::time::timeout(Duration::from_secs(30), three).await.expect("a quiet ledger does not linger");

@@ -31,22 +31,114 @@ use session::{Decision, SessionRules, SessionState};
 /// conversation is not billed (the authoring test chat).
 pub struct ConversationMeter {
     counters: Option<Arc<BotCounters>>,
-    session: Mutex<SessionState>,
+    /// Shared with a session being recorded, so that a failed write closes it even when the
+    /// request that began it is gone.
+    session: Arc<Mutex<SessionState>>,
+    /// Names this incarnation of the conversation in its session ids: a conversation id started
+    /// again by its token (after expiry or a restart) is a new incarnation whose sessions are
+    /// new sessions. The start time and a random word, so no two incarnations share it.
+    incarnation: Box<str>,
 }
 
 impl ConversationMeter {
     /// A meter that bills nothing (test chats).
     pub fn unmetered() -> Self {
-        Self { counters: None, session: Mutex::new(SessionState::default()) }
+        Self { counters: None, session: Arc::default(), incarnation: Box::from("") }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, SessionState> {
-        self.session.lock().unwrap_or_else(|p| p.into_inner())
+        lock_state(&self.session)
     }
 
     /// Ends the open billed session (the conversation ended).
     pub fn end_session(&self) {
         self.state().end();
+    }
+}
+
+fn lock_state(s: &Mutex<SessionState>) -> std::sync::MutexGuard<'_, SessionState> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Undoes a session that began but will not be billed: its record failed, its request was
+/// dropped before the record was sent, or its upstream bot never accepted the first turn.
+/// Applied on drop unless [`disarm`](Self::disarm)ed, so no path (an error, a cancelled future,
+/// a stopped ledger) can keep a unit drawn for a session the ledger does not hold.
+pub struct Refund {
+    counters: Arc<BotCounters>,
+    session: Arc<Mutex<SessionState>>,
+    ordinal: u32,
+    month: MonthIndex,
+    /// Whether the session took a unit from the pool (not overage, not allowed in an outage).
+    drawn: bool,
+    overage: bool,
+    armed: bool,
+}
+
+impl Refund {
+    /// The session is recorded: nothing to undo.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Refund {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        lock_state(&self.session).abort(self.ordinal);
+        self.counters.unbill(self.overage);
+        if self.drawn {
+            self.counters.pool.refund(self.month);
+        }
+    }
+}
+
+/// A session that began and is not recorded yet: [`commit`](Self::commit) records it (and
+/// answers only once it is durable); dropping it instead gives its unit back.
+pub struct PendingSession {
+    ledger: Ledger,
+    rec: SessionRecord,
+    refund: Refund,
+}
+
+impl PendingSession {
+    /// Records the session; returns once it is durable. On failure the session is undone (by
+    /// the ledger, even if this future is dropped meanwhile) and the answer is 503.
+    pub async fn commit(self) -> Result<TurnOutcome, ApiError> {
+        let overage = self.refund.overage;
+        let bot = self.refund.counters.bot.clone();
+        if let Err(e) = self.ledger.record(self.rec, Some(self.refund)).await {
+            tracing::error!(error = %e, bot = %bot, "A billed session could not be recorded; refusing the message.");
+            return Err(ApiError::unavailable(
+                "MeteringUnavailable",
+                "The gateway cannot record usage right now, so it cannot start a new session. Try again shortly.",
+            )
+            .with_retry_after(5));
+        }
+        Ok(TurnOutcome::Began { overage })
+    }
+}
+
+/// What the metering of a user turn decided, before any session it began is recorded.
+pub enum Turn {
+    /// Not billed (test chat) or no session involved.
+    Unbilled,
+    /// Part of the open session.
+    Continued,
+    /// Began a new billed session, to be committed (or dropped: not billed).
+    Began(PendingSession),
+}
+
+impl Turn {
+    /// Records a session this turn began; the outcome.
+    pub async fn commit(self) -> Result<TurnOutcome, ApiError> {
+        match self {
+            Turn::Unbilled => Ok(TurnOutcome::Unbilled),
+            Turn::Continued => Ok(TurnOutcome::Continued),
+            Turn::Began(p) => p.commit().await,
+        }
     }
 }
 
@@ -111,6 +203,9 @@ pub struct Degraded {
 /// for the wait to gather many more, while a quiet node's sessions never wait.
 const LINGER_AFTER: usize = 16;
 
+/// A bot's key in the counter maps: (tenant, bot id).
+type BotKey = (String, String);
+
 struct Inner {
     rules: SessionRules,
     cluster: Option<ClusterMetering>,
@@ -119,10 +214,12 @@ struct Inner {
     clock: SharedClock,
     store: SharedStore,
     ledger: Ledger,
-    bots: DashMap<String, Arc<BotCounters>>,
+    /// Per (tenant, bot): a bot is its tenant and id together, so the same id in another tenant
+    /// (after the first deleted it) is another bot with its own counters and pool.
+    bots: DashMap<BotKey, Arc<BotCounters>>,
     pools: DashMap<String, Arc<TenantPool>>,
     /// Counters as of the last flush of the non-billing counters to the store.
-    flushed: Mutex<HashMap<String, CounterSnapshot>>,
+    flushed: Mutex<HashMap<BotKey, CounterSnapshot>>,
     /// Totals rebuilt from the store per bot (before any bot of that id registers).
     rebuilt: Mutex<HashMap<(String, String), CounterSnapshot>>,
 }
@@ -195,25 +292,35 @@ impl Metering {
             bots: DashMap::new(),
             pools: DashMap::new(),
             flushed: Mutex::new(HashMap::new()),
-            rebuilt: Mutex::new(HashMap::new()),
+            rebuilt: Mutex::new(rebuilt.clone()),
         };
-        for t in &config.tenants {
-            let used = used_this_month.get(&t.id).copied().unwrap_or(0);
-            let pool = if inner.cluster.is_some() {
-                TenantPool::leased(&t.id, plan_of(t, m), month)
-            } else {
-                TenantPool::new(&t.id, plan_of(t, m), month, used)
-            };
-            inner.pools.insert(t.id.clone(), pool);
-        }
-        {
-            let mut flushed = inner.flushed.lock().unwrap_or_else(|p| p.into_inner());
-            for ((_, bot), snap) in &rebuilt {
-                flushed.insert(bot.clone(), *snap);
+        // Every tenant's month is rebuilt from the ledger the same way, however the tenant was
+        // created: configured tenants start with their configured plan, the others with an
+        // empty one until licensing loads theirs from the store.
+        let mut tenants: Vec<(&str, CapacityPlan)> =
+            config.tenants.iter().map(|t| (t.id.as_str(), plan_of(t, m))).collect();
+        for tenant in used_this_month.keys() {
+            if !config.tenants.iter().any(|t| &t.id == tenant) {
+                tenants.push((tenant.as_str(), CapacityPlan::default()));
             }
         }
-        *inner.rebuilt.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
-        Ok(Self { inner: Arc::new(inner) })
+        for (tenant, plan) in tenants {
+            let used = used_this_month.get(tenant).copied().unwrap_or(0);
+            let pool = if inner.cluster.is_some() {
+                TenantPool::leased(tenant, plan, month)
+            } else {
+                TenantPool::new(tenant, plan, month, used)
+            };
+            inner.pools.insert(tenant.to_string(), pool);
+        }
+        *inner.flushed.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt.clone();
+        let me = Self { inner: Arc::new(inner) };
+        // Every bot the ledger knows is exported from the start, with its totals (the per-bot
+        // series then add up to the tenant's, also for bots since deleted).
+        for (tenant, bot) in rebuilt.keys() {
+            let _ = me.counters(tenant, bot);
+        }
+        Ok(me)
     }
 
     /// The pool of `tenant` (a tenant with no configuration gets an empty plan: capacity 0).
@@ -244,7 +351,8 @@ impl Metering {
 
     /// The counters of a bot, created (from the rebuilt totals) on first use.
     pub fn counters(&self, tenant: &str, bot: &str) -> Arc<BotCounters> {
-        if let Some(c) = self.inner.bots.get(bot) {
+        let key = (tenant.to_string(), bot.to_string());
+        if let Some(c) = self.inner.bots.get(&key) {
             return c.clone();
         }
         let start = self
@@ -252,13 +360,13 @@ impl Metering {
             .rebuilt
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(tenant.to_string(), bot.to_string()))
+            .get(&key)
             .copied()
             .unwrap_or_default();
         let pool = self.pool(tenant);
         self.inner
             .bots
-            .entry(bot.to_string())
+            .entry(key)
             .or_insert_with(|| {
                 Arc::new(BotCounters::new(tenant, bot, pool, start, self.inner.config.rate_limit_per_minute))
             })
@@ -270,24 +378,23 @@ impl Metering {
         if !billed || !self.inner.config.enabled {
             return ConversationMeter::unmetered();
         }
+        let incarnation = format!("{:x}{:08x}", self.inner.clock.now_ms(), rand::random::<u32>());
         ConversationMeter {
             counters: Some(self.counters(tenant, bot)),
-            session: Mutex::new(SessionState::default()),
+            session: Arc::default(),
+            incarnation: incarnation.into_boxed_str(),
         }
     }
 
-    /// Meters one user message of a conversation. `user_topic`: whether it triggers a user topic
-    /// (or is an upstream bot's user message turn). Returns only when a session it began is
-    /// durable; refuses with 429 (rate limit, capacity) before the bot sees the message.
-    pub async fn on_user_turn(
-        &self,
-        conversation: &str,
-        meter: &ConversationMeter,
-        user_topic: bool,
-    ) -> Result<TurnOutcome, ApiError> {
-        let Some(counters) = &meter.counters else {
-            return Ok(TurnOutcome::Unbilled);
-        };
+    /// Meters an event or invoke a user sent: it counts against the bot's message rate limit,
+    /// as a message does, and begins no session and is no turn (a client's join event is a
+    /// greeting).
+    pub fn on_user_event(&self, meter: &ConversationMeter) -> Result<(), ApiError> {
+        let Some(counters) = &meter.counters else { return Ok(()) };
+        self.take_rate(counters)
+    }
+
+    fn take_rate(&self, counters: &BotCounters) -> Result<(), ApiError> {
         let now = self.inner.clock.now_ms();
         if let Err(retry) = counters.rate().take(now) {
             counters.add_rejected_rate();
@@ -301,6 +408,35 @@ impl Metering {
             )
             .with_retry_after(retry));
         }
+        Ok(())
+    }
+
+    /// Meters one user message of a conversation. `user_topic`: whether it triggers a user topic
+    /// (or is an upstream bot's user message turn). Returns only when a session it began is
+    /// durable; refuses with 429 (rate limit, capacity) before the bot sees the message.
+    pub async fn on_user_turn(
+        &self,
+        conversation: &str,
+        meter: &ConversationMeter,
+        user_topic: bool,
+    ) -> Result<TurnOutcome, ApiError> {
+        self.begin_turn(conversation, meter, user_topic).await?.commit().await
+    }
+
+    /// Decides one user message as [`on_user_turn`](Self::on_user_turn) does, but leaves a
+    /// session it began to the caller: committed once the bot accepted the turn, or dropped
+    /// (and not billed) when the bot never did.
+    pub async fn begin_turn(
+        &self,
+        conversation: &str,
+        meter: &ConversationMeter,
+        user_topic: bool,
+    ) -> Result<Turn, ApiError> {
+        let Some(counters) = &meter.counters else {
+            return Ok(Turn::Unbilled);
+        };
+        let now = self.inner.clock.now_ms();
+        self.take_rate(counters)?;
         // Refills this session asked for or waited on; a few, since a refill's units can go to
         // other sessions before this one draws again.
         let mut refills = 0u8;
@@ -338,7 +474,10 @@ impl Metering {
             match step {
                 Step::Done(outcome) => {
                     counters.add_turn();
-                    return Ok(outcome);
+                    return Ok(match outcome {
+                        TurnOutcome::Continued => Turn::Continued,
+                        _ => Turn::Unbilled,
+                    });
                 }
                 Step::Began(ordinal, month, overage) => break (ordinal, month, overage, !overage),
                 Step::Exhausted(month) => {
@@ -361,7 +500,7 @@ impl Metering {
                         let mut state = meter.state();
                         if state.decide(&self.inner.rules, now, user_topic) != Decision::Begin {
                             counters.add_turn();
-                            return Ok(TurnOutcome::Continued);
+                            return Ok(Turn::Continued);
                         }
                         break (state.begin(now), month, false, false);
                     }
@@ -372,30 +511,27 @@ impl Metering {
         };
         counters.add_billed(overage);
         counters.add_turn();
+        // Armed from here: any way out of this turn that does not record the session undoes it.
+        let refund = Refund {
+            counters: counters.clone(),
+            session: meter.session.clone(),
+            ordinal,
+            month,
+            drawn,
+            overage,
+            armed: true,
+        };
         // A session that began just before a month rolled over is stamped in the month it drew.
         let began_ms = now.max(month_start_ms(month));
         let rec = SessionRecord {
-            id: format!("{conversation}.{ordinal}"),
+            id: format!("{conversation}.{}.{ordinal}", meter.incarnation),
             tenant: counters.tenant.clone(),
             bot: counters.bot.clone(),
             began_ms,
             overage,
             node: self.inner.cluster.as_ref().map(|c| c.leases.node().to_string()).unwrap_or_default(),
         };
-        if let Err(e) = self.inner.ledger.record(rec).await {
-            tracing::error!(error = %e, bot = %counters.bot, "A billed session could not be recorded; refusing the message.");
-            meter.state().abort();
-            counters.unbill(overage);
-            if drawn {
-                counters.pool.refund(month);
-            }
-            return Err(ApiError::unavailable(
-                "MeteringUnavailable",
-                "The gateway cannot record usage right now, so it cannot start a new session. Try again shortly.",
-            )
-            .with_retry_after(5));
-        }
-        Ok(TurnOutcome::Began { overage })
+        Ok(Turn::Began(PendingSession { ledger: self.inner.ledger.clone(), rec, refund }))
     }
 
     /// Gets more of `pool` for a session that found this node's lease empty (several nodes);
@@ -493,6 +629,19 @@ impl Metering {
         self.inner.cluster.as_ref().map(|c| &c.leases)
     }
 
+    /// Gives back this node's unused leases (graceful shutdown; several nodes), keeping the units
+    /// of the sessions its spool still holds for Redis. Returns the units given back.
+    pub fn release_leases(&self) -> Result<u64, String> {
+        let (Some(cluster), month) = (&self.inner.cluster, self.current_month()) else { return Ok(0) };
+        let mut pending: HashMap<String, u64> = HashMap::new();
+        for batch in cluster.spool.spooled(usize::MAX).map_err(|e| e.to_string())? {
+            for s in batch.sessions.iter().filter(|s| !s.overage && month_of(s.began_ms) == month) {
+                *pending.entry(s.tenant.clone()).or_default() += 1;
+            }
+        }
+        cluster.leases.release_blocking(&self.pools(), month, |t| pending.get(t).copied().unwrap_or(0))
+    }
+
     /// Every bot's counters.
     pub fn bots(&self) -> Vec<Arc<BotCounters>> {
         self.inner.bots.iter().map(|b| b.clone()).collect()
@@ -517,20 +666,22 @@ impl Metering {
         let mut next = Vec::new();
         for b in self.inner.bots.iter() {
             let now = b.snapshot();
-            let before = flushed.get(&b.bot).copied().unwrap_or_default();
+            let before = flushed.get(b.key()).copied().unwrap_or_default();
+            // Saturating: the counters only grow, and a bot's counters start from the same
+            // rebuilt totals as its flushed snapshot; never wrap if that ever fails to hold.
             let d = UsageDelta {
-                turns: now.turns - before.turns,
-                rejected_capacity: now.rejected_capacity - before.rejected_capacity,
-                rejected_rate: now.rejected_rate - before.rejected_rate,
+                turns: now.turns.saturating_sub(before.turns),
+                rejected_capacity: now.rejected_capacity.saturating_sub(before.rejected_capacity),
+                rejected_rate: now.rejected_rate.saturating_sub(before.rejected_rate),
             };
             if d != UsageDelta::default() {
                 deltas.push((b.tenant.clone(), b.bot.clone(), day.clone(), d));
-                next.push((b.bot.clone(), now));
+                next.push((b.key().clone(), now));
             }
         }
         self.inner.store.add_usage(&deltas)?;
-        for (bot, snap) in next {
-            flushed.insert(bot, snap);
+        for (key, snap) in next {
+            flushed.insert(key, snap);
         }
         Ok(())
     }
@@ -591,6 +742,99 @@ mod tests {
     fn day_month_parses() {
         assert_eq!(day_month("2026-11-28"), pool::parse_month("2026-11"));
         assert_eq!(day_month("bad"), None);
+    }
+
+    /// A store whose session writes wait for `release`, then fail.
+    struct FailingWrites {
+        inner: crate::store::sqlite::SqliteStore,
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl crate::store::Store for FailingWrites {
+        fn ping(&self) -> Result<(), crate::store::StoreError> {
+            self.inner.ping()
+        }
+        fn record_sessions(&self, _: &str, _: &[SessionRecord]) -> Result<(), crate::store::StoreError> {
+            let _ = self.entered.send(());
+            let _ = self.release.lock().unwrap().recv();
+            Err(crate::store::StoreError::Closed)
+        }
+        fn add_usage(
+            &self,
+            d: &[(String, String, String, UsageDelta)],
+        ) -> Result<(), crate::store::StoreError> {
+            self.inner.add_usage(d)
+        }
+        fn load_usage(&self) -> Result<Vec<DailyUsage>, crate::store::StoreError> {
+            self.inner.load_usage()
+        }
+        fn session_ids(&self) -> Result<Vec<String>, crate::store::StoreError> {
+            self.inner.session_ids()
+        }
+        fn load_control(&self) -> Result<crate::store::control::ControlData, crate::store::StoreError> {
+            self.inner.load_control()
+        }
+        fn apply(
+            &self,
+            m: &[crate::store::control::Mutation],
+            a: &[crate::store::control::AuditEntry],
+        ) -> Result<(), crate::store::StoreError> {
+            self.inner.apply(m, a)
+        }
+        fn audit(
+            &self,
+            t: &str,
+            after: i64,
+            limit: usize,
+        ) -> Result<Vec<crate::store::control::AuditEntry>, crate::store::StoreError> {
+            self.inner.audit(t, after, limit)
+        }
+        fn shared_key(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, crate::store::StoreError> {
+            self.inner.shared_key(name, fresh)
+        }
+        fn close(&self) -> Result<(), crate::store::StoreError> {
+            self.inner.close()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_turn_dropped_while_its_session_is_recorded_is_undone_when_the_write_fails() {
+        use crate::clock::{Clock, ManualClock};
+        let dir = tempfile::tempdir().unwrap();
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let store = Arc::new(FailingWrites {
+            inner: crate::store::sqlite::SqliteStore::open(dir.path()).unwrap(),
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        });
+        let clock = ManualClock::at("2026-11-28T10:00:00Z");
+        let config = Config::embedded_default().unwrap();
+        let metering = Metering::start(&config, clock.clone(), store, None).unwrap();
+        let tenant = &config.bots[0].tenant;
+        let meter = Arc::new(metering.meter_for(tenant, &config.bots[0].id, true));
+        let (m, c) = (metering.clone(), meter.clone());
+        let turn = tokio::spawn(async move { m.on_user_turn("conv", &c, true).await });
+        // The session is drawn and its write is under way: the request goes away (a client
+        // disconnect, a timeout).
+        tokio::task::spawn_blocking(move || entered.recv().unwrap()).await.unwrap();
+        let month = month_of(clock.now_ms());
+        assert_eq!(metering.pool(tenant).used(month), 1);
+        turn.abort();
+        assert!(turn.await.unwrap_err().is_cancelled());
+        // Then the write fails: the unit goes back to the pool and the session is not counted.
+        release.send(()).unwrap();
+        for _ in 0..1000 {
+            if metering.pool(tenant).used(month) == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(metering.pool(tenant).used(month), 0, "the unit is back in the pool");
+        assert_eq!(metering.counters(tenant, &config.bots[0].id).snapshot().billed, 0);
+        assert!(!meter.state().is_open(), "the session that was never recorded is closed");
     }
 
     #[test]

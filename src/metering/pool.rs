@@ -116,6 +116,9 @@ pub struct TenantPool {
     state: AtomicU64,
     /// The month whose capacity `capacity` holds, packed like `state`.
     capacity_cache: AtomicU64,
+    /// Bumped by every [`set_plan`](Self::set_plan): a capacity computed from a plan that was
+    /// replaced meanwhile is not left in the cache.
+    plan_version: AtomicU64,
     plan: ArcSwap<CapacityPlan>,
     /// With several nodes: the units this node was leased, packed like `state`; draws stop at
     /// it instead of at the month's capacity.
@@ -224,6 +227,7 @@ impl TenantPool {
             tenant: tenant.to_string(),
             state: AtomicU64::new(pack(month, used)),
             capacity_cache: AtomicU64::new(u64::MAX),
+            plan_version: AtomicU64::new(0),
             plan: ArcSwap::from_pointee(plan),
             lease: None,
         })
@@ -235,6 +239,7 @@ impl TenantPool {
             tenant: tenant.to_string(),
             state: AtomicU64::new(pack(month, 0)),
             capacity_cache: AtomicU64::new(u64::MAX),
+            plan_version: AtomicU64::new(0),
             plan: ArcSwap::from_pointee(plan),
             lease: Some(Lease {
                 leased: AtomicU64::new(pack(month, 0)),
@@ -270,6 +275,24 @@ impl TenantPool {
             })
         });
         l.valid_until.fetch_max(valid_until, Ordering::Relaxed);
+    }
+
+    /// Whether this node's lease has run out at `now` (not renewed in time).
+    pub fn lease_expired(&self, now: Millis) -> bool {
+        self.lease.as_ref().is_some_and(|l| now >= l.valid_until.load(Ordering::Relaxed))
+    }
+
+    /// Drops what is left of this node's lease of `month`: the lease is reclaimed, or may be.
+    /// Draws stop at what was already used until a new grant arrives.
+    pub fn drop_lease(&self, month: MonthIndex) {
+        let Some(l) = &self.lease else { return };
+        // A lease is dropped only once it ran out locally (draws already stop at it) or Redis
+        // says it is gone, which happens only after it ran out here: no draw races this.
+        let used = self.used(month);
+        let _ = l.leased.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            let (m, n) = unpack(v);
+            (m == month).then(|| pack(month, n.min(used)))
+        });
     }
 
     /// Extends the lease's validity (a heartbeat renewed it in Redis).
@@ -331,9 +354,12 @@ impl TenantPool {
         if let Some(l) = &self.lease {
             l.empty_until.store(0, Ordering::Relaxed);
         }
-        // Relaxed: a stale cache only costs one recomputation; the plan itself is published by
-        // the ArcSwap.
-        self.capacity_cache.store(u64::MAX, Ordering::Relaxed);
+        // SeqCst on the version and the cache, here and in `capacity`: the version moves after
+        // the new plan is in place and before the cache is cleared, so a reader that filled the
+        // cache from the old plan either sees the new version (and clears its entry) or is
+        // cleared by this store.
+        self.plan_version.fetch_add(1, Ordering::SeqCst);
+        self.capacity_cache.store(u64::MAX, Ordering::SeqCst);
     }
 
     /// The policy when exhausted.
@@ -343,6 +369,8 @@ impl TenantPool {
 
     /// The capacity of month `m`, cached for the current month so a draw does no date math.
     pub fn capacity(&self, m: MonthIndex) -> u64 {
+        // Relaxed on the hit path: a cached entry is only ever a capacity of the current plan
+        // (see `set_plan`), and a miss recomputes.
         let cached = self.capacity_cache.load(Ordering::Relaxed);
         if cached != u64::MAX {
             let (cm, cap) = unpack(cached);
@@ -350,8 +378,13 @@ impl TenantPool {
                 return cap;
             }
         }
+        let version = self.plan_version.load(Ordering::SeqCst);
         let cap = self.plan.load().capacity(m).min(USED_MASK);
-        self.capacity_cache.store(pack(m, cap), Ordering::Relaxed);
+        self.capacity_cache.store(pack(m, cap), Ordering::SeqCst);
+        if self.plan_version.load(Ordering::SeqCst) != version {
+            // The plan changed while this one was computed: drop the entry, it may be stale.
+            self.capacity_cache.store(u64::MAX, Ordering::SeqCst);
+        }
         cap
     }
 

@@ -65,10 +65,13 @@ impl SessionState {
         self.ordinal
     }
 
-    /// Undoes a [`begin`](Self::begin) whose session could not be recorded.
-    pub fn abort(&mut self) {
-        self.open = false;
-        self.ordinal -= 1;
+    /// Undoes the [`begin`](Self::begin) of session `ordinal`, which will not be billed: closes
+    /// it if it is still the open one. The ordinal is not taken back (a later session may have
+    /// begun meanwhile); ids only need to be unique, not dense.
+    pub fn abort(&mut self, ordinal: u32) {
+        if self.ordinal == ordinal {
+            self.open = false;
+        }
     }
 
     /// Ends the open session (the user or the bot ended the conversation).
@@ -140,10 +143,12 @@ mod tests {
         begin(&mut s, 0);
         s.end();
         assert_eq!(s.decide(&RULES, 1, true), Decision::Begin);
-        s.begin(1);
-        assert_eq!(s.ordinal, 2);
-        s.abort();
-        assert_eq!(s.ordinal, 1);
+        let second = s.begin(1);
+        assert_eq!(second, 2);
+        s.abort(second);
         assert!(!s.is_open());
+        assert_eq!(s.begin(2), 3, "the next session takes a new ordinal");
+        s.abort(second);
+        assert!(s.is_open(), "undoing an older session leaves a newer one open");
     }
 }

@@ -127,8 +127,17 @@ pub enum Mutation {
         /// Its id.
         id: String,
     },
-    /// A user takes a seat.
+    /// A user takes a seat (seeding from configuration, which is validated against the seats).
     PutSeat(SeatRecord),
+    /// A user takes a seat if one of the tenant's `seats` is free, or already holds one; the
+    /// store checks this atomically with the write, so nodes acting on their own snapshots
+    /// cannot together take more seats than were bought.
+    ClaimSeat {
+        /// The seat.
+        seat: SeatRecord,
+        /// The seats the tenant bought.
+        seats: u64,
+    },
     /// Seats released: of one user, or of every member seated through a group (`via`).
     DeleteSeats {
         /// The tenant.
@@ -142,6 +151,9 @@ pub enum Mutation {
     PutTrial(TrialRecord),
     /// Insert or replace a bot.
     PutBot(BotRecord),
+    /// A new bot: applied only if no bot has its id (the store checks atomically with the
+    /// write), else the whole change fails with `StoreError::BotExists`.
+    CreateBot(BotRecord),
     /// Delete a bot.
     DeleteBot {
         /// The bot id.

@@ -8,6 +8,7 @@
 pub mod control;
 mod migrations;
 pub mod redis;
+pub mod redis_lease;
 pub mod sqlite;
 
 use control::{AuditEntry, ControlData, Mutation};
@@ -56,6 +57,18 @@ pub enum StoreError {
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
+    /// A bot was created with an id another bot has (created meanwhile, on another node).
+    #[error("a bot with id {id} exists")]
+    BotExists {
+        /// The id.
+        id: String,
+    },
+    /// A seat was claimed and every seat of the tenant is taken (another node took the last).
+    #[error("every user license seat of tenant {tenant} is taken")]
+    SeatsFull {
+        /// The tenant.
+        tenant: String,
+    },
 }
 
 /// One billed session as the ledger records it.

@@ -50,7 +50,14 @@ for i = 5, #ARGV, 2 do
   redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 if ARGV[4] ~= '0' and ARGV[1] ~= '' then
-  redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], ARGV[4])
+  local used = redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], ARGV[4])
+  local held = tonumber(redis.call('HGET', KEYS[3], 'held:' .. ARGV[1]) or '0')
+  if used > held then
+    -- Sessions whose units were reclaimed before they were recorded (a partitioned node's
+    -- spool): the node held them after all, and what is granted next accounts for them.
+    redis.call('HINCRBY', KEYS[3], 'granted', used - held)
+    redis.call('HSET', KEYS[3], 'held:' .. ARGV[1], used)
+  end
 end
 return 1
 "#;
@@ -188,7 +195,7 @@ impl Store for RedisStore {
                     .arg(3)
                     .arg(key(tenant, "sessions"))
                     .arg(key(tenant, "usage"))
-                    .arg(crate::metering::lease::pool_key(tenant, *month))
+                    .arg(super::redis_lease::pool_key(tenant, *month))
                     .arg(node)
                     .arg(format!("{batch_id}/{}", crate::metering::pool::month_label(*month)))
                     .arg(packed)
@@ -350,7 +357,20 @@ impl Store for RedisStore {
     }
 
     fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError> {
-        self.with_conn(|c| apply_on(c, mutations, audit, None)).map(|_| ())
+        // A seat claim watches the seats it counted, a bot's creation the bot index: when
+        // another node changed them before the transaction ran, they are checked again.
+        for _ in 0..8 {
+            match self.with_conn(|c| apply_on(c, mutations, audit, None))? {
+                Applied::Yes => return Ok(()),
+                Applied::SeatsFull(tenant) => return Err(StoreError::SeatsFull { tenant }),
+                Applied::BotExists(id) => return Err(StoreError::BotExists { id }),
+                Applied::No => {}
+            }
+        }
+        Err(StoreError::Redis {
+            url: self.url.clone(),
+            message: "the seats kept changing while a seat was claimed".into(),
+        })
     }
 
     fn seed_tenant(
@@ -359,7 +379,7 @@ impl Store for RedisStore {
         mutations: &[Mutation],
         audit: &[AuditEntry],
     ) -> Result<bool, StoreError> {
-        self.with_conn(|c| apply_on(c, mutations, audit, Some(tenant)))
+        self.with_conn(|c| apply_on(c, mutations, audit, Some(tenant))).map(|a| a == Applied::Yes)
     }
 
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
@@ -398,21 +418,52 @@ impl Store for RedisStore {
     }
 }
 
+/// Whether [`apply_on`] applied its transaction.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    Yes,
+    /// A watched key changed (or the tenant to seed exists): nothing was written.
+    No,
+    /// A seat claim found every seat of this tenant taken: nothing was written.
+    SeatsFull(String),
+    /// A bot created with an id another bot has: nothing was written.
+    BotExists(String),
+}
+
 /// Applies control-plane changes and their audit entries in one `MULTI`/`EXEC`, then publishes
 /// the touched tenants. With `only_new`, the transaction runs only if that tenant does not exist
-/// (`WATCH` on its key: a node that loses the race to seed it applies nothing). Returns whether
-/// it applied.
+/// (`WATCH` on its key: a node that loses the race to seed it applies nothing). A seat claim
+/// counts the tenant's seats under `WATCH`, so it applies only if a seat was free when it ran.
 fn apply_on(
     c: &mut Connection,
     mutations: &[Mutation],
     audit: &[AuditEntry],
     only_new: Option<&str>,
-) -> RedisResult<bool> {
+) -> RedisResult<Applied> {
     if let Some(t) = only_new {
         redis::cmd("WATCH").arg(key(t, "tenant")).query::<()>(c)?;
         if redis::cmd("EXISTS").arg(key(t, "tenant")).query::<bool>(c)? {
             redis::cmd("UNWATCH").query::<()>(c)?;
-            return Ok(false);
+            return Ok(Applied::No);
+        }
+    }
+    for m in mutations {
+        if let Mutation::ClaimSeat { seat, seats } = m {
+            let k = key(&seat.tenant, "seats");
+            redis::cmd("WATCH").arg(&k).query::<()>(c)?;
+            let held: bool = redis::cmd("HEXISTS").arg(&k).arg(&seat.user).query(c)?;
+            let taken: u64 = redis::cmd("HLEN").arg(&k).query(c)?;
+            if !held && taken >= *seats {
+                redis::cmd("UNWATCH").query::<()>(c)?;
+                return Ok(Applied::SeatsFull(seat.tenant.clone()));
+            }
+        }
+        if let Mutation::CreateBot(b) = m {
+            redis::cmd("WATCH").arg(BOT_INDEX).query::<()>(c)?;
+            if redis::cmd("HEXISTS").arg(BOT_INDEX).arg(&b.id).query::<bool>(c)? {
+                redis::cmd("UNWATCH").query::<()>(c)?;
+                return Ok(Applied::BotExists(b.id.clone()));
+            }
         }
     }
 
@@ -457,7 +508,7 @@ fn apply_on(
                 pipe.cmd("SREM").arg(key(tenant, "assign")).arg(format!("{}:{id}", kind_str(*kind))).ignore();
                 touched.insert(tenant.clone());
             }
-            Mutation::PutSeat(s) => {
+            Mutation::PutSeat(s) | Mutation::ClaimSeat { seat: s, .. } => {
                 pipe.cmd("HSET").arg(key(&s.tenant, "seats")).arg(&s.user).arg(&s.via).ignore();
                 touched.insert(s.tenant.clone());
             }
@@ -475,7 +526,7 @@ fn apply_on(
                 pipe.cmd("HSET").arg(key(&t.tenant, "trials")).arg(&t.user).arg(json(t)).ignore();
                 touched.insert(t.tenant.clone());
             }
-            Mutation::PutBot(b) => {
+            Mutation::PutBot(b) | Mutation::CreateBot(b) => {
                 pipe.cmd("HSET").arg(key(&b.tenant, "bots")).arg(&b.id).arg(json(b)).ignore();
                 pipe.cmd("HSET").arg(BOT_INDEX).arg(&b.id).arg(&b.tenant).ignore();
                 pipe.cmd("SADD").arg(TENANTS).arg(&b.tenant).ignore();
@@ -500,11 +551,11 @@ fn apply_on(
         touched.insert(a.tenant.clone());
     }
     if pipe.query::<Option<()>>(c)?.is_none() {
-        // The watched tenant appeared meanwhile: another node seeded it.
-        return Ok(false);
+        // A watched key changed meanwhile: another node seeded the tenant, or took a seat.
+        return Ok(Applied::No);
     }
     for t in touched {
         redis::cmd("PUBLISH").arg(CHANGES_CHANNEL).arg(t).query::<i64>(c)?;
     }
-    Ok(true)
+    Ok(Applied::Yes)
 }

@@ -301,7 +301,9 @@ impl Store for SqliteStore {
                         "DELETE FROM assignments WHERE tenant = ?1 AND kind = ?2 AND id = ?3",
                         params![tenant, to_text(kind), id],
                     )?,
-                    Mutation::PutSeat(s) => tx.execute(
+                    // One process owns the database and licensing writes one change at a time,
+                    // so the caller's snapshot already decided that a seat is free.
+                    Mutation::PutSeat(s) | Mutation::ClaimSeat { seat: s, .. } => tx.execute(
                         "INSERT OR REPLACE INTO seats (tenant, user, via) VALUES (?1, ?2, ?3)",
                         params![s.tenant, s.user, s.via],
                     )?,
@@ -314,7 +316,9 @@ impl Store for SqliteStore {
                          VALUES (?1, ?2, ?3, ?4, ?5)",
                         params![t.tenant, t.user, t.started_ms, t.expires_ms, t.extended],
                     )?,
-                    Mutation::PutBot(b) => tx.execute(
+                    // One process owns the database: the caller's registry and its reservation of
+                    // the id already decided that it is free.
+                    Mutation::PutBot(b) | Mutation::CreateBot(b) => tx.execute(
                         "INSERT OR REPLACE INTO bots (id, tenant, json) VALUES (?1, ?2, ?3)",
                         params![b.id, b.tenant, b.json],
                     )?,

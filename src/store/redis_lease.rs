@@ -1,0 +1,386 @@
+//! The lease protocol of `metering::lease` on Redis.
+//!
+//! The pool of a tenant and month is one Redis hash, `bg:{tenant}:pool:YYYY-MM` (in the tenant's
+//! Cluster slot): `granted` (units handed out, used or not), and per node `held:N` (units leased
+//! to N), `used:N` (sessions N recorded: the ledger script counts them), `exp:N` (lease expiry,
+//! ms by Redis's clock), `seq:N`/`last:N` (the last call, for idempotent retries). Each call is
+//! one script, atomic per pool.
+
+use crate::metering::lease::{LeaseCall, LeaseStore, Renewal};
+use crate::metering::pool::{MonthIndex, month_label};
+use crate::store::StoreError;
+
+use super::redis::{RedisStore, key};
+
+/// Lua functions every lease script starts with. `clock` is Redis's time in ms, or the caller's
+/// when one is passed (a test's manual clock). `reclaim` reads the pool hash once, reclaims the
+/// unused units of other nodes whose lease expired, and returns the hash as a table (as
+/// reclaimed).
+const RECLAIM_FN: &str = r#"
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function reclaim(h, now, me)
+  local f = redis.call('HGETALL', h)
+  local v = {}
+  for i = 1, #f, 2 do v[f[i]] = f[i + 1] end
+  local granted = tonumber(v['granted'] or '0')
+  local changed = false
+  for k, exp in pairs(v) do
+    local n = string.match(k, '^exp:(.+)$')
+    if n and n ~= me and tonumber(exp) <= now then
+      local held = tonumber(v['held:' .. n] or '0')
+      local used = tonumber(v['used:' .. n] or '0')
+      if held > used then
+        granted = granted - (held - used)
+        v['held:' .. n] = tostring(used)
+        redis.call('HSET', h, 'held:' .. n, used)
+      end
+      v[k] = nil
+      redis.call('HDEL', h, k)
+      changed = true
+    end
+  end
+  if changed then redis.call('HSET', h, 'granted', granted) end
+  v['granted'] = tostring(granted)
+  return v
+end
+"#;
+
+/// `KEYS[1]` pool; `ARGV` now (empty: Redis's clock), node, seq, want, capacity, ttl_ms. Returns
+/// the units granted.
+const LEASE: &str = r#"
+local h = KEYS[1]
+local now, node, seq = clock(ARGV[1]), ARGV[2], ARGV[3]
+local want, cap, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local v = reclaim(h, now, node)
+if v['seq:' .. node] == seq then
+  return tonumber(v['last:' .. node] or '0')
+end
+local granted = tonumber(v['granted'])
+local avail = cap - granted
+if avail < 0 then avail = 0 end
+local grant = math.min(want, math.max(1, math.floor(avail / 4)), avail)
+local held = tonumber(v['held:' .. node] or '0')
+redis.call('HSET', h, 'granted', granted + grant, 'held:' .. node, held + grant,
+  'seq:' .. node, seq, 'last:' .. node, grant, 'exp:' .. node, now + ttl)
+redis.call('PEXPIRE', h, 5356800000)
+return grant
+"#;
+
+/// `KEYS[1]` pool; `ARGV` now (empty: Redis's clock), node, ttl_ms. Renews the node's lease if
+/// Redis still holds it (not reclaimed, not released); returns the month's use across every node
+/// and whether the lease was renewed.
+const RENEW: &str = r#"
+local h = KEYS[1]
+local now, node, ttl = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local v = reclaim(h, now, node)
+local renewed = 0
+if v['exp:' .. node] then
+  redis.call('HSET', h, 'exp:' .. node, now + ttl)
+  renewed = 1
+end
+local used = 0
+for k, n in pairs(v) do
+  if string.match(k, '^used:') then used = used + tonumber(n) end
+end
+return {used, renewed}
+"#;
+
+/// `KEYS[1]` pool; `ARGV` node, pending. Gives back the node's unused units (graceful
+/// shutdown), keeping `pending` of them: sessions the node served that are not in Redis yet (its
+/// spool replays them later, and they must find their units still held).
+const RELEASE: &str = r#"
+local h = KEYS[1]
+local node, pending = ARGV[1], tonumber(ARGV[2])
+local held = tonumber(redis.call('HGET', h, 'held:' .. node) or '0')
+local used = tonumber(redis.call('HGET', h, 'used:' .. node) or '0') + pending
+if held > used then
+  redis.call('HINCRBY', h, 'granted', used - held)
+  redis.call('HSET', h, 'held:' .. node, used)
+end
+redis.call('HDEL', h, 'exp:' .. node)
+return held - used
+"#;
+
+/// The Redis key of a tenant's pool for a month.
+pub fn pool_key(tenant: &str, month: MonthIndex) -> String {
+    key(tenant, &format!("pool:{}", month_label(month)))
+}
+
+/// The grant and renew scripts, each after [`RECLAIM_FN`].
+static LEASE_SCRIPT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{LEASE}"));
+static RENEW_SCRIPT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{RENEW}"));
+
+/// One script call. (Lease calls are rare, a few per node per second at most, so the script
+/// text goes along each time.)
+fn eval(script: &str, keys: &[String], args: &[String]) -> redis::Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(script).arg(keys.len());
+    for k in keys {
+        c.arg(k);
+    }
+    for a in args {
+        c.arg(a);
+    }
+    c
+}
+
+impl LeaseStore for RedisStore {
+    fn grant(
+        &self,
+        tenant: &str,
+        month: MonthIndex,
+        call: LeaseCall<'_>,
+        seq: u64,
+        want: u64,
+        capacity: u64,
+    ) -> Result<u64, StoreError> {
+        self.with_conn(|c| {
+            eval(
+                &LEASE_SCRIPT,
+                &[pool_key(tenant, month)],
+                &[
+                    now_arg(&call),
+                    call.node.to_string(),
+                    seq.to_string(),
+                    want.to_string(),
+                    capacity.to_string(),
+                    call.ttl_ms.to_string(),
+                ],
+            )
+            .query::<u64>(c)
+        })
+    }
+
+    fn renew(
+        &self,
+        tenants: &[&str],
+        month: MonthIndex,
+        call: LeaseCall<'_>,
+    ) -> Result<Vec<Renewal>, StoreError> {
+        let answers: Vec<(u64, u8)> = self.with_conn(|c| {
+            let mut pipe = redis::pipe();
+            for t in tenants {
+                pipe.add_command(eval(
+                    &RENEW_SCRIPT,
+                    &[pool_key(t, month)],
+                    &[now_arg(&call), call.node.to_string(), call.ttl_ms.to_string()],
+                ));
+            }
+            pipe.query(c)
+        })?;
+        Ok(answers.into_iter().map(|(used, renewed)| Renewal { used, renewed: renewed == 1 }).collect())
+    }
+
+    fn release(
+        &self,
+        tenants: &[(&str, u64)],
+        month: MonthIndex,
+        node: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.with_conn(|c| {
+            let mut pipe = redis::pipe();
+            for (t, pending) in tenants {
+                pipe.add_command(eval(
+                    RELEASE,
+                    &[pool_key(t, month)],
+                    &[node.to_string(), pending.to_string()],
+                ));
+            }
+            pipe.query(c)
+        })
+    }
+}
+
+/// The `now` argument of a script: empty for Redis's own clock.
+fn now_arg(call: &LeaseCall<'_>) -> String {
+    call.now.map(|n| n.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock, Millis};
+    use crate::metering::lease::{LeaseConfig, Leases};
+    use crate::metering::pool::TenantPool;
+    use std::sync::Arc;
+
+    /// A real `redis-server` on a free loopback port, killed on drop.
+    struct Redis(std::process::Child, u16);
+
+    impl Redis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (scripts/test.sh installs it)");
+            let redis = Self(child, port);
+            for _ in 0..200 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return redis;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("redis-server did not start");
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn leases(redis: &Redis, node: &str, clock: &Arc<ManualClock>) -> Leases {
+        leases_on(redis, node, clock, false)
+    }
+
+    fn leases_on(redis: &Redis, node: &str, clock: &Arc<ManualClock>, store_time: bool) -> Leases {
+        Leases::new(Arc::new(store(redis)), node.into(), clock.clone(), config(store_time))
+    }
+
+    fn store(redis: &Redis) -> RedisStore {
+        RedisStore::open(&format!("redis://127.0.0.1:{}/", redis.1)).unwrap()
+    }
+
+    fn config(store_time: bool) -> LeaseConfig {
+        LeaseConfig { ttl_ms: 10_000, target_secs: 5, max_grant: 1000, store_time }
+    }
+
+    /// One grant call of `node` at `now`, straight to the store.
+    fn grant(s: &RedisStore, node: &str, now: Millis, seq: u64, want: u64, cap: u64) -> u64 {
+        let month = crate::metering::pool::month_of(now);
+        s.grant("p", month, LeaseCall { node, now: Some(now), ttl_ms: 10_000 }, seq, want, cap).unwrap()
+    }
+
+    /// A pool of `capacity` sessions a month drawing from a lease, as every node has one.
+    fn leased_pool(capacity: u64, month: MonthIndex) -> Arc<TenantPool> {
+        use crate::config::{SubscriptionConfig, SubscriptionKind};
+        let plan = crate::metering::pool::CapacityPlan {
+            subscriptions: vec![SubscriptionConfig {
+                kind: SubscriptionKind::TenantLicense,
+                quantity: 1,
+                start: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+                end: None,
+            }],
+            per_license: capacity,
+            ..Default::default()
+        };
+        TenantPool::leased("t", plan, month)
+    }
+
+    fn draw_all(pool: &TenantPool, now: Millis) -> u64 {
+        let mut n = 0;
+        while matches!(pool.try_draw(now), crate::metering::pool::Draw::Drawn { .. }) {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn a_reclaimed_lease_stays_reclaimed_and_its_old_holder_draws_only_new_grants() {
+        let redis = Redis::start();
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let month = crate::metering::pool::month_of(clock.now_ms());
+        let (a, b) = (leases(&redis, "a", &clock), leases(&redis, "b", &clock));
+        let (pa, pb) = (leased_pool(100, month), leased_pool(100, month));
+        assert_eq!(a.refill_blocking(&pa, month).unwrap(), 10);
+        // A is cut off past its TTL (paused, partitioned); B reclaims A's unused 10.
+        clock.advance_ms(10_001);
+        b.refill_blocking(&pb, month).unwrap();
+        // A comes back: its renewal must not re-arm the reclaimed lease, and it drops the 10.
+        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
+        assert_eq!(pa.lease_available(month, clock.now_ms()), 0, "the reclaimed remainder is gone");
+        // Its next grant is all it may draw; everything drawn anywhere fits the pool.
+        let granted = a.refill_blocking(&pa, month).unwrap();
+        assert_eq!(draw_all(&pa, clock.now_ms()), granted);
+        let drawn_b = draw_all(&pb, clock.now_ms());
+        let mut total = granted + drawn_b;
+        for _ in 0..100 {
+            for (l, p) in [(&a, &pa), (&b, &pb)] {
+                l.refill_blocking(p, month).unwrap();
+                total += draw_all(p, clock.now_ms());
+            }
+        }
+        assert_eq!(total, 100, "the pool is never oversold");
+    }
+
+    #[test]
+    fn an_expired_local_lease_is_dropped_before_a_new_grant_is_added() {
+        let redis = Redis::start();
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let month = crate::metering::pool::month_of(clock.now_ms());
+        let (a, b) = (leases(&redis, "a", &clock), leases(&redis, "b", &clock));
+        let (pa, pb) = (leased_pool(1000, month), leased_pool(1000, month));
+        let first = a.refill_blocking(&pa, month).unwrap();
+        clock.advance_ms(10_001);
+        b.refill_blocking(&pb, month).unwrap();
+        // No renewal in between: A asks for more straight away.
+        let second = a.refill_blocking(&pa, month).unwrap();
+        assert!(first > 0 && second > 0);
+        assert_eq!(draw_all(&pa, clock.now_ms()), second, "the old remainder was reclaimed");
+    }
+
+    #[test]
+    fn expiry_is_judged_by_redis_time_not_a_callers_clock() {
+        let redis = Redis::start();
+        let now = ManualClock::new(crate::clock::SystemClock.now_ms());
+        // B's clock runs an hour ahead of A's and of Redis's.
+        let ahead = ManualClock::new(now.now_ms() + 3_600_000);
+        let month = crate::metering::pool::month_of(now.now_ms());
+        let (a, b) = (leases_on(&redis, "a", &now, true), leases_on(&redis, "b", &ahead, true));
+        let (pa, pb) = (leased_pool(100, month), leased_pool(100, month));
+        let held = a.refill_blocking(&pa, month).unwrap();
+        b.refill_blocking(&pb, month).unwrap();
+        b.refill_blocking(&pb, month).unwrap();
+        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
+        assert_eq!(pa.lease_available(month, now.now_ms()), held, "A's lease was not reclaimed early");
+    }
+
+    #[test]
+    fn a_release_keeps_the_units_of_sessions_not_recorded_yet() {
+        let redis = Redis::start();
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let month = crate::metering::pool::month_of(clock.now_ms());
+        let a = leases(&redis, "a", &clock);
+        let pa = leased_pool(100, month);
+        let held = a.refill_blocking(&pa, month).unwrap();
+        // Three sessions drawn and spooled (none in Redis yet): they keep their units.
+        assert_eq!(a.release_blocking(std::slice::from_ref(&pa), month, |_| 3).unwrap(), held - 3);
+        let granted: u64 = store(&redis)
+            .with_conn(|c| redis::cmd("HGET").arg(pool_key("t", month)).arg("granted").query(c))
+            .unwrap();
+        assert_eq!(granted, 3);
+    }
+
+    #[test]
+    fn a_retried_grant_is_not_a_second_grant_and_a_dead_nodes_lease_comes_back() {
+        let redis = Redis::start();
+        let (a, b) = (store(&redis), store(&redis));
+        let now = ManualClock::at("2026-11-28T00:00:00Z").now_ms();
+        // Capacity 100: a quarter of what is left at most per grant.
+        assert_eq!(grant(&a, "a", now, 7, 50, 100), 25);
+        assert_eq!(grant(&a, "a", now, 7, 50, 100), 25, "the same call again: the same grant");
+        assert_eq!(grant(&a, "a", now, 8, 50, 100), 18, "a new call: a quarter of the 75 left");
+        assert_eq!(grant(&b, "b", now, 1, 50, 100), 14);
+        // A dies holding 43 units; after its TTL, B's next call reclaims them.
+        assert_eq!(grant(&b, "b", now + 10_001, 2, 50, 100), (100 - 14) / 4);
+    }
+}
