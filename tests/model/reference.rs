@@ -347,10 +347,14 @@ impl Model {
 
     /// Capacity of a tenant in month `m`: tenant licenses active on any day of it times the
     /// per-license sessions, plus add-ons active on any day of it times the per-add-on sessions.
+    /// An add-on adds to a tenant license: a month without one has none (no trials here).
     pub fn capacity(&self, tenant: usize, m: Month) -> u64 {
         let Some(t) = self.tenants.get(&tenant) else { return 0 };
-        t.units(Kind::TenantLicense, |s| s.active_in(m)) * self.p.per_license
-            + t.units(Kind::CapacityAddon, |s| s.active_in(m)) * self.p.per_addon
+        let licenses = t.units(Kind::TenantLicense, |s| s.active_in(m));
+        if licenses == 0 {
+            return 0;
+        }
+        licenses * self.p.per_license + t.units(Kind::CapacityAddon, |s| s.active_in(m)) * self.p.per_addon
     }
 
     /// Units a tenant used in month `m`.
@@ -389,17 +393,6 @@ impl Model {
             Op::Publish { bot, .. } | Op::Delete { bot, .. } => bot != 0,
             Op::Start { client } | Op::Say { client, .. } | Op::Refresh { client } => self.named(client),
             Op::ToMonthEnd { before } => month_start(self.month() + 1) - before > self.now,
-            // Add-ons only where an open-ended tenant license covers every month they do: what a
-            // month with add-ons and no license holds is a question the rules leave open
-            // (`an_addon_without_a_tenant_license` keeps the case).
-            Op::Buy { tenant, kind: Kind::CapacityAddon, start, .. } => {
-                let first = first_day(month_of(self.now + start * 86_400));
-                self.tenants.get(&tenant).is_some_and(|t| {
-                    t.subscriptions
-                        .iter()
-                        .any(|s| s.kind == Kind::TenantLicense && s.end.is_none() && s.start <= first)
-                })
-            }
             Op::Advance { secs } => secs > 0,
             Op::Deadline { client, rule, early } => {
                 self.named(client)
