@@ -550,14 +550,33 @@ impl Model {
         self.clients[client].conversation.filter(|c| self.now - c.last_user < idle)
     }
 
-    /// The (client name, rule) pairs with a deadline more than a second ahead.
+    /// Names of the clients a message would reach (conversation held and open, token valid,
+    /// bot serving), and of those whose conversation could be started now.
+    pub fn reachable(&self) -> (Vec<u8>, Vec<u8>) {
+        let (held, idle) = self.clients_by_held();
+        let ok = |n: &u8| self.serves(self.client(*n));
+        let talk = held.into_iter().filter(|n| ok(n) && self.held(self.client(*n)).is_some_and(|c| !c.ended));
+        (talk.collect(), idle.into_iter().filter(ok).collect())
+    }
+
+    /// The (client name, rule) pairs with a deadline more than a second ahead; a session's
+    /// only while its conversation and token will still be there to send on.
     pub fn deadlines(&self) -> Vec<(u8, Rule)> {
         let (held, idle) = self.clients_by_held();
         let rules = [Rule::SessionIdle, Rule::SessionMax, Rule::ConversationIdle, Rule::TokenExpiry];
+        let useful = |n: u8, r: Rule| {
+            let c = self.client(n);
+            let Some(d) = self.deadline(c, r) else { return false };
+            let open_then = |until: Option<i64>| until.is_some_and(|u| d < u);
+            d - 1 > self.now
+                && (!matches!(r, Rule::SessionIdle | Rule::SessionMax)
+                    || open_then(self.deadline(c, Rule::ConversationIdle))
+                        && open_then(self.deadline(c, Rule::TokenExpiry)))
+        };
         held.into_iter()
             .chain(idle)
             .flat_map(|n| rules.map(|r| (n, r)))
-            .filter(|&(n, r)| self.deadline(self.client(n), r).is_some_and(|d| d - 1 > self.now))
+            .filter(|&(n, r)| useful(n, r))
             .collect()
     }
 
