@@ -215,8 +215,8 @@ impl StateMachineTest for ServerTest {
     fn init_test(m: &Model) -> Harness {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         let sut = rt.block_on(async {
-            let sut = driver::Sut::start(m.p).await;
-            sut.check(m).await;
+            let mut sut = driver::Sut::start(m.p).await;
+            sut.begin(m).await;
             sut
         });
         Harness { rt, sut: Some(sut) }
@@ -249,7 +249,7 @@ prop_state_machine! {
 async fn replay(p: Params, ops: Vec<Op>) {
     let mut m = Model::new(p);
     let mut sut = driver::Sut::start(p).await;
-    sut.check(&m).await;
+    sut.begin(&m).await;
     for op in &ops {
         assert!(m.allows(op), "a replayed step the model does not allow: {op:?}");
         m.apply(op);

@@ -39,6 +39,8 @@ pub struct Sut {
     http: reqwest::Client,
     /// The steps so far, for failure messages.
     log: Vec<Op>,
+    /// The model before the current step.
+    prev: Option<Model>,
 }
 
 /// The author (also the tenant admin) of a tenant.
@@ -87,6 +89,7 @@ impl Sut {
             clients: Vec::new(),
             http: reqwest::Client::new(),
             log: Vec::new(),
+            prev: None,
         }
     }
 
@@ -156,8 +159,16 @@ impl Sut {
 
     /// Takes one step: the request(s), then the answer and every counter against `m` (the model
     /// after the step).
+    ///
+    /// The usage reports flush the turn counters to the store, so they are read only where that
+    /// cannot hide a missing flush: not after a message (the restart that may follow must flush
+    /// at shutdown), and before the clock moves (turns are written under the day of the flush).
     pub async fn step(&mut self, op: &Op, m: &Model) {
         self.log.push(op.clone());
+        let clock_moves = matches!(op, Op::Advance { .. } | Op::ToMonthEnd { .. } | Op::Deadline { .. });
+        if clock_moves && let Some(prev) = &self.prev {
+            self.check_reports(prev).await;
+        }
         let got = self.act(op, m).await;
         let want = m.expect;
         if want.status != 0 {
@@ -170,6 +181,17 @@ impl Sut {
             );
         }
         self.check(m).await;
+        if !matches!(op, Op::Say { .. }) {
+            self.check_reports(m).await;
+        }
+        self.prev = Some(m.clone());
+    }
+
+    /// Checks the start state.
+    pub async fn begin(&mut self, m: &Model) {
+        self.check(m).await;
+        self.check_reports(m).await;
+        self.prev = Some(m.clone());
     }
 
     fn trail(&self) -> String {
@@ -267,8 +289,7 @@ impl Sut {
         }
     }
 
-    /// Every counter the rules fix, against the model: per-bot series, tenant gauges, and each
-    /// tenant's usage report for every month it has usage in.
+    /// The per-bot series and tenant gauges against the model.
     pub async fn check(&self, m: &Model) {
         assert_eq!(self.s().clock.now_secs(), m.now, "the clocks agree");
         let text = self.s().metrics().await;
@@ -321,8 +342,16 @@ impl Sut {
                 label(month),
                 self.trail()
             );
+        }
+    }
+
+    /// Each tenant's usage report for every month it has usage in, against the model.
+    pub async fn check_reports(&self, m: &Model) {
+        let text = self.s().metrics().await;
+        for &t in m.tenants.keys() {
+            let used = metric(&text, &format!("botgate_tenant_used_sessions{{tenant=\"{}\"}}", TENANTS[t]));
             for mm in m.months(t) {
-                self.check_report(m, t, mm, gauge("botgate_tenant_used_sessions")).await;
+                self.check_report(m, t, mm, used).await;
             }
         }
     }
