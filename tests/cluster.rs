@@ -414,3 +414,74 @@ async fn two_nodes_creating_one_bot_id_at_once_create_it_once() {
     assert_eq!(created, 1);
     assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:bots"]), "1");
 }
+
+/// A bot deleted and created again under its id, seen by another node in one reload (both
+/// changes at once), is the new bot there: that node serves the new bot's tokens and refuses
+/// the old bot's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_recreated_elsewhere_is_the_new_bot_on_this_node() {
+    use botgate::channel::token::{Claims, TokenSigner};
+    use botgate::store::control::{BotRecord, Mutation};
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let (a, b) = (TestServer::with(node(&url)).await, TestServer::with(node(&url)).await);
+    let key = a.state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
+    let req = botgate::identity::dev_issuer::TokenRequest {
+        tenant: "contoso".into(),
+        user: "alice".into(),
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    let now = botgate::clock::Clock::now_secs(&*a.clock);
+    let alice = botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now);
+    let def = serde_json::json!({"id": "x", "name": "X", "kind": "builtin", "topics": [
+        {"name": "Fallback", "kind": "system", "system": "fallback", "replies": ["Sorry?"]}]});
+    let res = a.http.post(a.url("/api/v1/bots")).bearer_auth(&alice).json(&def).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let res = a.http.post(a.url("/api/v1/bots/x/publish")).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let (old, _) = a.open_token("x").await;
+    let start_on_b = |token: String| {
+        let b = &b;
+        async move { b.http.post(b.url("/v3/directline/conversations")).bearer_auth(token).send().await.unwrap() }
+    };
+    let mut seen = false;
+    for _ in 0..100 {
+        if start_on_b(old.clone()).await.status() == 201 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(seen, "node B serves the bot");
+    // `x` deleted and created again, in one write: another instance under the same id.
+    let stored = redis.cli(&["HGET", "bg:{contoso}:bots", "x"]);
+    let record: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(record["json"].as_str().unwrap()).unwrap();
+    doc["instance"] = "second".into();
+    let rec = BotRecord { id: "x".into(), tenant: "contoso".into(), json: doc.to_string() };
+    a.state().store().apply(&[Mutation::DeleteBot { id: "x".into() }, Mutation::PutBot(rec)], &[]).unwrap();
+    // A token of the new instance, signed with the nodes' shared channel key.
+    let channel_key = a.state().store().shared_key(botgate::state::CHANNEL_KEY, &[0; 32]).unwrap();
+    let claims = Claims {
+        bot: "x".into(),
+        conversation: format!("{}.fresh", b.state().node_id()),
+        user: None,
+        exp: now + 600,
+        slot: 0,
+        generation: 0,
+        instance: "second".into(),
+        test_chat: false,
+    };
+    let new = TokenSigner::new(&channel_key).sign(&claims);
+    let mut served = false;
+    for _ in 0..100 {
+        if start_on_b(new.clone()).await.status() == 201 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(served, "node B serves the new bot's tokens within a second");
+    assert_error(start_on_b(old).await, 403, "BotNotFound").await;
+}

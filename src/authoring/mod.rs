@@ -81,9 +81,10 @@ impl Authoring {
         Ok(me)
     }
 
-    /// Applies the stored bots another node changed: new and edited bots are rebuilt around
-    /// their existing control block (so running conversations see publishing and secret changes
-    /// at once), deleted ones stop serving.
+    /// Applies the stored bots another node changed: edited bots are rebuilt around their
+    /// existing control block (so running conversations see publishing and secret changes at
+    /// once), new ones (also a new bot under a deleted bot's id) are built fresh, deleted ones
+    /// stop serving.
     pub fn reload(
         &self,
         bots: &[crate::store::control::BotRecord],
@@ -102,7 +103,10 @@ impl Authoring {
             };
             let fresh = doc.build(secrets::random_id(24), max_in_flight);
             let bot = match registry.get(&rec.id) {
-                Some(old) => {
+                // The same bot, edited: its running conversations see the change at once.
+                Some(old)
+                    if old.control.instance() == fresh.control.instance() && old.tenant == fresh.tenant =>
+                {
                     let c = &old.control;
                     c.set_published(fresh.control.published());
                     c.set_secured_access(fresh.control.secured_access());
@@ -114,6 +118,12 @@ impl Authoring {
                     }
                     let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);
                     Bot::with_control(&fresh.definition, key, max_in_flight, c.clone(), fresh.owner.clone())
+                }
+                // Another bot under this id (the old one was deleted, this one created since):
+                // the old one stops serving, and its tokens do not reach the new one.
+                Some(old) => {
+                    old.control.set_published(false);
+                    fresh
                 }
                 None => fresh,
             };

@@ -567,8 +567,9 @@ pub struct ClusterConfig {
     /// conversations it owns. Default `http://<bound public address>`.
     #[serde(default)]
     pub advertise_url: String,
-    /// A lease (and a node's registration) not renewed for this long is reclaimed by the other
-    /// nodes, in seconds. Default 10.
+    /// Seconds a lease stays valid without renewal: a node stops drawing on it before then, and
+    /// the other nodes reclaim it after twice this (the grace lets a node catching up after a
+    /// Redis outage replay its spool first). A node's registration expires after this. Default 10.
     #[serde(default = "default_lease_ttl_secs")]
     pub lease_ttl_secs: u64,
     /// A grant aims to cover this many seconds of the node's recent use. Default 5.

@@ -10,14 +10,16 @@
 //! A grant never exceeds what the month still has, and shrinks as the pool nears empty
 //! (at most a quarter of what is left), so the last units are not stranded on an idle node.
 //!
-//! Leases are fenced. Expiry is judged by Redis's own clock (`TIME`), never a caller's, and a
-//! node's local lease ends a tenth of the TTL before Redis's (measured from before the call), so
-//! no node draws on units another node may reclaim. A reclaimed lease stays reclaimed: renewal
-//! re-arms only a lease Redis still holds, and tells the node when it does not, so the node
-//! drops what it had left; a node whose local lease ran out drops its remainder before it adds a
-//! new grant. Sessions recorded after their units were reclaimed (a partitioned node's spool,
-//! replayed later) raise the node's holding and `granted` by the excess, so what Redis grants
-//! next accounts for them.
+//! Leases are fenced. Expiry is judged by the store's own clock (Redis `TIME`), never a
+//! caller's, and a node's local lease ends a tenth of the TTL before the store's (measured from
+//! before the call), so no node draws on units another node may reclaim. A reclaimed lease
+//! stays reclaimed: renewal re-arms only a lease the store still holds and tells the node when
+//! it does not, and a grant tells the node whether its previous lease was still its own; either
+//! way the node then drops what it had left. An expired lease is reclaimed only after a further
+//! TTL (so a node catching up after a store outage replays its spool and renews first), and
+//! sessions recorded after their units were reclaimed (a partitioned node's spool, replayed
+//! later) raise the node's holding and `granted` by the excess, so later grants account for
+//! them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +39,16 @@ pub struct LeaseCall<'a> {
     pub now: Option<Millis>,
     /// How long a lease stays valid without renewal, ms.
     pub ttl_ms: i64,
+}
+
+/// What a grant gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Units added to the node's lease.
+    pub units: u64,
+    /// Whether the node's previous lease was still its own (not reclaimed or released): what
+    /// it had left stays usable; otherwise the node must drop it.
+    pub kept: bool,
 }
 
 /// What a renewal found for one pool.
@@ -62,7 +74,7 @@ pub trait LeaseStore: Send + Sync + 'static {
         seq: u64,
         want: u64,
         capacity: u64,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<Grant, StoreError>;
 
     /// Renews `call.node`'s lease of each of `tenants`' pools for `month`, in one round trip.
     fn renew(
@@ -141,10 +153,10 @@ impl Leases {
         let capacity = pool.capacity(month);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let call = || self.store.grant(&pool.tenant, month, self.call(now), seq, want, capacity);
-        let grant = call().or_else(|_| call()).map_err(|e| e.to_string())?;
-        if pool.lease_expired(now) {
-            // Whatever this node had left may have been reclaimed by now: the new grant is all
-            // it holds.
+        let Grant { units: grant, kept } = call().or_else(|_| call()).map_err(|e| e.to_string())?;
+        if !kept {
+            // What this node had left was reclaimed (or released): the new grant is all it
+            // holds.
             pool.drop_lease(month);
         }
         pool.add_lease(month, grant, now + self.config.ttl_ms - self.config.ttl_ms / 10);

@@ -277,17 +277,12 @@ impl TenantPool {
         l.valid_until.fetch_max(valid_until, Ordering::Relaxed);
     }
 
-    /// Whether this node's lease has run out at `now` (not renewed in time).
-    pub fn lease_expired(&self, now: Millis) -> bool {
-        self.lease.as_ref().is_some_and(|l| now >= l.valid_until.load(Ordering::Relaxed))
-    }
-
     /// Drops what is left of this node's lease of `month`: the lease is reclaimed, or may be.
     /// Draws stop at what was already used until a new grant arrives.
     pub fn drop_lease(&self, month: MonthIndex) {
         let Some(l) = &self.lease else { return };
-        // A lease is dropped only once it ran out locally (draws already stop at it) or Redis
-        // says it is gone, which happens only after it ran out here: no draw races this.
+        // A lease is dropped only once Redis says it is gone, which happens only after it ran
+        // out here (draws already stop at it): no draw races this.
         let used = self.used(month);
         let _ = l.leased.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
             let (m, n) = unpack(v);

@@ -6,7 +6,7 @@
 //! ms by Redis's clock), `seq:N`/`last:N` (the last call, for idempotent retries). Each call is
 //! one script, atomic per pool.
 
-use crate::metering::lease::{LeaseCall, LeaseStore, Renewal};
+use crate::metering::lease::{Grant, LeaseCall, LeaseStore, Renewal};
 use crate::metering::pool::{MonthIndex, month_label};
 use crate::store::StoreError;
 
@@ -16,21 +16,34 @@ use super::redis::{RedisStore, key};
 /// when one is passed (a test's manual clock). `reclaim` reads the pool hash once, reclaims the
 /// unused units of other nodes whose lease expired, and returns the hash as a table (as
 /// reclaimed).
+///
+/// An expired lease is reclaimed only once Redis has seen it expired for another TTL
+/// (`gone:N`, the first time a call saw it expired). A Redis outage longer than the TTL expires
+/// every lease at once, and each node then holds sessions in its spool whose units Redis has
+/// not seen used: the grace lets a live node replay its spool and renew (which keeps its lease)
+/// before anyone may take those units. A node that is really gone loses its lease after twice
+/// the TTL.
 const RECLAIM_FN: &str = r#"
 local function clock(arg)
   if arg ~= '' then return tonumber(arg) end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function reclaim(h, now, me)
+local function reclaim(h, now, me, ttl)
   local f = redis.call('HGETALL', h)
   local v = {}
   for i = 1, #f, 2 do v[f[i]] = f[i + 1] end
   local granted = tonumber(v['granted'] or '0')
   local changed = false
+  local seen = {}
   for k, exp in pairs(v) do
     local n = string.match(k, '^exp:(.+)$')
-    if n and n ~= me and tonumber(exp) <= now then
+    local gone = n and v['gone:' .. n]
+    if n and n ~= me and tonumber(exp) <= now and not gone then
+      seen[#seen + 1] = n
+    elseif n and n ~= me and tonumber(exp) <= now and now - tonumber(gone) >= ttl then
+      v['gone:' .. n] = nil
+      redis.call('HDEL', h, 'gone:' .. n)
       local held = tonumber(v['held:' .. n] or '0')
       local used = tonumber(v['used:' .. n] or '0')
       if held > used then
@@ -43,6 +56,10 @@ local function reclaim(h, now, me)
       changed = true
     end
   end
+  for _, n in ipairs(seen) do
+    redis.call('HSET', h, 'gone:' .. n, now)
+    v['gone:' .. n] = tostring(now)
+  end
   if changed then redis.call('HSET', h, 'granted', granted) end
   v['granted'] = tostring(granted)
   return v
@@ -50,24 +67,28 @@ end
 "#;
 
 /// `KEYS[1]` pool; `ARGV` now (empty: Redis's clock), node, seq, want, capacity, ttl_ms. Returns
-/// the units granted.
+/// the units granted, and 1 if the node's previous lease was still its own (not reclaimed, not
+/// released), else 0; a retried call returns the first call's answer.
 const LEASE: &str = r#"
 local h = KEYS[1]
 local now, node, seq = clock(ARGV[1]), ARGV[2], ARGV[3]
 local want, cap, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local v = reclaim(h, now, node)
+local v = reclaim(h, now, node, ttl)
 if v['seq:' .. node] == seq then
-  return tonumber(v['last:' .. node] or '0')
+  return {tonumber(v['last:' .. node] or '0'), tonumber(v['kept:' .. node] or '0')}
 end
+local kept = 0
+if v['exp:' .. node] then kept = 1 end
 local granted = tonumber(v['granted'])
 local avail = cap - granted
 if avail < 0 then avail = 0 end
 local grant = math.min(want, math.max(1, math.floor(avail / 4)), avail)
 local held = tonumber(v['held:' .. node] or '0')
 redis.call('HSET', h, 'granted', granted + grant, 'held:' .. node, held + grant,
-  'seq:' .. node, seq, 'last:' .. node, grant, 'exp:' .. node, now + ttl)
+  'seq:' .. node, seq, 'last:' .. node, grant, 'kept:' .. node, kept, 'exp:' .. node, now + ttl)
+redis.call('HDEL', h, 'gone:' .. node)
 redis.call('PEXPIRE', h, 5356800000)
-return grant
+return {grant, kept}
 "#;
 
 /// `KEYS[1]` pool; `ARGV` now (empty: Redis's clock), node, ttl_ms. Renews the node's lease if
@@ -76,10 +97,11 @@ return grant
 const RENEW: &str = r#"
 local h = KEYS[1]
 local now, node, ttl = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local v = reclaim(h, now, node)
+local v = reclaim(h, now, node, ttl)
 local renewed = 0
 if v['exp:' .. node] then
   redis.call('HSET', h, 'exp:' .. node, now + ttl)
+  redis.call('HDEL', h, 'gone:' .. node)
   renewed = 1
 end
 local used = 0
@@ -101,7 +123,7 @@ if held > used then
   redis.call('HINCRBY', h, 'granted', used - held)
   redis.call('HSET', h, 'held:' .. node, used)
 end
-redis.call('HDEL', h, 'exp:' .. node)
+redis.call('HDEL', h, 'exp:' .. node, 'gone:' .. node)
 return held - used
 "#;
 
@@ -139,8 +161,8 @@ impl LeaseStore for RedisStore {
         seq: u64,
         want: u64,
         capacity: u64,
-    ) -> Result<u64, StoreError> {
-        self.with_conn(|c| {
+    ) -> Result<Grant, StoreError> {
+        let (units, kept): (u64, u8) = self.with_conn(|c| {
             eval(
                 &LEASE_SCRIPT,
                 &[pool_key(tenant, month)],
@@ -153,8 +175,9 @@ impl LeaseStore for RedisStore {
                     call.ttl_ms.to_string(),
                 ],
             )
-            .query::<u64>(c)
-        })
+            .query(c)
+        })?;
+        Ok(Grant { units, kept: kept == 1 })
     }
 
     fn renew(
@@ -267,7 +290,7 @@ mod tests {
     /// One grant call of `node` at `now`, straight to the store.
     fn grant(s: &RedisStore, node: &str, now: Millis, seq: u64, want: u64, cap: u64) -> u64 {
         let month = crate::metering::pool::month_of(now);
-        s.grant("p", month, LeaseCall { node, now: Some(now), ttl_ms: 10_000 }, seq, want, cap).unwrap()
+        s.grant("p", month, LeaseCall { node, now: Some(now), ttl_ms: 10_000 }, seq, want, cap).unwrap().units
     }
 
     /// A pool of `capacity` sessions a month drawing from a lease, as every node has one.
@@ -302,9 +325,11 @@ mod tests {
         let (a, b) = (leases(&redis, "a", &clock), leases(&redis, "b", &clock));
         let (pa, pb) = (leased_pool(100, month), leased_pool(100, month));
         assert_eq!(a.refill_blocking(&pa, month).unwrap(), 10);
-        // A is cut off past its TTL (paused, partitioned); B reclaims A's unused 10.
-        clock.advance_ms(10_001);
-        b.refill_blocking(&pb, month).unwrap();
+        // A is cut off past twice its TTL (paused, partitioned); B reclaims A's unused 10.
+        for _ in 0..2 {
+            clock.advance_ms(10_001);
+            b.refill_blocking(&pb, month).unwrap();
+        }
         // A comes back: its renewal must not re-arm the reclaimed lease, and it drops the 10.
         a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
         assert_eq!(pa.lease_available(month, clock.now_ms()), 0, "the reclaimed remainder is gone");
@@ -323,19 +348,41 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_local_lease_is_dropped_before_a_new_grant_is_added() {
+    fn a_reclaimed_remainder_is_dropped_at_the_next_grant() {
         let redis = Redis::start();
         let clock = ManualClock::at("2026-11-28T00:00:00Z");
         let month = crate::metering::pool::month_of(clock.now_ms());
         let (a, b) = (leases(&redis, "a", &clock), leases(&redis, "b", &clock));
         let (pa, pb) = (leased_pool(1000, month), leased_pool(1000, month));
         let first = a.refill_blocking(&pa, month).unwrap();
-        clock.advance_ms(10_001);
-        b.refill_blocking(&pb, month).unwrap();
+        for _ in 0..2 {
+            clock.advance_ms(10_001);
+            b.refill_blocking(&pb, month).unwrap();
+        }
         // No renewal in between: A asks for more straight away.
         let second = a.refill_blocking(&pa, month).unwrap();
         assert!(first > 0 && second > 0);
         assert_eq!(draw_all(&pa, clock.now_ms()), second, "the old remainder was reclaimed");
+    }
+
+    #[test]
+    fn a_lease_expired_by_an_outage_is_kept_by_a_node_that_renews_within_the_grace() {
+        let redis = Redis::start();
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let month = crate::metering::pool::month_of(clock.now_ms());
+        let (a, b) = (leases(&redis, "a", &clock), leases(&redis, "b", &clock));
+        let (pa, pb) = (leased_pool(1000, month), leased_pool(1000, month));
+        let held = a.refill_blocking(&pa, month).unwrap();
+        // Redis was away longer than the TTL; B is first back and sees A's lease expired.
+        clock.advance_ms(10_001);
+        b.refill_blocking(&pb, month).unwrap();
+        // A is back within the grace: its renewal keeps the lease, and what it had left.
+        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
+        assert_eq!(pa.lease_available(month, clock.now_ms()), held);
+        clock.advance_ms(9_000);
+        b.refill_blocking(&pb, month).unwrap();
+        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
+        assert_eq!(pa.lease_available(month, clock.now_ms()), held, "never reclaimed while A renews");
     }
 
     #[test]
@@ -380,7 +427,10 @@ mod tests {
         assert_eq!(grant(&a, "a", now, 7, 50, 100), 25, "the same call again: the same grant");
         assert_eq!(grant(&a, "a", now, 8, 50, 100), 18, "a new call: a quarter of the 75 left");
         assert_eq!(grant(&b, "b", now, 1, 50, 100), 14);
-        // A dies holding 43 units; after its TTL, B's next call reclaims them.
-        assert_eq!(grant(&b, "b", now + 10_001, 2, 50, 100), (100 - 14) / 4);
+        // A dies holding 43 units. After its TTL, B's next call sees the lease expired but
+        // leaves it another TTL (A may only be catching up after an outage).
+        assert_eq!(grant(&b, "b", now + 10_001, 2, 50, 100), (100 - 57) / 4);
+        // After that, B's next call reclaims A's 43: 24 granted, a quarter of the 76 left.
+        assert_eq!(grant(&b, "b", now + 20_002, 3, 50, 100), (100 - 24) / 4);
     }
 }
