@@ -10,8 +10,8 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::BotChange;
 use super::store::hint;
+use super::{BotChange, bot_exists};
 use crate::bots::{Bot, BotControl, secrets};
 use crate::config::{BotConfig, BotKind, TopicConfig};
 use crate::error::{ApiError, JsonBody};
@@ -111,12 +111,10 @@ pub async fn create(
         topics: body.topics,
     };
     validate(&def)?;
-    let exists =
-        || ApiError::new(StatusCode::CONFLICT, "BotExists", "A bot with this id exists. Choose another id.");
     // Held until the bot is in the registry: a concurrent create of the same id gets 409.
-    let Some(_reservation) = app.authoring().reserve(&id) else { return Err(exists()) };
+    let Some(_reservation) = app.authoring().reserve(&id) else { return Err(bot_exists()) };
     if app.channel().bots.get(&id).is_some() {
-        return Err(exists());
+        return Err(bot_exists());
     }
     let max = app.config().upstream.max_concurrency_per_bot;
     let bot = Arc::new(Bot::with_control(

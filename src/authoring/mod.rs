@@ -31,6 +31,11 @@ pub struct Authoring {
     creating: DashMap<String, ()>,
 }
 
+/// 409 `BotExists`.
+pub fn bot_exists() -> ApiError {
+    ApiError::new(http::StatusCode::CONFLICT, "BotExists", "A bot with this id exists. Choose another id.")
+}
+
 /// What [`Authoring::save`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BotChange {
@@ -171,11 +176,7 @@ impl Authoring {
             .await
             .map_err(|_| ApiError::internal())?
             .map_err(|e| match e {
-                StoreError::BotExists { .. } => ApiError::new(
-                    http::StatusCode::CONFLICT,
-                    "BotExists",
-                    "A bot with this id exists. Choose another id.",
-                ),
+                StoreError::BotExists { .. } => bot_exists(),
                 e => {
                     tracing::error!(error = %e, "Saving a bot failed.");
                     ApiError::unavailable("StoreUnavailable", "The change could not be saved. Try again.")

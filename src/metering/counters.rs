@@ -71,15 +71,6 @@ impl BotCounters {
             self.overage.fetch_add(1, Ordering::Relaxed);
         }
     }
-    /// Undoes [`add_billed`](Self::add_billed) and the turn that came with it (the session is
-    /// not billed, and the message was refused).
-    pub(super) fn unbill(&self, overage: bool) {
-        self.billed.fetch_sub(1, Ordering::Relaxed);
-        self.turns.fetch_sub(1, Ordering::Relaxed);
-        if overage {
-            self.overage.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
     pub(super) fn add_turn(&self) {
         self.turns.fetch_add(1, Ordering::Relaxed);
     }

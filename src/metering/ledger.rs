@@ -26,9 +26,9 @@ const REPLAY_BATCHES: usize = 64;
 type Ack = oneshot::Sender<Result<(), String>>;
 
 /// A session waiting to be recorded, with when it was queued (the linger counts from the first
-/// of a batch), and what undoes it if it cannot be: the writer disarms it once the batch is
-/// durable, and drops it (undoing the session) otherwise, whether or not anyone still waits
-/// for the answer.
+/// of a batch), and its fate: the writer marks it recorded (counting it) once the batch is
+/// durable, and drops it (undoing the session) otherwise, whether or not anyone still waits for
+/// the answer.
 type Pending = (SessionRecord, Instant, Ack, Option<Refund>);
 
 /// How the writer batches.
@@ -145,10 +145,11 @@ fn run(
                 Err(e.to_string())
             }
         });
-        // Undo (or keep) every session before any waiter hears the answer, so a refused
-        // session's unit is back in the pool by the time its 503 is sent.
+        // Count (or undo) every session before any waiter hears the answer: a recorded session is
+        // in the metrics when its message is answered, a refused one's unit back in the pool
+        // when its 503 is sent.
         if result.is_ok() {
-            refunds.drain(..).flatten().for_each(Refund::disarm);
+            refunds.drain(..).flatten().for_each(Refund::recorded);
         } else {
             refunds.clear();
         }

@@ -60,10 +60,12 @@ fn lock_state(s: &Mutex<SessionState>) -> std::sync::MutexGuard<'_, SessionState
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Undoes a session that began but will not be billed: its record failed, its request was
-/// dropped before the record was sent, or its upstream bot never accepted the first turn.
-/// Applied on drop unless [`disarm`](Self::disarm)ed, so no path (an error, a cancelled future,
-/// a stopped ledger) can keep a unit drawn for a session the ledger does not hold.
+/// The fate of a session that began and is not recorded yet. Once the ledger holds it,
+/// [`recorded`](Self::recorded) counts it (billed, and its first turn); dropped without that, it
+/// undoes the session: its record failed, its request was dropped before the record was sent, or
+/// its upstream bot never accepted the first turn. So no path (an error, a cancelled future, a
+/// stopped ledger) can keep a unit drawn for a session the ledger does not hold, and the
+/// counters never count one.
 pub struct Refund {
     counters: Arc<BotCounters>,
     session: Arc<Mutex<SessionState>>,
@@ -76,8 +78,10 @@ pub struct Refund {
 }
 
 impl Refund {
-    /// The session is recorded: nothing to undo.
-    pub fn disarm(mut self) {
+    /// The session is recorded: count it, and keep its unit.
+    pub fn recorded(mut self) {
+        self.counters.add_billed(self.overage);
+        self.counters.add_turn();
         self.armed = false;
     }
 }
@@ -88,7 +92,6 @@ impl Drop for Refund {
             return;
         }
         lock_state(&self.session).abort(self.ordinal);
-        self.counters.unbill(self.overage);
         if self.drawn {
             self.counters.pool.refund(self.month);
         }
@@ -509,9 +512,8 @@ impl Metering {
                 }
             }
         };
-        counters.add_billed(overage);
-        counters.add_turn();
-        // Armed from here: any way out of this turn that does not record the session undoes it.
+        // Armed from here: any way out of this turn that does not record the session undoes it;
+        // the session and its turn are counted once it is recorded.
         let refund = Refund {
             counters: counters.clone(),
             session: meter.session.clone(),
@@ -667,8 +669,9 @@ impl Metering {
         for b in self.inner.bots.iter() {
             let now = b.snapshot();
             let before = flushed.get(b.key()).copied().unwrap_or_default();
-            // Saturating: the counters only grow, and a bot's counters start from the same
-            // rebuilt totals as its flushed snapshot; never wrap if that ever fails to hold.
+            // Saturating: the counters only grow (a session is counted once recorded, never
+            // taken back), and a bot's counters start from the same rebuilt totals as its flushed
+            // snapshot; never wrap if that ever fails to hold.
             let d = UsageDelta {
                 turns: now.turns.saturating_sub(before.turns),
                 rejected_capacity: now.rejected_capacity.saturating_sub(before.rejected_capacity),
