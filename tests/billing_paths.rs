@@ -296,3 +296,53 @@ async fn a_client_that_hangs_up_after_sending_is_still_billed_for_the_session_th
     );
     assert_eq!(metric(&s.metrics().await, &used_series("contoso")), Some(1));
 }
+
+/// A stand-in messaging endpoint whose first user message fails after `delay_ms` (500), while
+/// every other activity is taken at once.
+async fn bot_failing_its_first_message(delay_ms: u64) -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let failed = std::sync::Arc::new(AtomicBool::new(false));
+    let app = axum::Router::new().route(
+        "/api/messages",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let failed = failed.clone();
+            async move {
+                if body["type"] == "message" && !failed.swap(true, Ordering::SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                    return http::StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_while_the_first_turn_is_pending_is_billed_when_that_turn_fails() {
+    let addr = bot_failing_its_first_message(300).await;
+    let endpoint = format!("http://{addr}/api/messages");
+    let s = std::sync::Arc::new(
+        TestServer::with(|c| {
+            let extra: botgate::config::Config =
+                toml::from_str(&upstream_config_toml(&endpoint, "")).unwrap();
+            c.bots.extend(extra.bots);
+        })
+        .await,
+    );
+    let (t, c, _) = s.conversation("up").await;
+    let (s1, t1, c1) = (s.clone(), t.clone(), c.clone());
+    let first = tokio::spawn(async move { s1.say(&t1, &c1, "first").await.status().as_u16() });
+    // The second message arrives while the bot still holds the first.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let second = s.say(&t, &c, "second").await.status().as_u16();
+    assert_eq!(first.await.unwrap(), 502, "the bot refused the first message");
+    assert_eq!(second, 200, "and took the second");
+    // The session the bot refused is not billed; the second message began one of its own.
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, &billed_series("contoso", "up")), Some(1), "{m}");
+    assert_eq!(metric(&m, &used_series("contoso")), Some(1));
+}

@@ -33,7 +33,7 @@ pub struct ConversationMeter {
     counters: Option<Arc<BotCounters>>,
     /// Shared with a session being recorded, so that a failed write closes it even when the
     /// request that began it is gone.
-    session: Arc<Mutex<SessionState>>,
+    session: Arc<SessionCell>,
     /// Names this incarnation of the conversation in its session ids: a conversation id started
     /// again by its token (after expiry or a restart) is a new incarnation whose sessions are
     /// new sessions. The start time and a random word, so no two incarnations share it.
@@ -47,12 +47,29 @@ impl ConversationMeter {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, SessionState> {
-        lock_state(&self.session)
+        lock_state(&self.session.state)
     }
 
     /// Ends the open billed session (the conversation ended).
     pub fn end_session(&self) {
         self.state().end();
+    }
+}
+
+/// A conversation's session state, and a signal for turns waiting on a pending session.
+#[derive(Default)]
+struct SessionCell {
+    /// A std lock: held only to decide, never across an await.
+    state: Mutex<SessionState>,
+    /// Notified when a pending session is settled (recorded or undone).
+    settled: tokio::sync::Notify,
+}
+
+impl SessionCell {
+    /// Changes the state, then wakes the turns waiting on it.
+    fn settle_with(&self, f: impl FnOnce(&mut SessionState)) {
+        f(&mut lock_state(&self.state));
+        self.settled.notify_waiters();
     }
 }
 
@@ -68,7 +85,7 @@ fn lock_state(s: &Mutex<SessionState>) -> std::sync::MutexGuard<'_, SessionState
 /// counters never count one.
 pub struct Refund {
     counters: Arc<BotCounters>,
-    session: Arc<Mutex<SessionState>>,
+    session: Arc<SessionCell>,
     ordinal: u32,
     month: MonthIndex,
     /// Whether the session took a unit from the pool (not overage, not allowed in an outage).
@@ -83,6 +100,8 @@ impl Refund {
         self.counters.add_billed(self.overage);
         self.counters.add_turn();
         self.armed = false;
+        let ordinal = self.ordinal;
+        self.session.settle_with(|s| s.settle(ordinal));
     }
 }
 
@@ -91,7 +110,8 @@ impl Drop for Refund {
         if !self.armed {
             return;
         }
-        lock_state(&self.session).abort(self.ordinal);
+        let ordinal = self.ordinal;
+        self.session.settle_with(|s| s.abort(ordinal));
         if self.drawn {
             self.counters.pool.refund(self.month);
         }
@@ -160,7 +180,9 @@ pub enum TurnOutcome {
 }
 
 /// One pass of the decision for a user turn.
-enum Step {
+enum Step<'a> {
+    /// The open session is pending: wait for it (already registered), then decide again.
+    Wait(std::pin::Pin<Box<tokio::sync::futures::Notified<'a>>>),
     Done(TurnOutcome),
     Began(u32, pool::MonthIndex, bool),
     Exhausted(pool::MonthIndex),
@@ -449,6 +471,13 @@ impl Metering {
             let step = {
                 let mut state = meter.state();
                 match state.decide(&self.inner.rules, now, user_topic) {
+                    Decision::Wait => {
+                        // Registered before the lock is released, so the settling cannot slip
+                        // between this decision and the wait.
+                        let mut settled = Box::pin(meter.session.settled.notified());
+                        settled.as_mut().enable();
+                        Step::Wait(settled)
+                    }
                     Decision::Continue => Step::Done(TurnOutcome::Continued),
                     Decision::Nothing => Step::Done(TurnOutcome::Unbilled),
                     Decision::Begin => {
@@ -475,6 +504,7 @@ impl Metering {
                 }
             };
             match step {
+                Step::Wait(settled) => settled.await,
                 Step::Done(outcome) => {
                     counters.add_turn();
                     return Ok(match outcome {
@@ -501,11 +531,15 @@ impl Metering {
                         self.degraded(&e)?;
                         // Allowed without a lease (safe_capacity): decide again, then begin.
                         let mut state = meter.state();
-                        if state.decide(&self.inner.rules, now, user_topic) != Decision::Begin {
-                            counters.add_turn();
-                            return Ok(Turn::Continued);
+                        match state.decide(&self.inner.rules, now, user_topic) {
+                            Decision::Begin => break (state.begin(now), month, false, false),
+                            // Another turn of this conversation began a session meanwhile.
+                            Decision::Wait => continue,
+                            _ => {
+                                counters.add_turn();
+                                return Ok(Turn::Continued);
+                            }
                         }
-                        break (state.begin(now), month, false, false);
                     }
                     // Decide again: another message of this conversation may have begun a
                     // session meanwhile.

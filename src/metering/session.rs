@@ -20,6 +20,9 @@ pub struct SessionState {
     began_ms: Millis,
     last_ms: Millis,
     turns: u32,
+    /// The open session began and is not recorded yet (or its upstream bot has not accepted
+    /// its first turn): whether it counts is not known.
+    pending: bool,
     /// How many sessions this conversation began (names the next session id).
     pub ordinal: u32,
 }
@@ -33,6 +36,10 @@ pub enum Decision {
     Begin,
     /// No session is open and this turn does not begin one (a system topic).
     Nothing,
+    /// A session began and is not recorded yet: wait until it is settled, then decide again
+    /// (if it is undone, this turn may begin one itself; a turn never continues a session that
+    /// is then not billed).
+    Wait,
 }
 
 impl SessionState {
@@ -40,6 +47,9 @@ impl SessionState {
     /// (built-in bots) or is a user message (upstream bots). Closes a session that ended by the
     /// idle, duration or turn rule first; a continuing turn is counted here.
     pub fn decide(&mut self, rules: &SessionRules, now: Millis, user_topic: bool) -> Decision {
+        if self.pending {
+            return Decision::Wait;
+        }
         if self.open
             && (now - self.last_ms >= rules.idle_ms
                 || now - self.began_ms >= rules.max_ms
@@ -55,9 +65,11 @@ impl SessionState {
         if user_topic { Decision::Begin } else { Decision::Nothing }
     }
 
-    /// Opens a session at `now` (its first turn counted); returns its ordinal.
+    /// Opens a session at `now` (its first turn counted), pending until
+    /// [`settle`](Self::settle)d or [`abort`](Self::abort)ed; returns its ordinal.
     pub fn begin(&mut self, now: Millis) -> u32 {
         self.open = true;
+        self.pending = true;
         self.began_ms = now;
         self.last_ms = now;
         self.turns = 1;
@@ -71,6 +83,14 @@ impl SessionState {
     pub fn abort(&mut self, ordinal: u32) {
         if self.ordinal == ordinal {
             self.open = false;
+            self.pending = false;
+        }
+    }
+
+    /// Session `ordinal` is recorded: later turns continue it.
+    pub fn settle(&mut self, ordinal: u32) {
+        if self.ordinal == ordinal {
+            self.pending = false;
         }
     }
 
@@ -93,7 +113,22 @@ mod tests {
 
     fn begin(s: &mut SessionState, now: Millis) {
         assert_eq!(s.decide(&RULES, now, true), Decision::Begin);
-        s.begin(now);
+        let n = s.begin(now);
+        s.settle(n);
+    }
+
+    #[test]
+    fn a_pending_session_makes_later_turns_wait_for_its_outcome() {
+        let mut s = SessionState::default();
+        assert_eq!(s.decide(&RULES, 0, true), Decision::Begin);
+        let n = s.begin(0);
+        assert_eq!(s.decide(&RULES, 1, true), Decision::Wait);
+        assert_eq!(s.decide(&RULES, 1, false), Decision::Wait);
+        s.abort(n);
+        assert_eq!(s.decide(&RULES, 2, true), Decision::Begin, "undone: the waiting turn begins its own");
+        let m = s.begin(2);
+        s.settle(m);
+        assert_eq!(s.decide(&RULES, 3, true), Decision::Continue);
     }
 
     #[test]
@@ -147,7 +182,9 @@ mod tests {
         assert_eq!(second, 2);
         s.abort(second);
         assert!(!s.is_open());
-        assert_eq!(s.begin(2), 3, "the next session takes a new ordinal");
+        let third = s.begin(2);
+        assert_eq!(third, 3, "the next session takes a new ordinal");
+        s.settle(third);
         s.abort(second);
         assert!(s.is_open(), "undoing an older session leaves a newer one open");
     }
