@@ -548,3 +548,81 @@ async fn a_stream_closes_when_its_conversation_expires() {
     assert_eq!(s.state().sweep(), 1);
     assert_closes(&mut ws).await;
 }
+
+/// A typing flood: every indicator is acknowledged, one a second is kept, and none counts
+/// against the bot's message rate limit.
+#[tokio::test]
+async fn typing_beyond_one_a_second_is_acknowledged_and_dropped() {
+    let s = TestServer::with(|c| c.metering.rate_limit_per_minute = 3).await;
+    let (t, c, _) = s.conversation("helpdesk").await;
+    let url = s.url(&format!("/v3/directline/conversations/{c}/activities"));
+    let typing = json!({"type": "typing", "from": {"id": "dl_user"}});
+    for _ in 0..50 {
+        let res = s.http.post(&url).bearer_auth(&t).json(&typing).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let v: Value = res.json().await.unwrap();
+        assert!(v["id"].as_str().is_some_and(|id| !id.is_empty()));
+    }
+    s.clock.advance_ms(1000);
+    let res = s.http.post(&url).bearer_auth(&t).json(&typing).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let kept =
+        |v: &Value| v["activities"].as_array().unwrap().iter().filter(|a| a["type"] == "typing").count();
+    assert_eq!(kept(&s.poll(&t, &c, None).await), 2, "one a second is kept");
+    for _ in 0..3 {
+        s.say_ok(&t, &c, "vpn").await;
+    }
+    assert_error(s.say(&t, &c, "vpn").await, 429, "RateLimited").await;
+}
+
+/// A body over the limit is 413 however it is framed: here chunked, with no `Content-Length`.
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let (t, c, _) = s.conversation("helpdesk").await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let head = format!(
+        "POST /v3/directline/conversations/{c}/activities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    for _ in 0..32 {
+        // The server may answer and stop reading before the whole 2 MiB is sent.
+        if tcp.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.is_err()
+            || tcp.write_all(&chunk).await.is_err()
+            || tcp.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = tcp.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("PayloadTooLarge"), "{answer}");
+}
+
+/// An activity whose fields have the wrong types is refused with 400 naming the field.
+#[tokio::test]
+async fn an_activity_with_a_wrongly_typed_field_is_400() {
+    let s = TestServer::start().await;
+    let (t, c, _) = s.conversation("helpdesk").await;
+    let url = s.url(&format!("/v3/directline/conversations/{c}/activities"));
+    for (body, field) in [
+        (json!({"type": "message", "from": {"id": "u"}, "text": 42}), "`text`"),
+        (json!({"type": "message", "from": {"id": "u"}, "text": ["a", "b"]}), "`text`"),
+        (json!({"type": "message", "from": {"id": "u"}, "text": "hi", "attachments": "x"}), "`attachments`"),
+    ] {
+        let res = s.http.post(&url).bearer_auth(&t).json(&body).send().await.unwrap();
+        let v = assert_error(res, 400, "BadRequest").await;
+        assert!(v["error"]["message"].as_str().unwrap().contains(field), "{v}");
+    }
+    let acts = s.poll(&t, &c, None).await;
+    assert!(
+        acts["activities"].as_array().unwrap().iter().all(|a| a["from"]["role"] != "user"),
+        "nothing refused was stored: {acts}"
+    );
+}

@@ -17,9 +17,62 @@ pub fn parse(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
         return Err(ApiError::bad_request("An activity is a JSON object."));
     };
     match map.get("type") {
-        Some(Value::String(t)) if !t.is_empty() => Ok(map),
-        _ => Err(ApiError::bad_request("An activity needs a `type`, such as \"message\".")),
+        Some(Value::String(t)) if !t.is_empty() => {}
+        _ => return Err(ApiError::bad_request("An activity needs a `type`, such as \"message\".")),
     }
+    check_schema(&map)?;
+    Ok(map)
+}
+
+/// Fields of an activity that the Bot Framework schema defines as strings.
+const STRING_FIELDS: &[&str] = &[
+    "text",
+    "locale",
+    "textFormat",
+    "name",
+    "speak",
+    "inputHint",
+    "summary",
+    "replyToId",
+    "attachmentLayout",
+    "localTimezone",
+    "valueType",
+];
+
+/// Fields the schema defines as arrays of objects.
+const OBJECT_ARRAY_FIELDS: &[&str] = &["attachments", "entities", "membersAdded", "membersRemoved"];
+
+/// Checks the field types a posted activity may carry as the Bot Framework schema defines them
+/// (bots and Web Chat rely on them): a client's mistake is a 400 that names the field, never
+/// something stored for a bot to trip over.
+fn check_schema(a: &Map<String, Value>) -> Result<(), ApiError> {
+    let wrong = |field: &str, what: &str| ApiError::bad_request(format!("`{field}` must be {what}."));
+    for &f in STRING_FIELDS {
+        if a.get(f).is_some_and(|v| !v.is_string() && !v.is_null()) {
+            return Err(wrong(f, "a string"));
+        }
+    }
+    for &f in OBJECT_ARRAY_FIELDS {
+        match a.get(f) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) if items.iter().all(Value::is_object) => {}
+            Some(_) => return Err(wrong(f, "an array of objects")),
+        }
+    }
+    for f in ["suggestedActions", "conversation", "recipient"] {
+        if a.get(f).is_some_and(|v| !v.is_object() && !v.is_null()) {
+            return Err(wrong(f, "an object"));
+        }
+    }
+    if let Some(from) = a.get("from") {
+        let Value::Object(from) = from else { return Err(wrong("from", "an object with an `id`")) };
+        for f in ["id", "name", "role"] {
+            if from.get(f).is_some_and(|v| !v.is_string()) {
+                return Err(wrong(&format!("from.{f}"), "a string"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The activity's `type`.
@@ -163,6 +216,31 @@ fn json_str(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_types_follow_the_schema() {
+        let refused = |body: &str| parse(body.as_bytes()).unwrap_err().message;
+        assert_eq!(refused(r#"{"type":"message","text":42}"#), "`text` must be a string.");
+        assert_eq!(refused(r#"{"type":"message","text":{"a":1}}"#), "`text` must be a string.");
+        let many: Vec<String> = (0..10_000).map(|i| i.to_string()).collect();
+        let body = serde_json::json!({"type": "message", "text": many}).to_string();
+        assert_eq!(refused(&body), "`text` must be a string.");
+        assert_eq!(refused(r#"{"type":"message","locale":1}"#), "`locale` must be a string.");
+        assert_eq!(
+            refused(r#"{"type":"message","attachments":{}}"#),
+            "`attachments` must be an array of objects."
+        );
+        assert_eq!(
+            refused(r#"{"type":"message","attachments":["x"]}"#),
+            "`attachments` must be an array of objects."
+        );
+        assert_eq!(refused(r#"{"type":"message","from":"me"}"#), "`from` must be an object with an `id`.");
+        assert_eq!(refused(r#"{"type":"message","from":{"id":7}}"#), "`from.id` must be a string.");
+        let ok = r#"{"type":"message","text":"hi","locale":"en-US","from":{"id":"u","name":"U"},
+            "attachments":[{"contentType":"image/png","contentUrl":"https://x/y.png"}],
+            "channelData":{"any":[1,2]},"value":7}"#;
+        assert!(parse(ok.as_bytes()).is_ok());
+    }
 
     #[test]
     fn json_strings_round_trip_through_a_json_parser() {

@@ -66,7 +66,9 @@ pub async fn post_activity(
             id
         }
         // Typing and other activities are echoed; an upstream bot receives events and invokes.
-        "typing" => append_user(&app, &conv, &mut a),
+        // Typing beyond one a second is acknowledged and dropped.
+        "typing" if conv.take_typing(app.clock().now_ms()) => append_user(&app, &conv, &mut a),
+        "typing" => format!("{}|typing", conv.id),
         _ => {
             let id = append_user(&app, &conv, &mut a);
             forward(&app, &conv, a).await?;
@@ -79,8 +81,14 @@ pub async fn post_activity(
 /// Reads a request body (already bounded by the body-limit layer).
 pub async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
-        let too_large =
-            std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        // The limit's error sits somewhere down the chain, however the body was framed
+        // (`Content-Length` or chunked).
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut too_large = false;
+        while let Some(c) = cause {
+            too_large |= c.is::<http_body_util::LengthLimitError>();
+            cause = c.source();
+        }
         if too_large {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -14,6 +14,9 @@ use crate::channel::token::Claims;
 use crate::clock::Millis;
 use crate::metering::ConversationMeter;
 
+/// Typing indicators kept per conversation: at most one per this many milliseconds.
+pub const TYPING_EVERY_MS: Millis = 1000;
+
 /// One conversation between a bot user and a bot.
 pub struct Conversation {
     /// The conversation id.
@@ -27,6 +30,8 @@ pub struct Conversation {
     last_user_ms: AtomicI64,
     /// Bumped by each new WebSocket; an older socket that sees a newer value closes.
     socket_generation: AtomicU64,
+    /// When the last typing indicator was kept (ms; `i64::MIN` for none).
+    last_typing_ms: AtomicI64,
     /// The log. A std mutex: held only to append or copy out, never across an await.
     log: Mutex<Log>,
     /// Wakes WebSocket streams when the log grows.
@@ -75,6 +80,7 @@ impl Conversation {
             meter,
             last_user_ms: AtomicI64::new(now),
             socket_generation: AtomicU64::new(0),
+            last_typing_ms: AtomicI64::new(i64::MIN),
             log: Mutex::new(Log {
                 items: VecDeque::new(),
                 base: 0,
@@ -101,6 +107,16 @@ impl Conversation {
         if claims.conversation.as_str() == &*self.id {
             self.verified.store(Some(Arc::new(VerifiedToken { token: token.into(), claims })));
         }
+    }
+
+    /// Whether a typing indicator at `now` is kept: at most one per `TYPING_EVERY_MS` (clients
+    /// send one every few seconds while a person types; a flood of them is acknowledged and
+    /// dropped, never stored).
+    pub fn take_typing(&self, now: Millis) -> bool {
+        // Relaxed: the CAS decides on this one value; nothing else is published with it.
+        let last = self.last_typing_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= TYPING_EVERY_MS
+            && self.last_typing_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {
