@@ -485,3 +485,31 @@ async fn a_bot_recreated_elsewhere_is_the_new_bot_on_this_node() {
     assert_eq!(last, 201, "node B serves the new bot's tokens");
     assert_error(start_on_b(old).await, 403, "BotNotFound").await;
 }
+
+/// Requests for made-up conversations of made-up nodes, without a credential for them, are
+/// answered by the node they reached: no Redis lookup of the owner, no cache entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_asking_for_made_up_owners_cost_no_lookup_and_no_memory() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = TestServer::with(node(&url)).await;
+    let (token, _) = a.open_token("helpdesk").await;
+    let gets = |redis: &RedisServer| -> u64 {
+        let stats = redis.cli(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .map_or(0, |r| r.split(',').next().unwrap().parse().unwrap())
+    };
+    let before = gets(&redis);
+    for i in 0..200 {
+        let path = format!("/v3/directline/conversations/n{i}.abc/activities");
+        let res = a.http.get(a.url(&path)).send().await.unwrap();
+        assert_error(res, 401, "MissingAuthorization").await;
+        // A valid token, but for another conversation.
+        let res = a.http.get(a.url(&path)).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(res.status(), 403);
+    }
+    assert_eq!(gets(&redis), before, "no owner lookups");
+    assert_eq!(a.state().cluster().unwrap().cached_owners(), 0);
+}

@@ -22,13 +22,34 @@ use crate::state::AppState;
 /// Marks a forwarded request, so the owner handles it and never forwards it again.
 pub const FORWARDED: HeaderName = HeaderName::from_static("x-botgate-forwarded");
 
+/// The credential of a Direct Line request: the bearer header, or the stream URL's `t=`.
+fn credential_of(req: &Request) -> Option<&str> {
+    auth::bearer(req.headers())
+        .ok()
+        .or_else(|| req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix("t=")))
+}
+
+/// Whether a Direct Line request for `conversation` carries a credential for it: a token of this
+/// gateway for that conversation, or a channel secret. Checked before the owner is looked up, so
+/// a stranger's request for made-up conversation ids costs no Redis call and no cache entry.
+fn may_reach(app: &AppState, req: &Request, conversation: &str) -> bool {
+    let Some(value) = credential_of(req) else { return false };
+    match auth::check(app.channel(), value, app.clock().now_secs()) {
+        Ok(auth::Credential::Token(claims)) => claims.conversation == conversation,
+        Ok(auth::Credential::Secret { .. }) => true,
+        Err(_) => false,
+    }
+}
+
 /// The conversation a request is about: from the path, or (starting a conversation) from the
-/// token's claims.
+/// token's claims. Direct Line requests for a conversation count only with a credential for it.
 fn conversation_of(app: &AppState, req: &Request) -> Option<String> {
     let path = req.uri().path();
     let mut seg = path.split('/').skip(1);
     match (seg.next(), seg.next(), seg.next(), seg.next()) {
-        (Some("v3"), Some("directline"), Some("conversations"), Some(id)) => Some(id.to_string()),
+        (Some("v3"), Some("directline"), Some("conversations"), Some(id)) => {
+            may_reach(app, req, id).then(|| id.to_string())
+        }
         (Some("v3"), Some("directline"), Some("conversations"), None) => {
             let token = auth::bearer(req.headers()).ok()?;
             let claims = app.channel().signer.verify(token, app.clock().now_secs()).ok()?;

@@ -37,6 +37,10 @@ pub struct Cluster {
 /// How long an owner's address is trusted before it is read again.
 const OWNER_CACHE: Duration = Duration::from_secs(1);
 
+/// Most owners cached: nodes are few, and a node that is gone is not cached at all, so made-up
+/// owner ids (bot callbacks are not authenticated before forwarding) cannot grow the map.
+const MAX_OWNERS: usize = 256;
+
 fn node_key(node: &str) -> String {
     format!("bg:node:{node}")
 }
@@ -55,6 +59,11 @@ impl Cluster {
                 redis::cmd("SET").arg(node_key(&self.node)).arg(&self.url).arg("PX").arg(ms).query::<()>(c)
             })
             .map_err(|e| e.to_string())
+    }
+
+    /// Owners in the cache.
+    pub fn cached_owners(&self) -> usize {
+        self.owners.len()
     }
 
     /// Removes this node's registration (graceful shutdown).
@@ -76,7 +85,9 @@ impl Cluster {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-        self.owners.insert(node.to_string(), (url.clone(), Instant::now()));
+        if url.is_some() && (self.owners.len() < MAX_OWNERS || self.owners.contains_key(node)) {
+            self.owners.insert(node.to_string(), (url.clone(), Instant::now()));
+        }
         Ok(url)
     }
 }
