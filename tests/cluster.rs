@@ -324,6 +324,20 @@ async fn redis_down_with_safe_capacity_allows_exactly_the_configured_number() {
     assert_eq!(count, expected);
 }
 
+/// An author token of `contoso` from the dev issuer whose key the nodes share in Redis.
+fn contoso_token(node: &TestServer, user: &str, admin: bool) -> String {
+    let key = node.state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
+    let req = botgate::identity::dev_issuer::TokenRequest {
+        tenant: "contoso".into(),
+        user: user.into(),
+        admin,
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    let now = botgate::clock::Clock::now_secs(&*node.clock);
+    botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now)
+}
+
 /// Two nodes assigning seats at once, each from its own snapshot: exactly the seats bought are
 /// taken (the store counts them atomically with each claim), the rest get 409 `NoSeatsLeft`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,16 +345,7 @@ async fn two_nodes_assigning_at_once_never_oversell_seats() {
     let redis = RedisServer::start();
     let url = redis.url();
     let nodes = [Arc::new(TestServer::with(node(&url)).await), Arc::new(TestServer::with(node(&url)).await)];
-    let key = nodes[0].state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
-    let req = botgate::identity::dev_issuer::TokenRequest {
-        tenant: "contoso".into(),
-        user: "root".into(),
-        admin: true,
-        ttl_secs: 3600,
-        ..Default::default()
-    };
-    let now = botgate::clock::Clock::now_secs(&*nodes[0].clock);
-    let admin = Arc::new(botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now));
+    let admin = Arc::new(contoso_token(&nodes[0], "root", true));
     // The default tenant bought 10 seats and `alice` holds one: 9 are free.
     let tasks: Vec<_> = (0..30)
         .map(|i| {
@@ -379,15 +384,7 @@ async fn two_nodes_creating_one_bot_id_at_once_create_it_once() {
     let redis = RedisServer::start();
     let url = redis.url();
     let nodes = [Arc::new(TestServer::with(node(&url)).await), Arc::new(TestServer::with(node(&url)).await)];
-    let key = nodes[0].state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
-    let req = botgate::identity::dev_issuer::TokenRequest {
-        tenant: "contoso".into(),
-        user: "alice".into(),
-        ttl_secs: 3600,
-        ..Default::default()
-    };
-    let now = botgate::clock::Clock::now_secs(&*nodes[0].clock);
-    let alice = Arc::new(botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now));
+    let alice = Arc::new(contoso_token(&nodes[0], "alice", false));
     let def = serde_json::json!({"id": "dup", "name": "Dup", "kind": "builtin", "topics": [
         {"name": "Fallback", "kind": "system", "system": "fallback", "replies": ["Sorry?"]}]});
     let tasks: Vec<_> = (0..10)
@@ -425,15 +422,8 @@ async fn a_bot_recreated_elsewhere_is_the_new_bot_on_this_node() {
     let redis = RedisServer::start();
     let url = redis.url();
     let (a, b) = (TestServer::with(node(&url)).await, TestServer::with(node(&url)).await);
-    let key = a.state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
-    let req = botgate::identity::dev_issuer::TokenRequest {
-        tenant: "contoso".into(),
-        user: "alice".into(),
-        ttl_secs: 3600,
-        ..Default::default()
-    };
+    let alice = contoso_token(&a, "alice", false);
     let now = botgate::clock::Clock::now_secs(&*a.clock);
-    let alice = botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now);
     let def = serde_json::json!({"id": "x", "name": "X", "kind": "builtin", "topics": [
         {"name": "Fallback", "kind": "system", "system": "fallback", "replies": ["Sorry?"]}]});
     let res = a.http.post(a.url("/api/v1/bots")).bearer_auth(&alice).json(&def).send().await.unwrap();
