@@ -346,3 +346,40 @@ async fn a_message_sent_while_the_first_turn_is_pending_is_billed_when_that_turn
     assert_eq!(metric(&m, &billed_series("contoso", "up")), Some(1), "{m}");
     assert_eq!(metric(&m, &used_series("contoso")), Some(1));
 }
+
+#[tokio::test]
+async fn one_tenants_or_bots_flood_of_conversations_leaves_the_others_served() {
+    let s = TestServer::with(|c| {
+        c.channel.max_conversations_per_tenant = 3;
+        c.channel.max_conversations_per_bot = 2;
+    })
+    .await;
+    let api = Api::new(&s);
+    api.new_tenant("fabrikam", "fay").await;
+    api.new_bot("fabrikam", "fay", "orders").await;
+    api.new_bot("contoso", "alice", "sales").await;
+    let start = |bot: &'static str| {
+        let s = &s;
+        async move {
+            let (t, _) = s.open_token(bot).await;
+            s.http.post(s.url("/v3/directline/conversations")).bearer_auth(&t).send().await.unwrap()
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(start("helpdesk").await.status(), 201);
+    }
+    // The bot's cap: helpdesk is full, contoso's other bot is not.
+    assert_error(start("helpdesk").await, 503, "Overloaded").await;
+    assert_eq!(start("sales").await.status(), 201);
+    // The tenant's cap: contoso holds 3, fabrikam is served.
+    assert_error(start("sales").await, 503, "Overloaded").await;
+    assert_eq!(start("orders").await.status(), 201);
+    // Conversations that end give their places back.
+    s.clock.advance_secs(31 * 60);
+    assert_eq!(s.state().sweep(), 4);
+    for _ in 0..2 {
+        assert_eq!(start("helpdesk").await.status(), 201);
+    }
+    assert_eq!(start("sales").await.status(), 201);
+    assert_error(start("sales").await, 503, "Overloaded").await;
+}

@@ -20,7 +20,7 @@ use crate::bots::{Bot, BotRegistry, secrets};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::conversation::Conversation;
-use crate::conversation::registry::{Conversations, CreateError};
+use crate::conversation::registry::{Caps, Conversations, CreateError};
 use crate::error::ApiError;
 use crate::metering::Metering;
 use token::{Claims, TokenSigner};
@@ -76,8 +76,12 @@ impl Channel {
         Self {
             signer,
             bots,
-            conversations: Conversations::new(
-                config.channel.max_conversations,
+            conversations: Conversations::with_caps(
+                Caps {
+                    total: config.channel.max_conversations,
+                    per_tenant: config.channel.max_conversations_per_tenant,
+                    per_bot: config.channel.max_conversations_per_bot,
+                },
                 config.channel.idle_timeout_secs as i64 * 1000,
             ),
             upstream: UpstreamClient::new(
@@ -139,7 +143,7 @@ impl Channel {
     pub fn start(&self, bot: &Arc<Bot>, claims: &Claims) -> Result<(Arc<Conversation>, bool), ApiError> {
         let now = self.clock.now_ms();
         self.conversations
-            .get_or_create(&claims.conversation, now, || {
+            .get_or_create(&claims.conversation, now, (&bot.tenant, &bot.id), || {
                 let meter = self.metering.meter_for(&bot.tenant, &bot.id, !claims.test_chat);
                 Conversation::new(
                     Arc::from(claims.conversation.as_str()),
@@ -149,13 +153,23 @@ impl Channel {
                     self.max_retained,
                 )
             })
-            .map_err(|CreateError::Full| {
-                tracing::warn!("The conversation cap is reached; refusing a new conversation.");
-                ApiError::unavailable(
-                    "Overloaded",
-                    "The gateway is holding as many conversations as it can. Try again shortly.",
-                )
-                .with_retry_after(30)
+            .map_err(|e| {
+                let message = match e {
+                    CreateError::Full => {
+                        tracing::warn!("The conversation cap is reached; refusing a new conversation.");
+                        "The gateway is holding as many conversations as it can. Try again shortly."
+                    }
+                    CreateError::TenantFull => {
+                        tracing::debug!(tenant = %bot.tenant, "A tenant's conversation cap is reached.");
+                        "The gateway is holding as many conversations as it allows this bot's organization. \
+                         Try again shortly."
+                    }
+                    CreateError::BotFull => {
+                        tracing::debug!(bot = %bot.id, "A bot's conversation cap is reached.");
+                        "The gateway is holding as many conversations as it allows this bot. Try again shortly."
+                    }
+                };
+                ApiError::unavailable("Overloaded", message).with_retry_after(30)
             })
     }
 

@@ -159,6 +159,12 @@ impl StoreConfig {
 fn default_token_ttl_secs() -> u64 {
     1800
 }
+fn default_max_conversations_per_tenant() -> usize {
+    250_000
+}
+fn default_max_conversations_per_bot() -> usize {
+    100_000
+}
 fn default_max_conversations() -> usize {
     1_000_000
 }
@@ -182,6 +188,15 @@ pub struct ChannelConfig {
     /// Most conversations held at once; a new one beyond it is 503 `Overloaded`. Default 1000000.
     #[serde(default = "default_max_conversations")]
     pub max_conversations: usize,
+    /// Most conversations of one tenant's bots held at once, so one tenant's flood cannot take
+    /// the gateway from the others; beyond it the tenant's new conversations are 503
+    /// `Overloaded`. Default 250000.
+    #[serde(default = "default_max_conversations_per_tenant")]
+    pub max_conversations_per_tenant: usize,
+    /// Most conversations of one bot held at once; beyond it its new conversations are 503
+    /// `Overloaded`. Default 100000.
+    #[serde(default = "default_max_conversations_per_bot")]
+    pub max_conversations_per_bot: usize,
     /// Most activities a conversation keeps for polling; older ones are dropped (a client that
     /// polls with an older watermark gets what is left). Default 500.
     #[serde(default = "default_max_retained_activities")]
@@ -200,6 +215,8 @@ impl Default for ChannelConfig {
         Self {
             token_ttl_secs: default_token_ttl_secs(),
             max_conversations: default_max_conversations(),
+            max_conversations_per_tenant: default_max_conversations_per_tenant(),
+            max_conversations_per_bot: default_max_conversations_per_bot(),
             max_retained_activities: default_max_retained_activities(),
             idle_timeout_secs: default_idle_timeout_secs(),
             sweep_interval_secs: default_sweep_interval_secs(),
@@ -211,6 +228,12 @@ impl ChannelConfig {
     pub(super) fn validate(&self) -> Result<(), Invalid> {
         if self.token_ttl_secs == 0 {
             return Err(invalid("channel.token_ttl_secs", "must be at least 1"));
+        }
+        if self.max_conversations_per_tenant == 0 {
+            return Err(invalid("channel.max_conversations_per_tenant", "must be at least 1"));
+        }
+        if self.max_conversations_per_bot == 0 {
+            return Err(invalid("channel.max_conversations_per_bot", "must be at least 1"));
         }
         if self.max_conversations == 0 {
             return Err(invalid("channel.max_conversations", "must be at least 1"));

@@ -15,6 +15,23 @@ pub enum CreateError {
     /// The cap on conversations is reached.
     #[error("the gateway holds its maximum number of conversations")]
     Full,
+    /// The cap on one tenant's conversations is reached.
+    #[error("the gateway holds its maximum number of conversations for this tenant")]
+    TenantFull,
+    /// The cap on one bot's conversations is reached.
+    #[error("the gateway holds its maximum number of conversations for this bot")]
+    BotFull,
+}
+
+/// The caps on conversations held at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    /// In all.
+    pub total: usize,
+    /// Of one tenant's bots.
+    pub per_tenant: usize,
+    /// Of one bot.
+    pub per_bot: usize,
 }
 
 /// The conversation map.
@@ -24,6 +41,11 @@ pub struct Conversations {
     // ever exceeding the cap, whatever the interleaving.
     count: AtomicUsize,
     max: usize,
+    /// Conversations held per tenant and per (tenant, bot): entries only for bots that exist,
+    /// so strangers cannot grow these maps. Changed only when a conversation comes or goes.
+    per_tenant: DashMap<String, usize>,
+    per_bot: DashMap<(String, String), usize>,
+    caps: Caps,
     idle_ms: i64,
 }
 
@@ -31,27 +53,82 @@ impl Conversations {
     /// An empty map holding at most `max` conversations, each ending after `idle_ms` without a
     /// user message.
     pub fn new(max: usize, idle_ms: i64) -> Self {
-        Self { map: DashMap::new(), count: AtomicUsize::new(0), max, idle_ms }
+        Self::with_caps(Caps { total: max, per_tenant: max, per_bot: max }, idle_ms)
     }
 
-    /// Inserts a conversation built by `make` under `id`, unless one exists: returns it and
-    /// whether it is new.
+    /// An empty map with caps in all, per tenant and per bot.
+    pub fn with_caps(caps: Caps, idle_ms: i64) -> Self {
+        Self {
+            map: DashMap::new(),
+            count: AtomicUsize::new(0),
+            max: caps.total,
+            per_tenant: DashMap::new(),
+            per_bot: DashMap::new(),
+            caps,
+            idle_ms,
+        }
+    }
+
+    /// Counts a conversation of `tenant`'s `bot` against its caps, or refuses it.
+    fn reserve(&self, tenant: &str, bot: &str) -> Result<(), CreateError> {
+        {
+            let mut n = self.per_tenant.entry(tenant.to_string()).or_insert(0);
+            if *n >= self.caps.per_tenant {
+                return Err(CreateError::TenantFull);
+            }
+            *n += 1;
+        }
+        let mut n = self.per_bot.entry((tenant.to_string(), bot.to_string())).or_insert(0);
+        if *n >= self.caps.per_bot {
+            drop(n);
+            self.unreserve(tenant, None);
+            return Err(CreateError::BotFull);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// Takes a conversation of `tenant` (and of `bot`, if given) off the counts.
+    fn unreserve(&self, tenant: &str, bot: Option<&str>) {
+        if let Some(mut n) = self.per_tenant.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(bot) = bot
+            && let Some(mut n) = self.per_bot.get_mut(&(tenant.to_string(), bot.to_string()))
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// A conversation leaves the map.
+    fn release(&self, c: &Conversation) {
+        self.unreserve(&c.bot.tenant, Some(&c.bot.id));
+    }
+
+    /// Inserts a conversation of `tenant`'s `bot` built by `make` under `id`, unless one exists:
+    /// returns it and whether it is new.
     pub fn get_or_create(
         &self,
         id: &str,
         now: Millis,
+        (tenant, bot): (&str, &str),
         make: impl FnOnce() -> Conversation,
     ) -> Result<(Arc<Conversation>, bool), CreateError> {
         if let Some(c) = self.get(id, now) {
             return Ok((c, false));
         }
         // An expired conversation under this id (its token started it again) is replaced.
-        if self.map.remove_if(id, |_, c| self.expired(c, now)).is_some() {
+        if let Some((_, old)) = self.map.remove_if(id, |_, c| self.expired(c, now)) {
             self.count.fetch_sub(1, Ordering::Relaxed);
+            self.release(&old);
         }
         if self.count.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.count.fetch_sub(1, Ordering::Relaxed);
             return Err(CreateError::Full);
+        }
+        if let Err(e) = self.reserve(tenant, bot) {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
         }
         let mut created = false;
         let conv = self
@@ -64,6 +141,7 @@ impl Conversations {
             .clone();
         if !created {
             self.count.fetch_sub(1, Ordering::Relaxed);
+            self.unreserve(tenant, Some(bot));
         }
         Ok((conv, created))
     }
@@ -90,6 +168,7 @@ impl Conversations {
         for id in expired {
             if let Some((_, c)) = self.map.remove_if(&id, |_, c| self.expired(c, now)) {
                 c.wake();
+                self.release(&c);
                 removed += 1;
             }
         }
