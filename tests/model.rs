@@ -396,7 +396,7 @@ mod crash {
     use botgate::store::sqlite::SqliteStore;
     use serde_json::{Value, json};
 
-    use super::common::{BinaryServer, metric};
+    use super::common::{BinaryServer, metric, started_with};
 
     /// Sessions per tenant license in this test.
     const CAPACITY: u64 = 120;
@@ -425,16 +425,7 @@ mod crash {
     /// `None` once the server is gone.
     async fn session(http: &reqwest::Client, base: &str, bot: usize) -> Option<(String, u16)> {
         let (id, _, text) = BOTS[bot];
-        let v: Value = http
-            .get(format!("{base}/api/v1/bots/{id}/directline/token"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        let (t, c) = (v["token"].as_str()?.to_string(), v["conversationId"].as_str()?.to_string());
-        http.post(format!("{base}/v3/directline/conversations")).bearer_auth(&t).send().await.ok()?;
+        let (t, c) = started_with(http, base, id).await?;
         let res = http
             .post(format!("{base}/v3/directline/conversations/{c}/activities"))
             .bearer_auth(&t)

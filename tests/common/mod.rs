@@ -331,8 +331,13 @@ impl Drop for RedisServer {
 
 /// Through the server at `base`: an open-bot token for `helpdesk`, and its conversation started.
 pub async fn started_at(http: &reqwest::Client, base: &str) -> Option<(String, String)> {
+    started_with(http, base, "helpdesk").await
+}
+
+/// Through the server at `base`: an open-bot token for `bot`, and its conversation started.
+pub async fn started_with(http: &reqwest::Client, base: &str, bot: &str) -> Option<(String, String)> {
     let v: serde_json::Value = http
-        .get(format!("{base}/api/v1/bots/helpdesk/directline/token"))
+        .get(format!("{base}/api/v1/bots/{bot}/directline/token"))
         .send()
         .await
         .ok()?
