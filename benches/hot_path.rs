@@ -21,7 +21,7 @@ use botgate::channel::activity;
 use botgate::channel::token::{Claims, TokenSigner};
 use botgate::clock::{SharedClock, SystemClock};
 use botgate::config::{CapacityPolicy, Config, SubscriptionConfig, SubscriptionKind};
-use botgate::conversation::Conversation;
+use botgate::conversation::{Conversation, Page, Retention};
 use botgate::metering::counters::RateLimit;
 use botgate::metering::exposition::UsageCollector;
 use botgate::metering::pool::{CapacityPlan, TenantPool, month_of};
@@ -50,6 +50,7 @@ fn token(c: &mut Criterion) {
         generation: 0,
         instance: String::new(),
         test_chat: false,
+        until: 0,
     };
     let t = signer.sign(&claims);
     let mut g = c.benchmark_group("token");
@@ -104,7 +105,7 @@ fn conversation(c: &mut Criterion) {
         bot,
         ConversationMeter::unmetered(),
         NOW_MS,
-        retained,
+        Retention { activities: retained, bytes: config.channel.max_retained_bytes },
     );
     // A full log, as in a long conversation: appends also evict.
     for _ in 0..retained {
@@ -117,7 +118,7 @@ fn conversation(c: &mut Criterion) {
         b.iter(|| conv.append(NOW_MS, 0, |_, _| activity_json.clone()))
     });
     g.bench_function(BenchmarkId::new("activities_since", "last_3"), |b| {
-        b.iter(|| conv.activities_since(black_box(conv.watermark() - 3)))
+        b.iter(|| conv.activities_since(black_box(conv.watermark() - 3), Page::ALL))
     });
     g.finish();
 }

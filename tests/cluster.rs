@@ -463,6 +463,7 @@ async fn a_bot_recreated_elsewhere_is_the_new_bot_on_this_node() {
         generation: 0,
         instance: "second".into(),
         test_chat: false,
+        until: 0,
     };
     let new = TokenSigner::new(&channel_key).sign(&claims);
     for _ in 0..500 {

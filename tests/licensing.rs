@@ -596,3 +596,83 @@ async fn rs256_and_es256_with_a_jwks_file_and_no_algorithm_confusion() {
     let res = s.http.get(s.url("/api/v1/me")).bearer_auth(&swapped).send().await.unwrap();
     assert_error(res, 401, "InvalidToken").await;
 }
+
+/// A test chat is no free channel: its token ends for good after `test_chat_token_ttl_secs`
+/// (refreshes cannot move it), it stops refreshing and chatting once the author loses the
+/// license, it follows the bot's rate limit, and an author holds a bounded number of them.
+#[tokio::test]
+async fn test_chats_are_bounded_in_time_license_rate_and_count() {
+    let s = TestServer::with(|c| {
+        c.channel.test_chat_token_ttl_secs = 3600;
+        c.channel.token_ttl_secs = 1800;
+        c.channel.max_test_chats_per_author = 3;
+        c.metering.rate_limit_per_minute = 5;
+    })
+    .await;
+    let api = Api::new(&s);
+    // Fresh author tokens at each use: the test moves the clock past a JWT's hour.
+    let alice = || api.token("contoso", "alice", &[], false);
+    let admin = || api.token("contoso", "root", &[], true);
+    let open = |tc: &Value| {
+        let t = tc["token"].as_str().unwrap().to_string();
+        let c = tc["conversationId"].as_str().unwrap().to_string();
+        (t, c)
+    };
+    let refresh =
+        |token: String| s.http.post(s.url("/v3/directline/tokens/refresh")).bearer_auth(token).send();
+    let start = |token: String| s.http.post(s.url("/v3/directline/conversations")).bearer_auth(token).send();
+
+    // Lifetime: refreshes move the expiry forward, never past an hour after the test chat opened.
+    let tc = api.ok(api.post("/api/v1/bots/helpdesk/testchat", &alice(), json!({})).await).await;
+    assert_eq!(tc["expires_in"], 1800);
+    let (t1, c1) = open(&tc);
+    assert_eq!(start(t1.clone()).await.unwrap().status(), 201);
+    s.clock.advance_secs(1500);
+    let r = api.ok(refresh(t1.clone()).await.unwrap()).await;
+    assert_eq!(r["expires_in"], 1800);
+    s.say_ok(r["token"].as_str().unwrap(), &c1, "still testing").await;
+    s.clock.advance_secs(1500); // 3000 s after opening: 600 s left of the hour
+    let r = api.ok(refresh(r["token"].as_str().unwrap().to_string()).await.unwrap()).await;
+    assert_eq!(r["expires_in"], 600, "capped at the test chat's hour");
+    let last = r["token"].as_str().unwrap().to_string();
+    s.say_ok(&last, &c1, "hello").await;
+    s.clock.advance_secs(600);
+    assert_error(refresh(last.clone()).await.unwrap(), 403, "TokenExpired").await;
+    assert_error(s.say(&last, &c1, "hello").await, 403, "TokenExpired").await;
+
+    // Rate: test-chat messages draw on the bot's limit (5 a minute here), and bill nothing.
+    let tc = api.ok(api.post("/api/v1/bots/helpdesk/testchat", &alice(), json!({})).await).await;
+    let (t2, c2) = open(&tc);
+    assert_eq!(start(t2.clone()).await.unwrap().status(), 201);
+    for i in 0..5 {
+        s.say_ok(&t2, &c2, &format!("m{i}")).await;
+    }
+    assert_error(s.say(&t2, &c2, "one too many").await, 429, "RateLimited").await;
+    let (t, c, _) = s.conversation("helpdesk").await;
+    assert_error(s.say(&t, &c, "a bot user shares the bot's limit").await, 429, "RateLimited").await;
+    assert_eq!(
+        metric(&s.metrics().await, r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#),
+        Some(0)
+    );
+    s.clock.advance_secs(60);
+
+    // Count: c1 (its token expired, the conversation not yet idle) and c2 are held; a third
+    // starts, the fourth is 429 `TooManyTestChats`.
+    let tc = api.ok(api.post("/api/v1/bots/helpdesk/testchat", &alice(), json!({})).await).await;
+    let (t3, _) = open(&tc);
+    assert_eq!(start(t3).await.unwrap().status(), 201);
+    let tc = api.ok(api.post("/api/v1/bots/helpdesk/testchat", &alice(), json!({})).await).await;
+    let (t4, _) = open(&tc);
+    assert_error(start(t4.clone()).await.unwrap(), 429, "TooManyTestChats").await;
+    // Bot users are not affected by an author's cap.
+    let (t, c, _) = s.conversation("helpdesk").await;
+    s.say_ok(&t, &c, "hello").await;
+
+    // License: once alice's direct license is removed, her test chat neither refreshes nor chats.
+    api.ok(api
+        .call(reqwest::Method::DELETE, "/api/v1/admin/licenses/users/alice", Some(&admin()), None)
+        .await)
+        .await;
+    assert_error(refresh(t2.clone()).await.unwrap(), 403, "AuthorNotLicensed").await;
+    assert_error(s.say(&t2, &c2, "still here?").await, 403, "AuthorNotLicensed").await;
+}

@@ -59,7 +59,9 @@ pub async fn extend_trial(State(app): State<AppState>, Caller(p): Caller) -> Res
 }
 
 /// `POST /api/v1/bots/{botId}/testchat`: a Direct Line token for the author to test the bot
-/// (published or not). Test-chat conversations are never billed.
+/// (published or not). Test-chat conversations are never billed; they follow the bot's rate
+/// limit, an author holds at most `channel.max_test_chats_per_author` of them, and the token
+/// lives `channel.test_chat_token_ttl_secs` at most and only while the author is licensed.
 pub async fn test_chat(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -67,7 +69,8 @@ pub async fn test_chat(
 ) -> Result<Response, ApiError> {
     let bot = own_bot(&app, &p.identity.tenant, &id)?;
     let ch = app.channel();
-    let claims = ch.new_claims(&bot, Some(format!("dl_test_{}", p.identity.user)), 0, true);
+    let user = format!("{}{}", crate::channel::token::TEST_CHAT_USER_PREFIX, p.identity.user);
+    let claims = ch.new_claims(&bot, Some(user), 0, true);
     let conversation = claims.conversation.clone();
     let (token, expires_in) = ch.issue(claims);
     Ok(Json(json!({ "token": token, "conversationId": conversation, "expires_in": expires_in }))

@@ -67,6 +67,23 @@ fn check_serving(app: &AppState, bot: &Bot) -> Result<(), ApiError> {
     }
 }
 
+/// A test-chat credential works only while the author who opened it holds a license (checked
+/// on the licensing snapshot: no I/O).
+pub fn check_test_chat(app: &AppState, bot: &Bot, claims: &Claims) -> Result<(), ApiError> {
+    if !claims.test_chat {
+        return Ok(());
+    }
+    let author = claims.user.as_deref().and_then(|u| u.strip_prefix(super::token::TEST_CHAT_USER_PREFIX));
+    match author {
+        Some(user) if app.licensing().still_licensed(&bot.tenant, user, app.clock().now_ms()) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "AuthorNotLicensed",
+            "The author who opened this test chat no longer holds a license; the test chat has ended.",
+        )),
+    }
+}
+
 fn credential(ch: &Channel, headers: &HeaderMap) -> Result<Credential, ApiError> {
     auth::check(ch, bearer(headers)?, ch.clock.now_secs())
 }
@@ -113,6 +130,7 @@ pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> R
     let bot = ch.bot(&claims.bot)?;
     check_bot(&bot, &cred)?;
     check_origin(&headers, &bot)?;
+    check_test_chat(&app, &bot, claims)?;
     Ok(token_answer(ch, (**claims).clone()).into_response())
 }
 
@@ -276,7 +294,7 @@ pub async fn get_activities(
     let watermark = q.parse()?;
     // The request's own headers, not a `HeaderMap` extractor's copy (polls are frequent).
     let (_, conv) = open_conversation(ch, req.headers(), &id)?;
-    let (body, _) = conv.activities_since(watermark);
+    let (body, _) = conv.activities_since(watermark, ch.page);
     Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 

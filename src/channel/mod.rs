@@ -19,8 +19,8 @@ use crate::bots::upstream::UpstreamClient;
 use crate::bots::{Bot, BotRegistry, secrets};
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::conversation::Conversation;
 use crate::conversation::registry::{Caps, Conversations, CreateError};
+use crate::conversation::{Conversation, Page, Retention};
 use crate::error::ApiError;
 use crate::metering::Metering;
 use token::{Claims, TokenSigner};
@@ -41,8 +41,14 @@ pub struct Channel {
     pub clock: SharedClock,
     /// Token lifetime, seconds.
     pub token_ttl_secs: i64,
-    /// Activities kept per conversation.
-    pub max_retained: usize,
+    /// A test-chat token's whole life, refreshes included, seconds.
+    pub test_chat_ttl_secs: i64,
+    /// What each conversation keeps.
+    pub retention: Retention,
+    /// What one poll answer or WebSocket frame carries.
+    pub page: Page,
+    /// Time one WebSocket frame may take to be written.
+    pub stream_write_timeout: Duration,
     /// The base of the callback `serviceUrl` (without the connector path).
     pub service_base: String,
     /// The configured public URL, if any (decides ws:// or wss:// stream URLs).
@@ -81,6 +87,7 @@ impl Channel {
                     total: config.channel.max_conversations,
                     per_tenant: config.channel.max_conversations_per_tenant,
                     per_bot: config.channel.max_conversations_per_bot,
+                    per_test_author: config.channel.max_test_chats_per_author,
                 },
                 config.channel.idle_timeout_secs as i64 * 1000,
             ),
@@ -91,17 +98,31 @@ impl Channel {
             metering,
             clock,
             token_ttl_secs: config.channel.token_ttl_secs as i64,
-            max_retained: config.channel.max_retained_activities,
+            test_chat_ttl_secs: config.channel.test_chat_token_ttl_secs as i64,
+            retention: Retention {
+                activities: config.channel.max_retained_activities,
+                bytes: config.channel.max_retained_bytes,
+            },
+            page: Page {
+                activities: config.channel.max_page_activities,
+                bytes: config.channel.max_page_bytes,
+            },
+            stream_write_timeout: Duration::from_millis(config.channel.stream_write_timeout_ms),
             service_base,
             public_url: config.server.public_url.clone(),
             node: None,
         }
     }
 
-    /// A new token for `claims` with a fresh expiry; returns it and its lifetime in seconds.
+    /// A new token for `claims` with a fresh expiry (never past the claims' `until`); returns
+    /// it and its lifetime in seconds.
     pub fn issue(&self, mut claims: Claims) -> (String, i64) {
-        claims.exp = self.clock.now_secs() + self.token_ttl_secs;
-        (self.signer.sign(&claims), self.token_ttl_secs)
+        let now = self.clock.now_secs();
+        claims.exp = now + self.token_ttl_secs;
+        if claims.until > 0 {
+            claims.exp = claims.exp.min(claims.until);
+        }
+        (self.signer.sign(&claims), claims.exp - now)
     }
 
     /// Claims for a new conversation of `bot`.
@@ -118,6 +139,7 @@ impl Channel {
             generation: bot.control.generation(slot),
             instance: bot.control.instance().to_string(),
             test_chat,
+            until: if test_chat { self.clock.now_secs() + self.test_chat_ttl_secs } else { 0 },
         }
     }
 
@@ -142,16 +164,18 @@ impl Channel {
     /// Starts (or finds) the conversation of `claims`; returns it and whether it is new.
     pub fn start(&self, bot: &Arc<Bot>, claims: &Claims) -> Result<(Arc<Conversation>, bool), ApiError> {
         let now = self.clock.now_ms();
+        let test_author = claims.user.as_deref().filter(|_| claims.test_chat);
         self.conversations
-            .get_or_create(&claims.conversation, now, (&bot.tenant, &bot.id), || {
+            .get_or_create(&claims.conversation, now, (&bot.tenant, &bot.id, test_author), || {
                 let meter = self.metering.meter_for(&bot.tenant, &bot.id, !claims.test_chat);
                 Conversation::new(
                     Arc::from(claims.conversation.as_str()),
                     bot.clone(),
                     meter,
                     now,
-                    self.max_retained,
+                    self.retention,
                 )
+                .with_test_author(test_author)
             })
             .map_err(|e| {
                 let message = match e {
@@ -167,6 +191,14 @@ impl Channel {
                     CreateError::BotFull => {
                         tracing::debug!(bot = %bot.id, "A bot's conversation cap is reached.");
                         "The gateway is holding as many conversations as it allows this bot. Try again shortly."
+                    }
+                    CreateError::TestAuthorFull => {
+                        return ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "TooManyTestChats",
+                            "You have as many test conversations open as an author may; they end after \
+                             `channel.idle_timeout_secs` without a message.",
+                        );
                     }
                 };
                 ApiError::unavailable("Overloaded", message).with_retry_after(30)

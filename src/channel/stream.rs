@@ -16,6 +16,16 @@ use crate::state::AppState;
 /// How often the gateway sends an empty keep-alive frame.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
 
+/// Largest frame or message a client may send on the stream (it sends only keep-alives).
+pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+
+/// Sends one frame within the channel's write timeout. A reader too slow to take it (or gone)
+/// ends the stream: what it has not read stays in the log for its next poll or socket, and
+/// nothing is buffered for it.
+async fn send(app: &AppState, socket: &mut WebSocket, message: Message) -> bool {
+    matches!(tokio::time::timeout(app.channel().stream_write_timeout, socket.send(message)).await, Ok(Ok(())))
+}
+
 /// The stream URL's query: the token (browsers cannot set headers on a WebSocket) and the
 /// watermark to resume from.
 #[derive(Deserialize)]
@@ -45,7 +55,12 @@ pub async fn stream(
     };
     let generation = conv.new_socket();
     let app = app.clone();
-    Ok(ws.on_upgrade(move |socket| run(app, socket, conv, generation, watermark)))
+    // The client sends only keep-alives: a frame beyond a small bound is refused, never
+    // buffered; each frame the gateway writes is flushed within the write timeout (`send`).
+    Ok(ws
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| run(app, socket, conv, generation, watermark)))
 }
 
 async fn run(
@@ -66,22 +81,26 @@ async fn run(
         // close, so an abandoned socket does not keep an ended conversation in memory.
         let expired = app.channel().conversations.get(&conv.id, app.clock().now_ms()).is_none();
         if !conv.socket_current(generation) || expired {
-            let _ = socket.send(Message::Close(None)).await;
+            let _ = send(&app, &mut socket, Message::Close(None)).await;
             return;
         }
         // Replays everything from the watermark on connect (clients may post before the socket
         // is open), then whatever is new.
+        // A page at a time; the loop comes back at once while more is waiting.
         if conv.watermark() > sent {
-            let (set, watermark) = conv.activities_since(sent);
-            if socket.send(Message::Text(set.into())).await.is_err() {
+            let (set, watermark) = conv.activities_since(sent, app.channel().page);
+            if !send(&app, &mut socket, Message::Text(set.into())).await {
                 return;
             }
             sent = watermark;
+            if conv.watermark() > sent {
+                continue;
+            }
         }
         tokio::select! {
             _ = &mut changed => {}
             _ = keep_alive.tick() => {
-                if socket.send(Message::Text("".into())).await.is_err() {
+                if !send(&app, &mut socket, Message::Text("".into())).await {
                     return;
                 }
             }

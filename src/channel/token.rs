@@ -43,7 +43,18 @@ pub struct Claims {
     /// Made through the authoring test chat: never billed.
     #[serde(rename = "t", default, skip_serializing_if = "std::ops::Not::not")]
     pub test_chat: bool,
+    /// The latest expiry a refresh may give it, seconds since the epoch; 0 for none (test-chat
+    /// tokens end for good at this time).
+    #[serde(rename = "m", default, skip_serializing_if = "is_zero")]
+    pub until: i64,
 }
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+/// The `from.id` a test-chat token binds: this prefix and the author's user id.
+pub const TEST_CHAT_USER_PREFIX: &str = "dl_test_";
 
 /// Why a token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +185,7 @@ mod tests {
             generation: 0,
             instance: String::new(),
             test_chat: false,
+            until: 0,
         }
     }
 

@@ -49,7 +49,16 @@ pub async fn post_activity(
     };
     activity::set_user(&mut a, token_user)?;
     let kind = activity::kind(&a);
-    if !matches!(kind, "message" | "typing" | "endOfConversation") {
+    if let Credential::Token(c) = &cred
+        && c.test_chat
+    {
+        // A test chat is never billed, but it is no free channel: its author must still hold a
+        // license, and what it sends counts against the bot's rate limit.
+        super::directline::check_test_chat(&app, &conv.bot, c)?;
+        if !matches!(kind, "typing" | "endOfConversation") {
+            app.metering().on_test_chat(&conv.bot.tenant, &conv.bot.id)?;
+        }
+    } else if !matches!(kind, "message" | "typing" | "endOfConversation") {
         // Events, invokes and the rest count against the bot's message rate limit, as
         // messages do; they never begin a billed session.
         app.metering().on_user_event(&conv.meter)?;

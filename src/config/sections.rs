@@ -22,6 +22,18 @@ fn default_shutdown_grace_secs() -> u64 {
 fn default_max_body_bytes() -> usize {
     256 * 1024
 }
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_keepalive_idle_ms() -> u64 {
+    75_000
+}
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
 
 /// `[server]`: listeners, timeouts and limits.
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +65,24 @@ pub struct ServerConfig {
     /// Default 262144 (256 KiB, the Direct Line activity limit).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Open connections the public listener holds at most, WebSockets included; one more is
+    /// answered 503 `TooManyConnections` and closed. Default 10000. Keep the process's open-files
+    /// limit above it (start-up warns when it is not).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a whole request head (request line and headers), in
+    /// milliseconds, counted from the connection's opening or from the first byte after an idle
+    /// spell; a slower client is disconnected. Default 10000.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Time a keep-alive connection may wait for its next request, in milliseconds, before it
+    /// is closed. Default 75000: longer than the common load balancers' 60 s, so the balancer,
+    /// not the gateway, closes a pooled connection first.
+    #[serde(default = "default_keepalive_idle_ms")]
+    pub keepalive_idle_ms: u64,
+    /// Largest request head accepted, in bytes; larger is 431. Default 32768.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +94,10 @@ impl Default for ServerConfig {
             request_timeout_secs: default_request_timeout_secs(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
             max_body_bytes: default_max_body_bytes(),
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            keepalive_idle_ms: default_keepalive_idle_ms(),
+            max_header_bytes: default_max_header_bytes(),
         }
     }
 }
@@ -79,6 +113,18 @@ impl ServerConfig {
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if self.header_read_timeout_ms == 0 {
+            return Err(invalid("server.header_read_timeout_ms", "must be at least 1"));
+        }
+        if self.keepalive_idle_ms == 0 {
+            return Err(invalid("server.keepalive_idle_ms", "must be at least 1"));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(invalid("server.max_header_bytes", "must be at least 1024"));
         }
         Ok(())
     }
@@ -171,6 +217,24 @@ fn default_max_conversations() -> usize {
 fn default_max_retained_activities() -> usize {
     500
 }
+fn default_max_retained_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_page_activities() -> usize {
+    100
+}
+fn default_max_page_bytes() -> usize {
+    256 * 1024
+}
+fn default_stream_write_timeout_ms() -> u64 {
+    10_000
+}
+fn default_test_chat_token_ttl_secs() -> u64 {
+    3600
+}
+fn default_max_test_chats_per_author() -> usize {
+    10
+}
 fn default_idle_timeout_secs() -> u64 {
     1800
 }
@@ -201,6 +265,31 @@ pub struct ChannelConfig {
     /// polls with an older watermark gets what is left). Default 500.
     #[serde(default = "default_max_retained_activities")]
     pub max_retained_activities: usize,
+    /// Most bytes of activities a conversation keeps (their JSON); the oldest are dropped
+    /// beyond it, the newest is always kept. Default 1048576 (1 MiB).
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: usize,
+    /// Most activities one `GET .../activities` answer or one WebSocket frame carries; the
+    /// answer's watermark continues after the last one, so the next poll gets the rest.
+    /// Default 100.
+    #[serde(default = "default_max_page_activities")]
+    pub max_page_activities: usize,
+    /// Most bytes of activities one answer or frame carries (at least one activity is always
+    /// sent). Default 262144.
+    #[serde(default = "default_max_page_bytes")]
+    pub max_page_bytes: usize,
+    /// Time one WebSocket frame may take to be written to the client, in milliseconds; a
+    /// slower reader is disconnected rather than buffered for. Default 10000.
+    #[serde(default = "default_stream_write_timeout_ms")]
+    pub stream_write_timeout_ms: u64,
+    /// A test-chat token's whole life in seconds, refreshes included: `tokens/refresh` never
+    /// moves its expiry past this much after the author opened the test chat. Default 3600.
+    #[serde(default = "default_test_chat_token_ttl_secs")]
+    pub test_chat_token_ttl_secs: u64,
+    /// Test conversations one author may hold at once; one more is 429 `TooManyTestChats`.
+    /// Default 10.
+    #[serde(default = "default_max_test_chats_per_author")]
+    pub max_test_chats_per_author: usize,
     /// A conversation with no user message for this long ends (its id answers 404), in seconds.
     /// Default 1800, matching the billed-session idle rule.
     #[serde(default = "default_idle_timeout_secs")]
@@ -218,6 +307,12 @@ impl Default for ChannelConfig {
             max_conversations_per_tenant: default_max_conversations_per_tenant(),
             max_conversations_per_bot: default_max_conversations_per_bot(),
             max_retained_activities: default_max_retained_activities(),
+            max_retained_bytes: default_max_retained_bytes(),
+            max_page_activities: default_max_page_activities(),
+            max_page_bytes: default_max_page_bytes(),
+            stream_write_timeout_ms: default_stream_write_timeout_ms(),
+            test_chat_token_ttl_secs: default_test_chat_token_ttl_secs(),
+            max_test_chats_per_author: default_max_test_chats_per_author(),
             idle_timeout_secs: default_idle_timeout_secs(),
             sweep_interval_secs: default_sweep_interval_secs(),
         }
@@ -240,6 +335,24 @@ impl ChannelConfig {
         }
         if self.max_retained_activities == 0 {
             return Err(invalid("channel.max_retained_activities", "must be at least 1"));
+        }
+        if self.max_retained_bytes < 1024 {
+            return Err(invalid("channel.max_retained_bytes", "must be at least 1024"));
+        }
+        if self.max_page_activities == 0 {
+            return Err(invalid("channel.max_page_activities", "must be at least 1"));
+        }
+        if self.max_page_bytes < 1024 {
+            return Err(invalid("channel.max_page_bytes", "must be at least 1024"));
+        }
+        if self.test_chat_token_ttl_secs == 0 {
+            return Err(invalid("channel.test_chat_token_ttl_secs", "must be at least 1"));
+        }
+        if self.max_test_chats_per_author == 0 {
+            return Err(invalid("channel.max_test_chats_per_author", "must be at least 1"));
+        }
+        if self.stream_write_timeout_ms == 0 {
+            return Err(invalid("channel.stream_write_timeout_ms", "must be at least 1"));
         }
         if self.idle_timeout_secs == 0 {
             return Err(invalid("channel.idle_timeout_secs", "must be at least 1"));

@@ -38,6 +38,8 @@ pub struct Conversation {
     notify: Notify,
     /// The last token verified for this conversation, so its next requests skip the HMAC.
     verified: arc_swap::ArcSwapOption<VerifiedToken>,
+    /// For a test chat, the author's user key it counts against (`claims.user`).
+    pub test_author: Option<Box<str>>,
 }
 
 /// A token and the claims its signature proved.
@@ -49,11 +51,38 @@ struct VerifiedToken {
 /// The retained activities; `base` is the watermark of the first retained one.
 struct Log {
     items: VecDeque<Arc<str>>,
+    /// The bytes of `items`.
+    bytes: usize,
     base: u64,
     last_ts: Millis,
     ended: bool,
     greeted: bool,
-    max_retained: usize,
+    retention: Retention,
+}
+
+/// What a conversation keeps: at most this many activities and bytes (the newest is always
+/// kept, whatever its size; the body limit bounds it).
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Activities kept at most.
+    pub activities: usize,
+    /// Bytes of activity JSON kept at most.
+    pub bytes: usize,
+}
+
+/// How much one answer (a poll, a WebSocket frame) carries at most: at least one activity, then
+/// up to this many activities and bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    /// Activities per answer at most.
+    pub activities: usize,
+    /// Bytes of activities per answer at most.
+    pub bytes: usize,
+}
+
+impl Page {
+    /// No bound (tests and benches).
+    pub const ALL: Page = Page { activities: usize::MAX, bytes: usize::MAX };
 }
 
 /// An activity appended to the log.
@@ -72,7 +101,7 @@ impl Conversation {
         bot: Arc<Bot>,
         meter: ConversationMeter,
         now: Millis,
-        max_retained: usize,
+        retention: Retention,
     ) -> Self {
         Self {
             id,
@@ -83,15 +112,23 @@ impl Conversation {
             last_typing_ms: AtomicI64::new(i64::MIN),
             log: Mutex::new(Log {
                 items: VecDeque::new(),
+                bytes: 0,
                 base: 0,
                 last_ts: 0,
                 ended: false,
                 greeted: false,
-                max_retained,
+                retention,
             }),
             notify: Notify::new(),
             verified: arc_swap::ArcSwapOption::empty(),
+            test_author: None,
         }
+    }
+
+    /// Marks a test chat of `author` (counted against the author's cap of test chats).
+    pub fn with_test_author(mut self, author: Option<&str>) -> Self {
+        self.test_author = author.map(Into::into);
+        self
     }
 
     /// The claims of `token` if it is the token this conversation last verified and it has not
@@ -140,9 +177,13 @@ impl Conversation {
             let ts = now.max(not_before).max(log.last_ts + 1);
             log.last_ts = ts;
             let json = build(&id, ts);
+            log.bytes += json.len();
             log.items.push_back(Arc::from(json));
-            if log.items.len() > log.max_retained {
-                log.items.pop_front();
+            while log.items.len() > 1
+                && (log.items.len() > log.retention.activities || log.bytes > log.retention.bytes)
+                && let Some(old) = log.items.pop_front()
+            {
+                log.bytes -= old.len();
                 log.base += 1;
             }
             Appended { id, ts }
@@ -151,16 +192,24 @@ impl Conversation {
         appended
     }
 
-    /// The ActivitySet JSON of the activities from `watermark` on, and the new watermark.
-    pub fn activities_since(&self, watermark: u64) -> (String, u64) {
+    /// The ActivitySet JSON of the activities from `watermark` on, at most one `page` of them,
+    /// and the watermark after the last one sent (the next poll continues there).
+    pub fn activities_since(&self, watermark: u64, page: Page) -> (String, u64) {
         let log = self.lock();
-        let end = log.base + log.items.len() as u64;
-        let from = watermark.clamp(log.base, end);
+        let from = watermark.clamp(log.base, log.base + log.items.len() as u64);
         let skip = (from - log.base) as usize;
-        let len: usize = log.items.iter().skip(skip).map(|a| a.len() + 1).sum();
+        let (mut count, mut len) = (0usize, 0usize);
+        for a in log.items.iter().skip(skip) {
+            if count > 0 && (count == page.activities || len + a.len() > page.bytes) {
+                break;
+            }
+            count += 1;
+            len += a.len() + 1;
+        }
+        let end = from + count as u64;
         let mut out = String::with_capacity(len + 48);
         out.push_str("{\"activities\":[");
-        for (i, a) in log.items.iter().skip(skip).enumerate() {
+        for (i, a) in log.items.iter().skip(skip).take(count).enumerate() {
             if i > 0 {
                 out.push(',');
             }
@@ -235,7 +284,13 @@ mod tests {
     fn conv(max: usize) -> Conversation {
         let c = Config::embedded_default().unwrap();
         let bot = Arc::new(Bot::from_config(&c.bots[0], "k".into(), 1));
-        Conversation::new(Arc::from("c1"), bot, ConversationMeter::unmetered(), 1000, max)
+        Conversation::new(
+            Arc::from("c1"),
+            bot,
+            ConversationMeter::unmetered(),
+            1000,
+            Retention { activities: max, bytes: usize::MAX },
+        )
     }
 
     #[test]
@@ -248,12 +303,12 @@ mod tests {
         assert!(b.ts > a.ts, "timestamps never go backwards");
         let r = c.append(1000, 5000, |_, _| "{}".into());
         assert_eq!(r.ts, 5000, "a reply is never earlier than its message");
-        let (json, w) = c.activities_since(1);
+        let (json, w) = c.activities_since(1, Page::ALL);
         assert_eq!(w, 3);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["activities"].as_array().unwrap().len(), 2);
         assert_eq!(v["watermark"], "3");
-        let (json, _) = c.activities_since(3);
+        let (json, _) = c.activities_since(3, Page::ALL);
         assert_eq!(json, r#"{"activities":[],"watermark":"3"}"#);
     }
 
@@ -270,6 +325,7 @@ mod tests {
                 generation: 0,
                 instance: String::new(),
                 test_chat: false,
+                until: 0,
             })
         };
         assert!(c.verified_token("dl1.a", 0).is_none());
@@ -287,8 +343,53 @@ mod tests {
         for _ in 0..5 {
             c.append(0, 0, |id, _| format!("\"{id}\""));
         }
-        let (json, w) = c.activities_since(0);
+        let (json, w) = c.activities_since(0, Page::ALL);
         assert_eq!(w, 5);
         assert_eq!(json, r#"{"activities":["c1|0000003","c1|0000004"],"watermark":"5"}"#);
+    }
+
+    #[test]
+    fn retention_is_capped_in_bytes_and_keeps_the_newest() {
+        let c = conv(100);
+        {
+            let mut log = c.lock();
+            log.retention.bytes = 30;
+        }
+        // Each activity is 12 bytes ("c1|000000N" quoted): two fit in 30, a third does not.
+        for _ in 0..5 {
+            c.append(0, 0, |id, _| format!("\"{id}\""));
+        }
+        let (json, w) = c.activities_since(0, Page::ALL);
+        assert_eq!(w, 5);
+        assert_eq!(json, r#"{"activities":["c1|0000003","c1|0000004"],"watermark":"5"}"#);
+        // One activity larger than the whole budget is still kept, alone.
+        let big = "x".repeat(100);
+        c.append(0, 0, |_, _| format!("\"{big}\""));
+        let (json, w) = c.activities_since(0, Page::ALL);
+        assert_eq!(w, 6);
+        assert_eq!(json, format!(r#"{{"activities":["{big}"],"watermark":"6"}}"#));
+        assert_eq!(c.lock().bytes, 102);
+    }
+
+    #[test]
+    fn pages_bound_count_and_bytes_and_the_watermark_continues() {
+        let c = conv(100);
+        for _ in 0..5 {
+            c.append(0, 0, |id, _| format!("\"{id}\""));
+        }
+        let two = Page { activities: 2, bytes: usize::MAX };
+        let (json, w) = c.activities_since(0, two);
+        assert_eq!((json.as_str(), w), (r#"{"activities":["c1|0000000","c1|0000001"],"watermark":"2"}"#, 2));
+        let (json, w) = c.activities_since(w, two);
+        assert_eq!((json.as_str(), w), (r#"{"activities":["c1|0000002","c1|0000003"],"watermark":"4"}"#, 4));
+        let (json, w) = c.activities_since(w, two);
+        assert_eq!((json.as_str(), w), (r#"{"activities":["c1|0000004"],"watermark":"5"}"#, 5));
+        let (json, w) = c.activities_since(w, two);
+        assert_eq!((json.as_str(), w), (r#"{"activities":[],"watermark":"5"}"#, 5));
+        // By bytes: 12 bytes each; a 25-byte page takes two, a 5-byte page still takes one.
+        let (_, w) = c.activities_since(0, Page { activities: 100, bytes: 25 });
+        assert_eq!(w, 2);
+        let (_, w) = c.activities_since(0, Page { activities: 100, bytes: 5 });
+        assert_eq!(w, 1);
     }
 }

@@ -21,6 +21,9 @@ pub enum CreateError {
     /// The cap on one bot's conversations is reached.
     #[error("the gateway holds its maximum number of conversations for this bot")]
     BotFull,
+    /// The author holds as many test chats as an author may.
+    #[error("the author holds the maximum number of test chats")]
+    TestAuthorFull,
 }
 
 /// The caps on conversations held at once.
@@ -32,6 +35,8 @@ pub struct Caps {
     pub per_tenant: usize,
     /// Of one bot.
     pub per_bot: usize,
+    /// Test chats of one author (in one tenant).
+    pub per_test_author: usize,
 }
 
 /// The conversation map.
@@ -45,6 +50,8 @@ pub struct Conversations {
     /// so strangers cannot grow these maps. Changed only when a conversation comes or goes.
     per_tenant: DashMap<String, usize>,
     per_bot: DashMap<(String, String), usize>,
+    /// Test chats per (tenant, author): entries only for licensed authors who opened one.
+    per_test_author: DashMap<(String, String), usize>,
     caps: Caps,
     idle_ms: i64,
 }
@@ -53,7 +60,7 @@ impl Conversations {
     /// An empty map holding at most `max` conversations, each ending after `idle_ms` without a
     /// user message.
     pub fn new(max: usize, idle_ms: i64) -> Self {
-        Self::with_caps(Caps { total: max, per_tenant: max, per_bot: max }, idle_ms)
+        Self::with_caps(Caps { total: max, per_tenant: max, per_bot: max, per_test_author: max }, idle_ms)
     }
 
     /// An empty map with caps in all, per tenant and per bot.
@@ -64,16 +71,27 @@ impl Conversations {
             max: caps.total,
             per_tenant: DashMap::new(),
             per_bot: DashMap::new(),
+            per_test_author: DashMap::new(),
             caps,
             idle_ms,
         }
     }
 
-    /// Counts a conversation of `tenant`'s `bot` against its caps, or refuses it.
-    fn reserve(&self, tenant: &str, bot: &str) -> Result<(), CreateError> {
+    /// Counts a conversation of `tenant`'s `bot` (a test chat of `author`, if given) against
+    /// its caps, or refuses it.
+    fn reserve(&self, tenant: &str, bot: &str, author: Option<&str>) -> Result<(), CreateError> {
+        if let Some(author) = author {
+            let mut n = self.per_test_author.entry((tenant.to_string(), author.to_string())).or_insert(0);
+            if *n >= self.caps.per_test_author {
+                return Err(CreateError::TestAuthorFull);
+            }
+            *n += 1;
+        }
         {
             let mut n = self.per_tenant.entry(tenant.to_string()).or_insert(0);
             if *n >= self.caps.per_tenant {
+                drop(n);
+                self.unreserve(tenant, None, author);
                 return Err(CreateError::TenantFull);
             }
             *n += 1;
@@ -81,17 +99,29 @@ impl Conversations {
         let mut n = self.per_bot.entry((tenant.to_string(), bot.to_string())).or_insert(0);
         if *n >= self.caps.per_bot {
             drop(n);
-            self.unreserve(tenant, None);
+            self.unreserve_tenant(tenant);
+            self.unreserve(tenant, None, author);
             return Err(CreateError::BotFull);
         }
         *n += 1;
         Ok(())
     }
 
-    /// Takes a conversation of `tenant` (and of `bot`, if given) off the counts.
-    fn unreserve(&self, tenant: &str, bot: Option<&str>) {
+    fn unreserve_tenant(&self, tenant: &str) {
         if let Some(mut n) = self.per_tenant.get_mut(tenant) {
             *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Takes a conversation of `bot` and of `author` (each if given) off the counts; entries of
+    /// authors without test chats are removed, so the map holds only current test chats.
+    fn unreserve(&self, tenant: &str, bot: Option<&str>, author: Option<&str>) {
+        if let Some(author) = author {
+            let key = (tenant.to_string(), author.to_string());
+            if let Some(mut n) = self.per_test_author.get_mut(&key) {
+                *n = n.saturating_sub(1);
+            }
+            self.per_test_author.remove_if(&key, |_, n| *n == 0);
         }
         if let Some(bot) = bot
             && let Some(mut n) = self.per_bot.get_mut(&(tenant.to_string(), bot.to_string()))
@@ -102,7 +132,8 @@ impl Conversations {
 
     /// A conversation leaves the map.
     fn release(&self, c: &Conversation) {
-        self.unreserve(&c.bot.tenant, Some(&c.bot.id));
+        self.unreserve_tenant(&c.bot.tenant);
+        self.unreserve(&c.bot.tenant, Some(&c.bot.id), c.test_author.as_deref());
     }
 
     /// Inserts a conversation of `tenant`'s `bot` built by `make` under `id`, unless one exists:
@@ -111,7 +142,7 @@ impl Conversations {
         &self,
         id: &str,
         now: Millis,
-        (tenant, bot): (&str, &str),
+        (tenant, bot, test_author): (&str, &str, Option<&str>),
         make: impl FnOnce() -> Conversation,
     ) -> Result<(Arc<Conversation>, bool), CreateError> {
         if let Some(c) = self.get(id, now) {
@@ -126,7 +157,7 @@ impl Conversations {
             self.count.fetch_sub(1, Ordering::Relaxed);
             return Err(CreateError::Full);
         }
-        if let Err(e) = self.reserve(tenant, bot) {
+        if let Err(e) = self.reserve(tenant, bot, test_author) {
             self.count.fetch_sub(1, Ordering::Relaxed);
             return Err(e);
         }
@@ -141,7 +172,8 @@ impl Conversations {
             .clone();
         if !created {
             self.count.fetch_sub(1, Ordering::Relaxed);
-            self.unreserve(tenant, Some(bot));
+            self.unreserve_tenant(tenant);
+            self.unreserve(tenant, Some(bot), test_author);
         }
         Ok((conv, created))
     }

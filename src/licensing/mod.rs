@@ -222,6 +222,23 @@ impl Licensing {
         Err(Denial::NoUserLicense)
     }
 
+    /// Whether `user` of `tenant` holds an author's license at `now` as far as the store knows,
+    /// without a JWT: a direct assignment, or a seat claimed through a group that still holds a
+    /// license, both under an active tenant license; or an active trial. For credentials minted
+    /// from an author's license (test-chat tokens), checked again on each use.
+    pub fn still_licensed(&self, tenant: &str, user: &str, now: Millis) -> bool {
+        let Some(t) = self.tenant(tenant) else { return false };
+        if t.trials.get(user).is_some_and(|tr| tr.expires_ms > now) {
+            return true;
+        }
+        let via_group = t
+            .seats
+            .get(user)
+            .and_then(|via| via.strip_prefix("group:"))
+            .is_some_and(|g| t.groups.contains(g));
+        t.licensed(now) && (t.users.contains(user) || via_group)
+    }
+
     async fn claim_seat(&self, tenant: &str, user: &str, group: &str) -> Result<(), Denial> {
         let now = self.clock.now_ms();
         let result = self

@@ -419,6 +419,15 @@ impl Metering {
         self.take_rate(counters)
     }
 
+    /// Meters an activity of a test chat: never billed, but counted against the bot's rate
+    /// limit like the bot users' messages.
+    pub fn on_test_chat(&self, tenant: &str, bot: &str) -> Result<(), ApiError> {
+        if !self.inner.config.enabled {
+            return Ok(());
+        }
+        self.take_rate(&self.counters(tenant, bot))
+    }
+
     fn take_rate(&self, counters: &BotCounters) -> Result<(), ApiError> {
         let now = self.inner.clock.now_ms();
         if let Err(retry) = counters.rate().take(now) {

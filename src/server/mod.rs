@@ -1,5 +1,7 @@
 //! Listeners, the one function that builds the middleware stack, and graceful shutdown.
 
+pub mod conn;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -68,13 +70,20 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
     let public_app = public_router(&state)?;
     let admin_app = admin_router(&state);
 
+    let public_limits = conn::ConnLimits::public(&state.config().server);
+    let admin_limits = conn::ConnLimits::admin(&state.config().server);
+    let public_metrics =
+        conn::ConnMetrics::register(state.metrics(), "public").map_err(StartError::Metrics)?;
+    let admin_metrics = conn::ConnMetrics::register(state.metrics(), "admin").map_err(StartError::Metrics)?;
+    warn_if_files_limit_below(public_limits.max_connections + admin_limits.max_connections);
+
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
     let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
     let task_state = state.clone();
     let task = tokio::spawn(async move {
-        let serve_public = serve(public, public_app, stop_rx.clone());
-        let serve_admin = serve(admin, admin_app, stop_rx.clone());
+        let serve_public = conn::serve(public, public_app, public_limits, public_metrics, stop_rx.clone());
+        let serve_admin = conn::serve(admin, admin_app, admin_limits, admin_metrics, stop_rx.clone());
         let both = async { tokio::join!(serve_public, serve_admin) };
         tokio::pin!(both);
         let mut stop_rx = stop_rx;
@@ -130,27 +139,24 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
 /// they are acknowledged; these counters are not billing).
 const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
-async fn serve<S>(listener: TcpListener, app: S, mut stop: watch::Receiver<bool>)
-where
-    S: tower::Service<axum::extract::Request, Response = Response, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    use axum::ServiceExt as _;
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        // Replies are small and written whole; Nagle would only add latency.
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "A listener failed.");
+/// Warns at start-up when the process may open fewer files than its listeners may hold
+/// connections (Linux: read from `/proc/self/limits`); accepts beyond the limit would fail.
+fn warn_if_files_limit_below(connections: usize) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else { return };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    // Headroom for the store, the data files and outbound connections.
+    if let Some(soft) = soft
+        && soft < connections + 256
+    {
+        tracing::warn!(
+            open_files_limit = soft,
+            max_connections = connections,
+            "The open-files limit is below the connection caps; raise it (ulimit -n) or lower server.max_connections."
+        );
     }
 }
 

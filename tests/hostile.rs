@@ -1,0 +1,292 @@
+//! Hostile traffic: each resource a stranger can make the gateway hold has a bound, the bound is
+//! exact, and a normal conversation is served meanwhile.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestServer, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the peer closes (or `within` passes); returns what was read and whether it closed.
+async fn read_to_close(tcp: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A normal conversation: started, a message accepted, the reply polled.
+async fn converse(s: &TestServer) {
+    let (token, conv, _) = s.conversation("helpdesk").await;
+    s.say_ok(&token, &conv, "hello").await;
+    let set = s.poll(&token, &conv, None).await;
+    assert!(set["activities"].as_array().unwrap().len() >= 2, "{set}");
+}
+
+fn closed(metrics: &str, reason: &str) -> u64 {
+    metric(
+        metrics,
+        &format!("botgate_http_connections_closed_total{{listener=\"public\",reason=\"{reason}\"}}"),
+    )
+    .unwrap()
+}
+
+/// With a cap of N connections, N are held (N-1 silent sockets and the client's keep-alive
+/// connection), the next one is answered 503 `TooManyConnections` and closed, and the client's
+/// conversation goes on over its connection; once a socket closes, a new one is accepted.
+#[tokio::test]
+async fn the_connection_past_the_cap_is_refused_with_503() {
+    const CAP: usize = 40;
+    let mut s = TestServer::with(|c| {
+        c.server.max_connections = CAP;
+        c.server.header_read_timeout_ms = 60_000;
+    })
+    .await;
+    // One keep-alive connection for the normal conversation (reqwest pools it).
+    s.http = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    converse(&s).await;
+    let mut held = Vec::new();
+    for _ in 0..CAP - 1 {
+        held.push(TcpStream::connect(s.addr()).await.unwrap());
+    }
+    // Each held socket is accepted (the accept loop takes them in order); wait for the gauge.
+    let open = "botgate_http_connections_open{listener=\"public\"}";
+    for _ in 0..200 {
+        if metric(&s.metrics().await, open) == Some(CAP as u64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric(&s.metrics().await, open), Some(CAP as u64));
+    let mut over = TcpStream::connect(s.addr()).await.unwrap();
+    let (answer, was_closed) = read_to_close(&mut over, Duration::from_secs(10)).await;
+    assert!(was_closed, "the connection past the cap is closed");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"TooManyConnections\""), "{answer}");
+    assert_eq!(closed(&s.metrics().await, "over_cap"), 1);
+    converse(&s).await; // the client's own connection still serves
+    // A held socket goes away: its place is free again.
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..200 {
+        let res = reqwest::Client::new().get(s.url("/v3/directline/conversations/x/activities")).send().await;
+        if let Ok(res) = res
+            && res.status() != 503
+        {
+            again = Some(res.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(again, Some(reqwest::StatusCode::UNAUTHORIZED), "a freed place takes a new connection");
+    assert_eq!(closed(&s.metrics().await, "over_cap"), 1, "nothing else was refused");
+}
+
+/// A slowloris: a request head sent a byte at a time is cut at the header deadline, counted
+/// from the connection's opening, while a normal conversation goes on.
+#[tokio::test]
+async fn a_slowloris_head_is_cut_at_the_header_deadline() {
+    const HEADER_MS: u64 = 600;
+    let s = TestServer::with(|c| c.server.header_read_timeout_ms = HEADER_MS).await;
+    let opened = Instant::now();
+    let mut slow = TcpStream::connect(s.addr()).await.unwrap();
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut cut_after = None;
+    for b in head.iter().cycle().take(1000) {
+        if slow.write_all(std::slice::from_ref(b)).await.is_err() {
+            cut_after = Some(opened.elapsed());
+            break;
+        }
+        // Check for the close without blocking: a read of 0 is the server's FIN.
+        let mut one = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(50), slow.read(&mut one)).await
+        {
+            cut_after = Some(opened.elapsed());
+            break;
+        }
+    }
+    let cut_after = cut_after.expect("the slow head was never cut");
+    assert!(cut_after >= Duration::from_millis(HEADER_MS), "cut before the deadline: {cut_after:?}");
+    converse(&s).await;
+    let m = s.metrics().await;
+    assert_eq!(closed(&m, "header_timeout"), 1);
+    assert_eq!(closed(&m, "idle_timeout"), 0, "the normal client's connection is still in use");
+}
+
+/// A connection that opens and sends nothing is closed at the header deadline; one that made a
+/// request and then idles is closed at the keep-alive deadline, which is longer.
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed_at_their_deadlines() {
+    const HEADER_MS: u64 = 300;
+    const IDLE_MS: u64 = 900;
+    let s = TestServer::with(|c| {
+        c.server.header_read_timeout_ms = HEADER_MS;
+        c.server.keepalive_idle_ms = IDLE_MS;
+    })
+    .await;
+    let opened = Instant::now();
+    let mut silent = TcpStream::connect(s.addr()).await.unwrap();
+    let mut idle = TcpStream::connect(s.addr()).await.unwrap();
+    let asked = Instant::now();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let (_, silent_closed) = read_to_close(&mut silent, Duration::from_secs(10)).await;
+    assert!(silent_closed);
+    assert!(opened.elapsed() >= Duration::from_millis(HEADER_MS));
+    let (answer, idle_closed) = read_to_close(&mut idle, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(idle_closed);
+    assert!(asked.elapsed() >= Duration::from_millis(IDLE_MS), "{:?}", asked.elapsed());
+    let m = s.metrics().await;
+    assert_eq!(closed(&m, "header_timeout"), 1);
+    assert_eq!(closed(&m, "idle_timeout"), 1);
+}
+
+/// A request head over `server.max_header_bytes` is answered 431 and closed.
+#[tokio::test]
+async fn an_oversized_head_is_431() {
+    let s = TestServer::with(|c| c.server.max_header_bytes = 4096).await;
+    let mut tcp = TcpStream::connect(s.addr()).await.unwrap();
+    let big = "a".repeat(8000);
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let _ = tcp.write_all(req.as_bytes()).await;
+    let (answer, was_closed) = read_to_close(&mut tcp, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(was_closed);
+    // Just under the bound is served.
+    let ok = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(3000)
+    );
+    let mut tcp = TcpStream::connect(s.addr()).await.unwrap();
+    tcp.write_all(ok.as_bytes()).await.unwrap();
+    let (answer, _) = read_to_close(&mut tcp, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    converse(&s).await;
+}
+
+async fn post(s: &TestServer, token: &str, conv: &str, activity: &serde_json::Value) -> reqwest::Response {
+    s.http
+        .post(s.url(&format!("/v3/directline/conversations/{conv}/activities")))
+        .bearer_auth(token)
+        .json(activity)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A conversation keeps at most `max_retained_bytes` of activities: a flood of large events
+/// leaves the newest that fit, contiguous up to the watermark, and every event was accepted.
+#[tokio::test]
+async fn a_conversation_keeps_a_bounded_number_of_bytes() {
+    const BUDGET: usize = 64 * 1024;
+    let s = TestServer::with(|c| c.channel.max_retained_bytes = BUDGET).await;
+    let (token, conv, _) = s.conversation("helpdesk").await;
+    let pad = "p".repeat(10_000);
+    for i in 0..40 {
+        let event = serde_json::json!({"type": "event", "name": "flood", "value": format!("{i}:{pad}"), "from": {"id": "u"}});
+        assert_eq!(post(&s, &token, &conv, &event).await.status(), 200);
+    }
+    let set = s.poll(&token, &conv, None).await;
+    let kept = set["activities"].as_array().unwrap();
+    let bytes: usize = kept.iter().map(|a| a.to_string().len()).sum();
+    assert!(bytes <= BUDGET, "{bytes} bytes kept");
+    assert_eq!(kept.len(), 6, "six 10 KB events fit in 64 KiB, a seventh does not");
+    assert_eq!(kept.last().unwrap()["value"].as_str().unwrap().split(':').next(), Some("39"));
+    let watermark: u64 = set["watermark"].as_str().unwrap().parse().unwrap();
+    for (i, a) in kept.iter().enumerate() {
+        let seq: u64 = a["id"].as_str().unwrap().rsplit('|').next().unwrap().parse().unwrap();
+        assert_eq!(seq, watermark - kept.len() as u64 + i as u64, "the newest, contiguous");
+    }
+    converse(&s).await;
+}
+
+/// `GET /activities` answers at most a page (by count and by bytes); following the watermark
+/// reads everything once, in order.
+#[tokio::test]
+async fn polls_are_paged_and_the_watermark_continues() {
+    let s = TestServer::with(|c| {
+        c.channel.max_page_activities = 3;
+        c.channel.max_page_bytes = 16 * 1024;
+    })
+    .await;
+    let (token, conv, _) = s.conversation("helpdesk").await;
+    for i in 0..4 {
+        s.say_ok(&token, &conv, &format!("vpn {i}")).await; // a message and its reply each
+    }
+    let big = "b".repeat(9_000);
+    for _ in 0..3 {
+        let event = serde_json::json!({"type": "event", "name": "big", "value": big, "from": {"id": "u"}});
+        assert_eq!(post(&s, &token, &conv, &event).await.status(), 200);
+    }
+    let total = s.state().channel().conversation(&conv).unwrap().watermark();
+    assert_eq!(total, 1 + 8 + 3, "greeting, four messages and replies, three events");
+    let mut seen = Vec::new();
+    let mut watermark: Option<String> = None;
+    let mut pages = Vec::new();
+    loop {
+        let set = s.poll(&token, &conv, watermark.as_deref()).await;
+        let page = set["activities"].as_array().unwrap().clone();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        let bytes: usize = page.iter().map(|a| a.to_string().len()).sum();
+        assert!(page.len() == 1 || bytes <= 16 * 1024, "{bytes} bytes in a page of {}", page.len());
+        pages.push(page.len());
+        seen.extend(page.iter().map(|a| a["id"].as_str().unwrap().to_string()));
+        watermark = Some(set["watermark"].as_str().unwrap().to_string());
+    }
+    // 9 small activities in pages of 3, then the 9 KB events one per page (two exceed 16 KiB).
+    assert_eq!(pages, vec![3, 3, 3, 1, 1, 1]);
+    let expected: Vec<String> = (0..total).map(|n| format!("{conv}|{n:07}")).collect();
+    assert_eq!(seen, expected);
+}
+
+/// A WebSocket reader that stops reading is disconnected at the write timeout instead of being
+/// buffered for; the conversation goes on, and a new socket resumes from its watermark.
+#[tokio::test]
+async fn a_stream_reader_that_stops_reading_is_disconnected() {
+    use futures_util::StreamExt;
+    let s = TestServer::with(|c| {
+        c.channel.stream_write_timeout_ms = 300;
+        c.metering.rate_limit_per_minute = 100_000;
+    })
+    .await;
+    let (token, conv, started) = s.conversation("helpdesk").await;
+    let url = started["streamUrl"].as_str().unwrap().to_string();
+    // A client socket with a small receive window, which then never reads.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(s.addr()).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), tcp).await.unwrap();
+    let pad = "w".repeat(200_000);
+    let mut posted = 0;
+    // Far more than the kernel buffers hold: the server's writes stall, and it gives up.
+    while posted < 200 {
+        let event = serde_json::json!({"type": "event", "name": "big", "value": pad, "from": {"id": "u"}});
+        assert_eq!(post(&s, &token, &conv, &event).await.status(), 200);
+        posted += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // past the write timeout
+    // Now drain: the socket ends (the server closed it) instead of streaming on.
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut frames = 0;
+        while let Some(Ok(_)) = ws.next().await {
+            frames += 1;
+        }
+        frames
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled socket was never closed");
+    converse(&s).await;
+    let set = s.poll(&token, &conv, None).await;
+    assert_eq!(set["activities"].as_array().unwrap().last().unwrap()["name"], "big");
+}
