@@ -38,6 +38,7 @@ pub mod error;
 pub mod identity;
 pub mod licensing;
 pub mod metering;
+pub mod outbound;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -290,3 +290,132 @@ async fn a_stream_reader_that_stops_reading_is_disconnected() {
     let set = s.poll(&token, &conv, None).await;
     assert_eq!(set["activities"].as_array().unwrap().last().unwrap()["name"], "big");
 }
+
+/// An author's token for the demo tenant, signed by the embedded development issuer.
+fn author_token(s: &TestServer) -> String {
+    use botgate::clock::Clock;
+    use botgate::identity::dev_issuer::{self, TokenRequest};
+    let key = dev_issuer::load_or_create(&s.dir.path().join("data")).unwrap();
+    let req = TokenRequest {
+        tenant: "contoso".into(),
+        user: "alice".into(),
+        name: None,
+        groups: vec![],
+        admin: false,
+        ttl_secs: 3600,
+    };
+    dev_issuer::sign(&key, "botgate-dev", "botgate", &req, s.clock.now_secs())
+}
+
+fn upstream_bot(id: &str, endpoint: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "name": "Upstream", "kind": "upstream", "endpoint": endpoint})
+}
+
+/// The outbound policy: with loopback denied (the default outside the demo), an author cannot
+/// point a bot at loopback, private or metadata addresses; and a bot created while loopback was
+/// allowed is refused at call time once it is not, before any connection, so an internal
+/// service sees nothing and open and closed ports answer alike.
+#[tokio::test]
+async fn upstream_endpoints_cannot_reach_internal_services() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let internal = {
+        let hits = hits.clone();
+        axum::Router::new().fallback(move || {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async {
+                axum::Json(
+                    serde_json::json!({"activities": [{"type": "message", "text": "INTERNAL-SECRET"}]}),
+                )
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open = format!("http://{}/api/messages", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, internal).await.unwrap() });
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/api/messages", l.local_addr().unwrap())
+    };
+
+    let s = TestServer::with(|c| c.outbound.allow_loopback = false).await;
+    let author = author_token(&s);
+    for endpoint in [
+        open.as_str(),
+        closed.as_str(),
+        "http://localhost:3978/api/messages",
+        "http://[::1]:3978/api/messages",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/api/messages",
+        "http://[::ffff:127.0.0.1]:3978/",
+    ] {
+        let res = s
+            .http
+            .post(s.url("/api/v1/bots"))
+            .bearer_auth(&author)
+            .json(&upstream_bot("probe", endpoint))
+            .send()
+            .await
+            .unwrap();
+        common::assert_error(res, 400, "EndpointNotAllowed").await;
+    }
+    let (dir, clock) = s.stop().await;
+
+    // Created while loopback was allowed, published.
+    let s = TestServer::in_dir(dir, clock, |c| c.outbound.allow_loopback = true).await;
+    let author = author_token(&s);
+    for (id, endpoint) in [("open", &open), ("closed", &closed)] {
+        for path in ["/api/v1/bots".to_string(), format!("/api/v1/bots/{id}/publish")] {
+            let body =
+                if path == "/api/v1/bots" { upstream_bot(id, endpoint) } else { serde_json::json!({}) };
+            let res = s.http.post(s.url(&path)).bearer_auth(&author).json(&body).send().await.unwrap();
+            assert!(res.status().is_success(), "{path}: {}", res.status());
+        }
+    }
+    let (dir, clock) = s.stop().await;
+
+    // Served after the policy was tightened: refused before connecting, alike for both ports.
+    let s = TestServer::in_dir(dir, clock, |c| c.outbound.allow_loopback = false).await;
+    for id in ["open", "closed"] {
+        let (token, conv, _) = s.conversation(id).await;
+        let res = s.say(&token, &conv, "hello").await;
+        common::assert_error(res, 502, "BotError").await;
+        let set = s.poll(&token, &conv, None).await;
+        assert!(!set.to_string().contains("INTERNAL-SECRET"), "{set}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the internal service was never reached");
+    converse(&s).await;
+}
+
+/// An upstream answer's `activities` are taken only as well-formed bot activities: one that
+/// claims to come from the user, or has a `text` that is not a string, is dropped.
+#[tokio::test]
+async fn an_upstream_answer_cannot_plant_malformed_or_user_activities() {
+    let bot = axum::Router::new().route(
+        "/api/messages",
+        axum::routing::post(|| async {
+            axum::Json(serde_json::json!({"activities": [
+                {"type": "message", "text": "fine"},
+                {"type": "message", "text": "PLANTED-AS-USER", "from": {"id": "dl_user", "role": "user"}},
+                {"type": "message", "text": ["PLANTED-ARRAY"]},
+                {"text": "PLANTED-NO-TYPE"},
+            ]}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/api/messages", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, bot).await.unwrap() });
+    let s = TestServer::with(|c| {
+        let toml = common::upstream_config_toml(&endpoint, "");
+        c.bots.extend(botgate::config::Config::from_str(&toml, "t").unwrap().bots);
+    })
+    .await;
+    let (token, conv, _) = s.conversation("up").await;
+    s.say_ok(&token, &conv, "hello").await;
+    let set = s.poll(&token, &conv, None).await;
+    let texts: Vec<String> =
+        set["activities"].as_array().unwrap().iter().map(|a| a["text"].to_string()).collect();
+    assert!(texts.contains(&"\"fine\"".to_string()), "{texts:?}");
+    assert!(!set.to_string().contains("PLANTED"), "{set}");
+}

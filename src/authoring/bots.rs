@@ -84,9 +84,20 @@ pub struct NewBot {
     allowed_origins: Option<Vec<String>>,
 }
 
-fn validate(def: &BotConfig) -> Result<(), ApiError> {
-    def.validate("bot")
-        .map_err(|e| ApiError::bad_request(format!("`{}`: {}.", e.key.trim_start_matches("bot."), e.problem)))
+fn validate(app: &AppState, def: &BotConfig) -> Result<(), ApiError> {
+    def.validate("bot").map_err(|e| {
+        ApiError::bad_request(format!("`{}`: {}.", e.key.trim_start_matches("bot."), e.problem))
+    })?;
+    if def.kind == BotKind::Upstream
+        && let Err(why) = app.channel().upstream.policy().check_url(&def.endpoint)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "EndpointNotAllowed",
+            format!("`endpoint`: the gateway cannot call it: {why}."),
+        ));
+    }
+    Ok(())
 }
 
 /// `POST /api/v1/bots`: creates an unpublished bot with two fresh channel secrets, shown once.
@@ -110,7 +121,7 @@ pub async fn create(
         endpoint: body.endpoint,
         topics: body.topics,
     };
-    validate(&def)?;
+    validate(&app, &def)?;
     // Held until the bot is in the registry: a concurrent create of the same id gets 409.
     let Some(_reservation) = app.authoring().reserve(&id) else { return Err(bot_exists()) };
     if app.channel().bots.get(&id).is_some() {
@@ -178,7 +189,7 @@ pub async fn patch(
     if let Some(o) = body.allowed_origins {
         def.allowed_origins = o;
     }
-    validate(&def)?;
+    validate(&app, &def)?;
     let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);
     let max = app.config().upstream.max_concurrency_per_bot;
     let bot = Arc::new(Bot::with_control(&def, key, max, old.control.clone(), old.owner.clone()));

@@ -6,6 +6,7 @@
 //! back while the gateway's POST is still open; the handlers for those callbacks are in
 //! `channel::connector`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,9 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
-
-/// Most bytes read from a bot's answer to the gateway's POST.
-const MAX_ANSWER_BYTES: usize = 1 << 20;
+use crate::outbound::{Policy, PolicyResolver, literal_ip};
 
 /// One upstream bot.
 pub struct UpstreamBot {
@@ -45,24 +44,38 @@ impl UpstreamBot {
     }
 }
 
-/// The pooled HTTP client for calls to bots; cloning is shallow.
+/// The pooled HTTP client for calls to bots, under the outbound policy; cloning is shallow.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector<PolicyResolver>, Full<Bytes>>,
+    policy: Arc<Policy>,
     timeout: Duration,
+    max_answer_bytes: usize,
 }
 
 impl UpstreamClient {
-    /// A client with the given per-call timeout and connect timeout.
-    pub fn new(timeout: Duration, connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
+    /// A client with the given per-call timeout and connect timeout, calling only where
+    /// `policy` allows and reading at most `max_answer_bytes` of an answer.
+    pub fn new(
+        timeout: Duration,
+        connect_timeout: Duration,
+        policy: Policy,
+        max_answer_bytes: usize,
+    ) -> Self {
+        let policy = Arc::new(policy);
+        let mut connector = HttpConnector::new_with_resolver(PolicyResolver::new(policy.clone()));
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(connector);
-        Self { client, timeout }
+        Self { client, policy, timeout, max_answer_bytes }
+    }
+
+    /// The policy this client calls under.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Delivers one activity (JSON) to the bot and waits for its answer, callbacks included.
@@ -80,21 +93,29 @@ impl UpstreamClient {
                 bot.limiter.acquire().await.map_err(|_| bot_error(bot_id, "the bot is shutting down"))?;
             let uri: Uri =
                 bot.endpoint.parse().map_err(|_| bot_error(bot_id, "the endpoint is not a valid URL"))?;
+            // An address in the URL is not resolved, so it is judged here; names are judged by
+            // the resolver, at every connection.
+            if let Some(ip) = uri.host().and_then(literal_ip)
+                && let Err(denied) = self.policy.check(ip)
+            {
+                return Err(bot_error(bot_id, denied.explain()));
+            }
             let req = Request::post(uri)
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(body))
                 .map_err(|e| bot_error(bot_id, &e.to_string()))?;
             let res = self.client.request(req).await.map_err(|e| bot_error(bot_id, &e.to_string()))?;
             let status = res.status();
-            let bytes = http_body_util::Limited::new(res.into_body(), MAX_ANSWER_BYTES)
+            let bytes = http_body_util::Limited::new(res.into_body(), self.max_answer_bytes)
                 .collect()
                 .await
                 .map_err(|e| bot_error(bot_id, &e.to_string()))?
                 .to_bytes();
+            // Redirects are not followed: a 3xx fails like any other non-success.
             if !status.is_success() {
                 return Err(bot_error(bot_id, &format!("the bot answered {status}")));
             }
-            Ok(inline_activities(&bytes))
+            Ok(inline_activities(bot_id, &bytes))
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
@@ -123,18 +144,36 @@ fn bot_error(bot_id: &str, cause: &str) -> ApiError {
     )
 }
 
-/// The activities of an `expectReplies` answer; an empty or other answer has none.
-fn inline_activities(body: &[u8]) -> Vec<serde_json::Value> {
+/// The activities of an `expectReplies` answer; an empty or other answer has none. Only
+/// well-formed bot activities are taken (a `type`, the schema's field types, a `from` that
+/// is not the user): an answer is not a way to plant anything in the transcript.
+fn inline_activities(bot_id: &str, body: &[u8]) -> Vec<serde_json::Value> {
     if body.is_empty() {
         return Vec::new();
     }
-    match serde_json::from_slice::<serde_json::Value>(body) {
+    let items = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(mut m)) => match m.remove("activities") {
-            Some(serde_json::Value::Array(a)) => a.into_iter().filter(|a| a.is_object()).collect(),
-            _ => Vec::new(),
+            Some(serde_json::Value::Array(a)) => a,
+            _ => return Vec::new(),
         },
-        _ => Vec::new(),
+        _ => return Vec::new(),
+    };
+    let total = items.len();
+    let kept: Vec<serde_json::Value> = items
+        .into_iter()
+        .filter(|a| match a {
+            serde_json::Value::Object(m) => crate::channel::activity::check_bot_activity(m).is_ok(),
+            _ => false,
+        })
+        .collect();
+    if kept.len() < total {
+        tracing::warn!(
+            bot = bot_id,
+            dropped = total - kept.len(),
+            "A bot answered with malformed activities; dropped them."
+        );
     }
+    kept
 }
 
 #[cfg(test)]
@@ -143,9 +182,13 @@ mod tests {
 
     #[test]
     fn inline_replies_are_read() {
-        assert!(inline_activities(b"").is_empty());
-        assert!(inline_activities(b"not json").is_empty());
-        let a = inline_activities(br#"{"activities":[{"type":"message","text":"hi"},3]}"#);
+        assert!(inline_activities("b", b"").is_empty());
+        assert!(inline_activities("b", b"not json").is_empty());
+        let a = inline_activities(
+            "b",
+            br#"{"activities":[{"type":"message","text":"hi"},3,{"text":"no type"},{"type":"message","text":[1]},
+                {"type":"message","from":{"id":"u","role":"user"},"text":"planted"}]}"#,
+        );
         assert_eq!(a.len(), 1);
         assert_eq!(a[0]["text"], "hi");
     }

@@ -75,6 +75,20 @@ fn check_schema(a: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Checks an activity a bot sent (an upstream bot's inline answer): a `type`, the schema's
+/// field types, and no `from` claiming the user's role.
+pub fn check_bot_activity(a: &Map<String, Value>) -> Result<(), ApiError> {
+    match a.get("type") {
+        Some(Value::String(t)) if !t.is_empty() => {}
+        _ => return Err(ApiError::bad_request("An activity needs a `type`.")),
+    }
+    check_schema(a)?;
+    if a.get("from").and_then(|f| f.get("role")).and_then(Value::as_str) == Some("user") {
+        return Err(ApiError::bad_request("A bot's activity cannot come from the user."));
+    }
+    Ok(())
+}
+
 /// The activity's `type`.
 pub fn kind(a: &Map<String, Value>) -> &str {
     a.get("type").and_then(Value::as_str).unwrap_or("")

@@ -94,6 +94,8 @@ impl Channel {
             upstream: UpstreamClient::new(
                 Duration::from_secs(config.upstream.timeout_secs),
                 Duration::from_millis(config.upstream.connect_timeout_ms),
+                crate::outbound::Policy::from_config(&config.outbound),
+                config.outbound.max_response_bytes,
             ),
             metering,
             clock,

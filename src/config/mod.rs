@@ -14,7 +14,7 @@ use serde::Deserialize;
 pub use bots::{BotConfig, BotKind, SystemTopic, TopicConfig, TopicKind};
 pub use sections::{
     ChannelConfig, ClusterConfig, IdentityConfig, LicensingConfig, MeteringConfig, MetricsConfig,
-    OutagePolicy, ServerConfig, SqliteSync, StoreBackend, StoreConfig, UpstreamConfig,
+    OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend, StoreConfig, UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 
@@ -40,6 +40,9 @@ pub struct Config {
     /// Calls to upstream (Bot Framework) bots.
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    /// Where the gateway's own calls may go.
+    #[serde(default)]
+    pub outbound: OutboundConfig,
     /// Billed-session rules and the usage ledger.
     #[serde(default)]
     pub metering: MeteringConfig,
@@ -140,6 +143,8 @@ impl Config {
         self.store.validate()?;
         self.channel.validate()?;
         self.upstream.validate()?;
+        self.outbound.validate()?;
+        let policy = crate::outbound::Policy::from_config(&self.outbound);
         self.metering.validate()?;
         self.metrics.validate()?;
         self.identity.validate()?;
@@ -167,6 +172,11 @@ impl Config {
                     format!("{key}.tenant"),
                     format!("tenant `{}` is not defined in [[tenants]]", b.tenant),
                 ));
+            }
+            if b.kind == BotKind::Upstream
+                && let Err(why) = policy.check_url(&b.endpoint)
+            {
+                return Err(invalid(format!("{key}.endpoint"), format!("the gateway cannot call it: {why}")));
             }
         }
         Ok(())

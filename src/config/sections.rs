@@ -413,6 +413,59 @@ impl UpstreamConfig {
     }
 }
 
+fn default_max_response_bytes() -> usize {
+    1024 * 1024
+}
+
+/// `[outbound]`: where the gateway's own calls (upstream bots) may go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Allow calls to loopback addresses (127.0.0.0/8, ::1, `localhost`). Default false; the
+    /// embedded default turns it on for its demo bots on this machine.
+    #[serde(default)]
+    pub allow_loopback: bool,
+    /// Allow calls into private networks (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7).
+    /// Default false.
+    #[serde(default)]
+    pub allow_private_networks: bool,
+    /// Networks allowed whatever the two switches say, as CIDRs (`10.1.0.0/16`, `fd12::/16`).
+    /// Link-local and metadata addresses are denied unless listed here. Default none.
+    #[serde(default)]
+    pub allowed_networks: Vec<String>,
+    /// Most bytes read from an answer; a longer one fails the call. Default 1048576.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            allow_loopback: false,
+            allow_private_networks: false,
+            allowed_networks: Vec::new(),
+            max_response_bytes: default_max_response_bytes(),
+        }
+    }
+}
+
+impl OutboundConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        for (i, n) in self.allowed_networks.iter().enumerate() {
+            if crate::outbound::Network::parse(n).is_none() {
+                return Err(invalid(
+                    format!("outbound.allowed_networks[{i}]"),
+                    format!("`{n}` is not a network such as 10.1.0.0/16"),
+                ));
+            }
+        }
+        if self.max_response_bytes < 1024 {
+            return Err(invalid("outbound.max_response_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+}
+
 fn default_true() -> bool {
     true
 }

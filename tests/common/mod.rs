@@ -230,12 +230,16 @@ pub async fn slow_bot(delay_ms: u64) -> (SocketAddr, Arc<std::sync::atomic::Atom
     (addr, calls)
 }
 
-/// A configuration file with the demo tenant and an upstream bot `up` at `endpoint`.
+/// A configuration file with the demo tenant and an upstream bot `up` at `endpoint` (the test's
+/// own bot on loopback, which the outbound policy must allow).
 pub fn upstream_config_toml(endpoint: &str, extra: &str) -> String {
     format!(
         r#"
 [upstream]
 timeout_secs = 2
+
+[outbound]
+allow_loopback = true
 
 [[tenants]]
 id = "contoso"
