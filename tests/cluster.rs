@@ -504,3 +504,109 @@ async fn strangers_asking_for_made_up_owners_cost_no_lookup_and_no_memory() {
     assert_eq!(gets(&redis), before, "no owner lookups");
     assert_eq!(a.state().cluster().unwrap().cached_owners(), 0);
 }
+
+/// A TCP proxy to Redis that can freeze the connections it already carries: they stay open and
+/// forward nothing more, as a half-open socket does after a network fault. New connections flow.
+struct FreezingProxy {
+    addr: std::net::SocketAddr,
+    opened: Arc<std::sync::atomic::AtomicU64>,
+    frozen_up_to: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FreezingProxy {
+    async fn start(redis_port: u16) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opened = Arc::new(AtomicU64::new(0));
+        let frozen_up_to = Arc::new(AtomicU64::new(0));
+        let (op, fz) = (opened.clone(), frozen_up_to.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let generation = op.fetch_add(1, Ordering::SeqCst) + 1;
+                let fz = fz.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let pipe = |mut r: tokio::net::tcp::OwnedReadHalf,
+                                mut w: tokio::net::tcp::OwnedWriteHalf| {
+                        let fz = fz.clone();
+                        async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buf = [0u8; 16384];
+                            loop {
+                                let Ok(k) = r.read(&mut buf).await else { return };
+                                if k == 0 {
+                                    return;
+                                }
+                                if generation <= fz.load(Ordering::SeqCst) {
+                                    // Frozen: hold both halves open, forward nothing, forever.
+                                    let _hold = (r, w);
+                                    std::future::pending::<()>().await;
+                                    return;
+                                }
+                                if w.write_all(&buf[..k]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    tokio::join!(pipe(cr, sw), pipe(sr, cw));
+                });
+            }
+        });
+        Self { addr, opened, frozen_up_to }
+    }
+
+    /// Freezes every connection opened so far; later ones flow.
+    fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        self.frozen_up_to.store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// A node whose change subscription goes half-open (the socket stays up, nothing arrives) still
+/// sees a license removed on another node: the quiet subscription is probed, reconnected and
+/// followed by a full reload, within the stated bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_change_subscription_is_probed_and_replaced() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let proxy = FreezingProxy::start(redis.port).await;
+    let proxied = format!("redis://{}/", proxy.addr);
+    let a = TestServer::with(node(&url)).await;
+    let b = TestServer::with(|c| {
+        node(&proxied)(c);
+        c.cluster.change_probe_ms = 300;
+    })
+    .await;
+    let alice = contoso_token(&b, "alice", false);
+    let me = |n: &TestServer| n.http.get(n.url("/api/v1/bots")).bearer_auth(alice.clone()).send();
+    assert_eq!(me(&b).await.unwrap().status(), 200);
+    proxy.freeze();
+    let res = a
+        .http
+        .delete(a.url("/api/v1/admin/licenses/users/alice"))
+        .bearer_auth(contoso_token(&a, "root", true))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_error(me(&a).await.unwrap(), 403, "NoUserLicense").await;
+    // Bound: a probe (0.3 s quiet + 0.3 s for the PING), then reconnection and a reload, which
+    // may first meet a frozen pooled connection (its 2 s read timeout) and retry.
+    let started = std::time::Instant::now();
+    let mut seen = None;
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        if me(&b).await.unwrap().status() == 403 {
+            seen = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let seen = seen.expect("node B never saw the license removal over its half-open subscription");
+    println!("node B saw the change after {seen:?}");
+}

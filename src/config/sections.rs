@@ -781,6 +781,16 @@ pub struct ClusterConfig {
     /// linger.
     #[serde(default)]
     pub ledger_linger_ms: u64,
+    /// How long the change subscription may be quiet before the node PINGs Redis on it, and how
+    /// long the PING may take before the node reconnects and reloads the control plane in full,
+    /// in milliseconds. A change made on another node is seen here within twice this (plus a
+    /// reload) even over a half-open socket. Default 5000.
+    #[serde(default = "default_change_probe_ms")]
+    pub change_probe_ms: u64,
+}
+
+fn default_change_probe_ms() -> u64 {
+    5000
 }
 
 impl Default for ClusterConfig {
@@ -794,6 +804,7 @@ impl Default for ClusterConfig {
             outage_policy: OutagePolicy::default(),
             safe_capacity_per_node: default_safe_capacity(),
             ledger_linger_ms: 0,
+            change_probe_ms: default_change_probe_ms(),
         }
     }
 }
@@ -816,6 +827,9 @@ impl ClusterConfig {
         }
         if self.max_grant == 0 {
             return Err(invalid("cluster.max_grant", "must be at least 1"));
+        }
+        if self.change_probe_ms < 10 {
+            return Err(invalid("cluster.change_probe_ms", "must be at least 10"));
         }
         if self.ledger_linger_ms > 100 {
             return Err(invalid("cluster.ledger_linger_ms", "must be at most 100"));

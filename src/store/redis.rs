@@ -9,9 +9,10 @@
 //! new, so a retried batch (after a timeout, or replayed whole from a node's spool after an
 //! outage) is never counted twice, and the Redis work per batch does not grow with its size.
 //!
-//! The connection is a std `Mutex<Option<Connection>>`: callers are blocking threads (the
-//! ledger's writer, `spawn_blocking`), a failed call drops the connection and the next call
-//! reconnects.
+//! Connections are a small pool of std `Mutex<Option<Connection>>`: callers are blocking
+//! threads (the ledger's writer, the lease calls, `spawn_blocking`), each takes a free
+//! connection, so one slow call (a report, an owner lookup) never queues the ledger behind it;
+//! a failed call drops its connection and the next call on it reconnects.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -29,6 +30,9 @@ use crate::store::sqlite::day_of;
 pub const CHANGES_CHANNEL: &str = "bg:changes";
 
 const TENANTS: &str = "bg:tenants";
+
+/// Connections per node: the ledger writer, the lease calls and the rest each find one free.
+const POOL: usize = 4;
 const BOT_INDEX: &str = "bg:botindex";
 
 /// A key of tenant `t`: `bg:{t}:name`.
@@ -66,7 +70,9 @@ return 1
 pub struct RedisStore {
     client: redis::Client,
     url: String,
-    conn: Mutex<Option<Connection>>,
+    conns: [Mutex<Option<Connection>>; POOL],
+    /// Where a caller that found every connection busy waits next (round robin).
+    next: std::sync::atomic::AtomicUsize,
     /// The ledger script, called by its hash (`EVALSHA`) and loaded when the server lacks it.
     record: redis::Script,
     /// Tenants this process has seen in the tenant set, so a batch does not re-add its tenant.
@@ -94,7 +100,8 @@ impl RedisStore {
         let store = Self {
             client,
             url: url.to_string(),
-            conn: Mutex::new(None),
+            conns: std::array::from_fn(|_| Mutex::new(None)),
+            next: std::sync::atomic::AtomicUsize::new(0),
             record: redis::Script::new(RECORD),
             registered: Mutex::new(Default::default()),
         };
@@ -107,9 +114,22 @@ impl RedisStore {
         &self.client
     }
 
-    /// Runs `f` on the connection, reconnecting first if needed; a failure drops the connection.
+    /// Runs `f` on a free connection of the pool (waiting for one in turn when all are busy),
+    /// reconnecting first if needed; a failure drops that connection.
     pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Result<T, StoreError> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let free = self.conns.iter().find_map(|slot| match slot.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        });
+        let mut guard = match free {
+            Some(g) => g,
+            None => {
+                // Relaxed: only spreads the waiters; no other memory is published through it.
+                let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % POOL;
+                self.conns[i].lock().unwrap_or_else(|p| p.into_inner())
+            }
+        };
         if guard.is_none() {
             let c = self
                 .client
@@ -413,7 +433,9 @@ impl Store for RedisStore {
     }
 
     fn close(&self) -> Result<(), StoreError> {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        for slot in &self.conns {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         Ok(())
     }
 }
