@@ -157,8 +157,13 @@ impl AppState {
         if redis.is_some() {
             channel.node = Some(node_id.clone());
         }
-        let authoring = Authoring::load(&store, &channel.bots, config.upstream.max_concurrency_per_bot)
-            .map_err(StartError::Control)?;
+        let authoring = Authoring::load(
+            &store,
+            &channel.bots,
+            config.upstream.max_concurrency_per_bot,
+            config.server.report_requests_per_minute,
+        )
+        .map_err(StartError::Control)?;
         // Every bot is exported from the start, stored ones as well as configured ones.
         for bot in channel.bots.all() {
             let _ = metering.counters(&bot.tenant, &bot.id);

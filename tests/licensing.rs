@@ -676,3 +676,26 @@ async fn test_chats_are_bounded_in_time_license_rate_and_count() {
     assert_error(refresh(t2.clone()).await.unwrap(), 403, "AuthorNotLicensed").await;
     assert_error(s.say(&t2, &c2, "still here?").await, 403, "AuthorNotLicensed").await;
 }
+
+/// Report endpoints take a per-caller rate: the limit's worth of requests in a minute are
+/// answered, the next is 429 `RateLimited` with `Retry-After`; another caller is unaffected, and
+/// the next minute serves again.
+#[tokio::test]
+async fn reports_are_rate_limited_per_caller() {
+    let s = TestServer::with(|c| c.server.report_requests_per_minute = 3).await;
+    let api = Api::new(&s);
+    let alice = api.token("contoso", "alice", &[], false);
+    let admin = api.token("contoso", "root", &[], true);
+    for _ in 0..3 {
+        api.ok(api.get("/api/v1/bots/helpdesk/analytics", &alice).await).await;
+    }
+    let res = api.get("/api/v1/bots/helpdesk/analytics", &alice).await;
+    assert!(res.headers().get("retry-after").is_some());
+    assert_error(res, 429, "RateLimited").await;
+    for _ in 0..3 {
+        api.ok(api.get("/api/v1/admin/audit", &admin).await).await;
+    }
+    assert_error(api.get("/api/v1/admin/usage", &admin).await, 429, "RateLimited").await;
+    s.clock.advance_secs(60);
+    api.ok(api.get("/api/v1/bots/helpdesk/analytics", &alice).await).await;
+}

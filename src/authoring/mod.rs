@@ -29,6 +29,8 @@ pub struct Authoring {
     /// Ids being created right now: a create holds its id across the store write, so two
     /// creates of one id cannot both pass the uniqueness check.
     creating: DashMap<String, ()>,
+    /// The per-caller rate on report endpoints.
+    pub reports: reports::ReportRate,
 }
 
 /// 409 `BotExists`.
@@ -73,9 +75,14 @@ impl Authoring {
     }
 
     /// Loads the stored bots into the registry (replacing configured bots of the same id).
-    pub fn load(store: &SharedStore, registry: &BotRegistry, max_in_flight: usize) -> Result<Self, String> {
+    pub fn load(
+        store: &SharedStore,
+        registry: &BotRegistry,
+        max_in_flight: usize,
+        reports_per_minute: u32,
+    ) -> Result<Self, String> {
         let data = store.load_control().map_err(|e| e.to_string())?;
-        let me = Self::default();
+        let me = Self { reports: reports::ReportRate::new(reports_per_minute), ..Self::default() };
         for rec in data.bots {
             let doc: BotDoc =
                 serde_json::from_str(&rec.json).map_err(|e| format!("stored bot {}: {e}", rec.id))?;

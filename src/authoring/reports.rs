@@ -18,6 +18,58 @@ use crate::metering::pool::{month_label, parse_month};
 use crate::state::AppState;
 use crate::store::DailyUsage;
 
+/// A per-caller rate on the report endpoints (analytics, tenant usage, the audit log): each
+/// reads a whole table, so one caller cannot keep the store busy. Entries exist only for
+/// authenticated callers, and are dropped wholesale past a bound (a caller loses at most the
+/// rest of one minute's count).
+pub struct ReportRate {
+    per_minute: u32,
+    callers: dashmap::DashMap<(String, String), crate::metering::counters::RateLimit>,
+}
+
+impl Default for ReportRate {
+    fn default() -> Self {
+        Self::new(60)
+    }
+}
+
+/// Callers tracked at most before the map is cleared.
+const MAX_TRACKED_CALLERS: usize = 10_000;
+
+impl ReportRate {
+    /// At most `per_minute` report requests per caller and calendar minute.
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute, callers: dashmap::DashMap::new() }
+    }
+
+    /// Takes one report request of `user` in `tenant` at `now`, or answers 429 `RateLimited`.
+    pub fn take(&self, tenant: &str, user: &str, now: crate::clock::Millis) -> Result<(), ApiError> {
+        if self.callers.len() >= MAX_TRACKED_CALLERS {
+            self.callers.clear();
+        }
+        let limit = self
+            .callers
+            .entry((tenant.to_string(), user.to_string()))
+            .or_insert_with(|| crate::metering::counters::RateLimit::new(self.per_minute));
+        limit.take(now).map_err(|retry| {
+            ApiError::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "RateLimited",
+                format!(
+                    "Reports are limited to {} requests a minute. Try again in {retry} seconds.",
+                    self.per_minute
+                ),
+            )
+            .with_retry_after(retry)
+        })
+    }
+}
+
+/// Takes one report request for the caller.
+pub fn take_report(app: &AppState, identity: &crate::identity::Identity) -> Result<(), ApiError> {
+    app.authoring().reports.take(&identity.tenant, &identity.user, app.clock().now_ms())
+}
+
 async fn usage(app: &AppState) -> Result<Vec<DailyUsage>, ApiError> {
     let metering = app.metering().clone();
     tokio::task::spawn_blocking(move || metering.usage()).await.map_err(|_| ApiError::internal())?.map_err(
@@ -55,6 +107,7 @@ pub async fn analytics(
 ) -> Result<Response, ApiError> {
     let bot = own_bot(&app, &p.identity.tenant, &id)?;
     let (from, to) = (parse_day(&r.from, "from")?, parse_day(&r.to, "to")?);
+    take_report(&app, &p.identity)?;
     let rows = usage(&app).await?;
     let mut days = Vec::new();
     let (mut sessions, mut overage, mut turns) = (0, 0, 0);
@@ -97,6 +150,7 @@ pub async fn tenant_usage(
     };
     let label = month_label(month);
     let tenant = &p.identity.tenant;
+    take_report(&app, &p.identity)?;
     let rows = usage(&app).await?;
     let mut bots: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
     for u in rows.iter().filter(|u| &u.tenant == tenant && u.day.starts_with(&label)) {

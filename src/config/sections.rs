@@ -83,6 +83,14 @@ pub struct ServerConfig {
     /// Largest request head accepted, in bytes; larger is 431. Default 32768.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Report requests (bot analytics, tenant usage, the audit log) one caller may make per
+    /// minute; beyond it 429 `RateLimited`. Each reads a whole table. Default 60.
+    #[serde(default = "default_report_requests_per_minute")]
+    pub report_requests_per_minute: u32,
+}
+
+fn default_report_requests_per_minute() -> u32 {
+    60
 }
 
 impl Default for ServerConfig {
@@ -98,6 +106,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: default_header_read_timeout_ms(),
             keepalive_idle_ms: default_keepalive_idle_ms(),
             max_header_bytes: default_max_header_bytes(),
+            report_requests_per_minute: default_report_requests_per_minute(),
         }
     }
 }
@@ -122,6 +131,9 @@ impl ServerConfig {
         }
         if self.keepalive_idle_ms == 0 {
             return Err(invalid("server.keepalive_idle_ms", "must be at least 1"));
+        }
+        if self.report_requests_per_minute == 0 {
+            return Err(invalid("server.report_requests_per_minute", "must be at least 1"));
         }
         if self.max_header_bytes < 1024 {
             return Err(invalid("server.max_header_bytes", "must be at least 1024"));

@@ -199,6 +199,7 @@ pub async fn audit(
     Admin(p): Admin,
     Query(q): Query<AuditQuery>,
 ) -> Result<Response, ApiError> {
+    crate::authoring::reports::take_report(&app, &p.identity)?;
     let store = app.store().clone();
     let tenant = p.identity.tenant.clone();
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);

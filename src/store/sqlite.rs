@@ -1,8 +1,10 @@
 //! The embedded store: one SQLite file in the data folder, WAL mode, `synchronous=FULL`.
 //!
-//! One connection behind a std `Mutex`: SQLite serializes writers anyway, every call is short and
-//! runs off the async runtime (a blocking thread or the ledger's writer thread), and a std lock
-//! is never held across an `.await`.
+//! One writing connection behind a std `Mutex`: SQLite serializes writers anyway, every call is
+//! short and runs off the async runtime (a blocking thread or the ledger's writer thread), and a
+//! std lock is never held across an `.await`. Reports (usage, the audit log) read through a
+//! second, read-only connection: WAL lets it read while the ledger writes, so a report's
+//! full-table aggregate never holds the lock the ledger's writer needs.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -25,6 +27,8 @@ pub struct SqliteStore {
     dir: PathBuf,
     path: String,
     conn: Mutex<Option<Connection>>,
+    /// The read-only connection for reports.
+    reader: Mutex<Option<Connection>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -61,7 +65,18 @@ impl SqliteStore {
         };
         conn.execute_batch(pragma).map_err(sql_err)?;
         migrate(&mut conn, &path)?;
-        Ok(Self { dir: data_dir.to_path_buf(), path, conn: Mutex::new(Some(conn)) })
+        let reader = Connection::open_with_flags(
+            &file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_err)?;
+        reader.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err)?;
+        Ok(Self {
+            dir: data_dir.to_path_buf(),
+            path,
+            conn: Mutex::new(Some(conn)),
+            reader: Mutex::new(Some(reader)),
+        })
     }
 
     /// The database file.
@@ -72,6 +87,16 @@ impl SqliteStore {
     fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let mut guard: MutexGuard<'_, Option<Connection>> =
             self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = guard.as_mut().ok_or(StoreError::Closed)?;
+        f(conn).map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
+    }
+
+    /// Runs a read on the read-only connection (never waits for the writer).
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = guard.as_mut().ok_or(StoreError::Closed)?;
         f(conn).map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
     }
@@ -178,7 +203,7 @@ impl Store for SqliteStore {
     }
 
     fn load_usage(&self) -> Result<Vec<DailyUsage>, StoreError> {
-        self.with_conn(|c| {
+        self.with_reader(|c| {
             let mut stmt = c.prepare(
                 "SELECT tenant, bot, day, SUM(sessions), SUM(overage), SUM(turns), SUM(rc), SUM(rr) FROM (
                    SELECT tenant, bot, day, COUNT(*) AS sessions, SUM(overage) AS overage,
@@ -337,7 +362,7 @@ impl Store for SqliteStore {
     }
 
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        self.with_conn(|c| {
+        self.with_reader(|c| {
             let mut st = c.prepare(
                 "SELECT seq, tenant, at_ms, actor, action, target, before, after FROM audit
                  WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -411,6 +436,7 @@ impl Store for SqliteStore {
     }
 
     fn close(&self) -> Result<(), StoreError> {
+        drop(self.reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
         let mut guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(conn) = guard.take() {
             // Fold the WAL into the main file so the data folder is one self-contained file.
@@ -460,6 +486,43 @@ mod tests {
         assert_eq!(usage[0].sessions, 1);
         assert_eq!(usage[0].day, "1970-01-01");
         assert_eq!(usage[1].day, "1970-01-02");
+    }
+
+    /// A report reads while the writer is busy inside a transaction: it takes the read-only
+    /// connection, never the writer's lock, and sees what was committed.
+    #[test]
+    fn reports_read_while_the_writer_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SqliteStore::open(dir.path()).unwrap());
+        s.record_sessions("x.1", &[rec("a", "b1", 0)]).unwrap();
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                s.with_conn(|c| {
+                    let tx = c.transaction()?;
+                    tx.execute("DELETE FROM billed_sessions WHERE id = 'nothing'", [])?;
+                    held_tx.send(()).unwrap();
+                    let _ = hold_rx.recv();
+                    tx.commit()
+                })
+                .unwrap();
+            })
+        };
+        held_rx.recv().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = {
+            let s = s.clone();
+            std::thread::spawn(move || done_tx.send(s.load_usage().unwrap()).unwrap())
+        };
+        let usage = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        hold_tx.send(()).unwrap();
+        writer.join().unwrap();
+        reader.join().unwrap();
+        let usage = usage.expect("the report waited for the writer");
+        assert_eq!(usage.len(), 1);
+        assert_eq!(usage[0].sessions, 1);
     }
 
     #[test]
