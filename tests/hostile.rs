@@ -419,3 +419,42 @@ async fn an_upstream_answer_cannot_plant_malformed_or_user_activities() {
     assert!(texts.contains(&"\"fine\"".to_string()), "{texts:?}");
     assert!(!set.to_string().contains("PLANTED"), "{set}");
 }
+
+/// The optional per-client rate on open-bot tokens: a client address gets the limit's worth a
+/// minute, then 429; `X-Forwarded-For` counts only from a trusted proxy, so a client cannot
+/// spread itself over forged addresses, and clients behind the proxy have their own counts.
+#[tokio::test]
+async fn open_bot_tokens_are_rate_limited_per_client_address() {
+    let token = |s: &TestServer, xff: Option<&str>| {
+        let mut rb = s.http.get(s.url("/api/v1/bots/helpdesk/directline/token"));
+        if let Some(x) = xff {
+            rb = rb.header("x-forwarded-for", x);
+        }
+        rb.send()
+    };
+    let s = TestServer::with(|c| c.channel.open_token_rate_per_minute = 3).await;
+    for i in 0..3 {
+        // A forged header from an untrusted peer changes nothing.
+        assert_eq!(token(&s, Some(&format!("198.51.100.{i}"))).await.unwrap().status(), 200);
+    }
+    let res = token(&s, Some("198.51.100.77")).await.unwrap();
+    assert!(res.headers().get("retry-after").is_some());
+    common::assert_error(res, 429, "RateLimited").await;
+    s.clock.advance_secs(60);
+    assert_eq!(token(&s, None).await.unwrap().status(), 200, "the next minute");
+
+    let s = TestServer::with(|c| {
+        c.channel.open_token_rate_per_minute = 3;
+        c.server.trusted_proxies = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(token(&s, Some("198.51.100.1")).await.unwrap().status(), 200);
+    }
+    common::assert_error(token(&s, Some("198.51.100.1")).await.unwrap(), 429, "RateLimited").await;
+    // The client cannot escape by writing another address to the left of the proxy's.
+    common::assert_error(token(&s, Some("203.0.113.5, 198.51.100.1")).await.unwrap(), 429, "RateLimited")
+        .await;
+    assert_eq!(token(&s, Some("198.51.100.2")).await.unwrap().status(), 200, "another client");
+    converse(&s).await;
+}

@@ -139,9 +139,13 @@ pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> R
 pub async fn open_bot_token(
     State(app): State<AppState>,
     Path(bot_id): Path<String>,
+    peer: Option<axum::Extension<crate::server::conn::Peer>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let ch = app.channel();
+    if let (Some(rate), Some(axum::Extension(peer))) = (&ch.client_rate, peer) {
+        rate.take(peer.0.ip(), &headers, ch.clock.now_ms())?;
+    }
     let bot = ch.bot(&bot_id)?;
     if !bot.control.published() {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "BotNotPublished", "This bot is not published."));

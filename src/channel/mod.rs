@@ -3,6 +3,7 @@
 
 pub mod activity;
 pub mod auth;
+pub mod client_rate;
 pub mod connector;
 pub mod cors;
 pub mod directline;
@@ -53,6 +54,8 @@ pub struct Channel {
     pub service_base: String,
     /// The configured public URL, if any (decides ws:// or wss:// stream URLs).
     pub public_url: String,
+    /// Open-bot tokens per client address, if configured.
+    pub client_rate: Option<client_rate::ClientRate>,
     /// This node's id when several nodes share Redis: it prefixes the ids of the conversations
     /// this node owns (`node.random`), so any node can route a request to the owner.
     pub node: Option<String>,
@@ -112,6 +115,17 @@ impl Channel {
             stream_write_timeout: Duration::from_millis(config.channel.stream_write_timeout_ms),
             service_base,
             public_url: config.server.public_url.clone(),
+            client_rate: (config.channel.open_token_rate_per_minute > 0).then(|| {
+                client_rate::ClientRate::new(
+                    config.channel.open_token_rate_per_minute,
+                    config
+                        .server
+                        .trusted_proxies
+                        .iter()
+                        .filter_map(|n| crate::outbound::Network::parse(n))
+                        .collect(),
+                )
+            }),
             node: None,
         }
     }

@@ -87,6 +87,10 @@ pub struct ServerConfig {
     /// minute; beyond it 429 `RateLimited`. Each reads a whole table. Default 60.
     #[serde(default = "default_report_requests_per_minute")]
     pub report_requests_per_minute: u32,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` names the client, for the per-client token rate;
+    /// from any other peer the header is ignored. Default none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn default_report_requests_per_minute() -> u32 {
@@ -107,6 +111,7 @@ impl Default for ServerConfig {
             keepalive_idle_ms: default_keepalive_idle_ms(),
             max_header_bytes: default_max_header_bytes(),
             report_requests_per_minute: default_report_requests_per_minute(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -131,6 +136,14 @@ impl ServerConfig {
         }
         if self.keepalive_idle_ms == 0 {
             return Err(invalid("server.keepalive_idle_ms", "must be at least 1"));
+        }
+        for (i, n) in self.trusted_proxies.iter().enumerate() {
+            if crate::outbound::Network::parse(n).is_none() {
+                return Err(invalid(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("`{n}` is not a network such as 10.0.0.0/8"),
+                ));
+            }
         }
         if self.report_requests_per_minute == 0 {
             return Err(invalid("server.report_requests_per_minute", "must be at least 1"));
@@ -302,6 +315,11 @@ pub struct ChannelConfig {
     /// Default 10.
     #[serde(default = "default_max_test_chats_per_author")]
     pub max_test_chats_per_author: usize,
+    /// Open-bot tokens (`GET /api/v1/bots/{id}/directline/token`) one client address may get
+    /// per minute; beyond it 429 `RateLimited`. 0 (the default) is no limit. Behind a proxy,
+    /// list it in `server.trusted_proxies`, or every client counts as the proxy.
+    #[serde(default)]
+    pub open_token_rate_per_minute: u32,
     /// A conversation with no user message for this long ends (its id answers 404), in seconds.
     /// Default 1800, matching the billed-session idle rule.
     #[serde(default = "default_idle_timeout_secs")]
@@ -325,6 +343,7 @@ impl Default for ChannelConfig {
             stream_write_timeout_ms: default_stream_write_timeout_ms(),
             test_chat_token_ttl_secs: default_test_chat_token_ttl_secs(),
             max_test_chats_per_author: default_max_test_chats_per_author(),
+            open_token_rate_per_minute: 0,
             idle_timeout_secs: default_idle_timeout_secs(),
             sweep_interval_secs: default_sweep_interval_secs(),
         }

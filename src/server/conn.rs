@@ -135,8 +135,8 @@ pub async fn serve<S>(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             _ = stopped(&mut stop) => break,
         };
-        let tcp = match accepted {
-            Ok((tcp, _peer)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors or a reset before accept: back off a little instead
                 // of spinning on the error.
@@ -156,7 +156,7 @@ pub async fn serve<S>(
         let watch = Arc::new(Watch::new(limits));
         let io = WatchedIo { inner: tcp, watch: watch.clone(), _permit: permit, open: metrics.open.clone() };
         let conn = builder
-            .serve_connection(TokioIo::new(io), ConnService { app: app.clone(), watch: watch.clone() })
+            .serve_connection(TokioIo::new(io), ConnService { app: app.clone(), watch: watch.clone(), peer })
             .with_upgrades();
         conns.spawn(drive(conn, watch, metrics.closed.clone(), stop.clone()));
     }
@@ -402,6 +402,17 @@ impl AsyncWrite for WatchedIo {
 struct ConnService<S> {
     app: S,
     watch: Arc<Watch>,
+    peer: std::net::SocketAddr,
+}
+
+/// The peer address of the connection a request came on, for the handlers that rate clients
+/// by address (only those requests carry it: an extension costs an allocation per request).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// Whether a request's handler wants its [`Peer`].
+fn wants_peer(path: &str) -> bool {
+    path.ends_with("/directline/token")
 }
 
 /// Ends a request on the watch when its future completes or is dropped.
@@ -425,8 +436,11 @@ where
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         self.watch.on_request();
+        if wants_peer(req.uri().path()) {
+            req.extensions_mut().insert(Peer(self.peer));
+        }
         let guard = InFlight(self.watch.clone());
         let fut = tower::ServiceExt::oneshot(self.app.clone(), req.map(axum::body::Body::new));
         Box::pin(async move {
