@@ -458,3 +458,58 @@ async fn open_bot_tokens_are_rate_limited_per_client_address() {
     assert_eq!(token(&s, Some("198.51.100.2")).await.unwrap().status(), 200, "another client");
     converse(&s).await;
 }
+
+/// A flood spread over many conversations of one bot is bounded by the bot's byte budget:
+/// past it the bot's activities are 503 `Overloaded`, another bot is served meanwhile, and once
+/// the flooded conversations end the budget is free again.
+#[tokio::test]
+async fn a_bots_conversations_hold_a_bounded_number_of_bytes() {
+    const BUDGET: usize = 200 * 1024;
+    let s = TestServer::with(|c| {
+        c.channel.max_retained_bytes = 64 * 1024;
+        c.channel.max_retained_bytes_per_bot = BUDGET;
+        c.channel.idle_timeout_secs = 600;
+        c.metering.rate_limit_per_minute = 1_000_000;
+        let mut other = c.bots[0].clone();
+        other.id = "other".into();
+        c.bots.push(other);
+    })
+    .await;
+    let pad = "f".repeat(20_000);
+    let event = serde_json::json!({"type": "event", "name": "flood", "value": pad, "from": {"id": "u"}});
+    let (mut accepted, mut refused) = (0usize, 0usize);
+    for _ in 0..10 {
+        let (token, conv) = {
+            let (t, c, _) = s.conversation("other").await;
+            (t, c)
+        };
+        for _ in 0..3 {
+            let res = post(&s, &token, &conv, &event).await;
+            match res.status().as_u16() {
+                200 => accepted += 1,
+                503 => {
+                    common::assert_error(res, 503, "Overloaded").await;
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    let bot = s.state().channel().bot("other").unwrap();
+    let held = bot.control.retained();
+    // The check is made before an activity is kept: at most one activity (and its greeting-sized
+    // neighbours) beyond the budget.
+    assert!(held < BUDGET + 21_000, "{held} bytes held");
+    assert!(held >= BUDGET, "{held}: the budget was reached");
+    assert_eq!(accepted + refused, 30);
+    // Each accepted event holds a little over 20,000 bytes: the budget took 9 to 11 of them.
+    assert!((BUDGET / 21_000..=BUDGET / 20_000 + 1).contains(&accepted), "{accepted} accepted");
+    assert!(refused > 0);
+    converse(&s).await; // helpdesk has its own budget
+    // The flooded conversations end: their bytes are released and the bot serves again.
+    s.clock.advance_secs(601);
+    s.state().sweep();
+    assert_eq!(bot.control.retained(), 0);
+    let (token, conv, _) = s.conversation("other").await;
+    assert_eq!(post(&s, &token, &conv, &event).await.status(), 200);
+}

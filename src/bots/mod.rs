@@ -7,7 +7,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
@@ -37,9 +37,27 @@ pub struct BotControl {
     /// a configured one. Tokens carry it, so a deleted bot's tokens never reach a later bot with
     /// the same id (in any tenant).
     instance: Box<str>,
+    /// Bytes of activities its conversations hold (every version of the bot: the control
+    /// block outlives edits), against `channel.max_retained_bytes_per_bot`.
+    retained: AtomicUsize,
 }
 
 impl BotControl {
+    /// Counts bytes its conversations took (`added`) and let go (`freed`).
+    pub fn retain(&self, added: usize, freed: usize) {
+        // Relaxed: a standalone gauge compared against a budget; nothing is published with it.
+        if added > freed {
+            self.retained.fetch_add(added - freed, Ordering::Relaxed);
+        } else if freed > added {
+            self.retained.fetch_sub(freed - added, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of activities its conversations hold.
+    pub fn retained(&self) -> usize {
+        self.retained.load(Ordering::Relaxed)
+    }
+
     /// A control block for the bot instance `instance`.
     pub fn with_instance(instance: &str) -> Self {
         Self { instance: Box::from(instance), ..Self::default() }

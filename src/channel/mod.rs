@@ -46,6 +46,8 @@ pub struct Channel {
     pub test_chat_ttl_secs: i64,
     /// What each conversation keeps.
     pub retention: Retention,
+    /// Bytes of activities one bot's conversations may hold.
+    pub max_bot_bytes: usize,
     /// What one poll answer or WebSocket frame carries.
     pub page: Page,
     /// Time one WebSocket frame may take to be written.
@@ -108,6 +110,7 @@ impl Channel {
                 activities: config.channel.max_retained_activities,
                 bytes: config.channel.max_retained_bytes,
             },
+            max_bot_bytes: config.channel.max_retained_bytes_per_bot,
             page: Page {
                 activities: config.channel.max_page_activities,
                 bytes: config.channel.max_page_bytes,

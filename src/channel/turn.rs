@@ -42,6 +42,14 @@ pub async fn post_activity(
             "This conversation has ended. Start a new conversation.",
         ));
     }
+    if conv.bot.control.retained() >= ch.max_bot_bytes {
+        tracing::debug!(bot = %conv.bot.id, "A bot's conversations hold their byte budget; refusing an activity.");
+        return Err(ApiError::unavailable(
+            "Overloaded",
+            "This bot's conversations hold as much as the gateway keeps for a bot. Try again shortly.",
+        )
+        .with_retry_after(30));
+    }
     let mut a = activity::parse(&body)?;
     let token_user = match &cred {
         Credential::Token(c) => c.user.as_deref(),

@@ -245,6 +245,9 @@ fn default_max_retained_activities() -> usize {
 fn default_max_retained_bytes() -> usize {
     1024 * 1024
 }
+fn default_max_retained_bytes_per_bot() -> usize {
+    512 * 1024 * 1024
+}
 fn default_max_page_activities() -> usize {
     100
 }
@@ -294,6 +297,11 @@ pub struct ChannelConfig {
     /// beyond it, the newest is always kept. Default 1048576 (1 MiB).
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: usize,
+    /// Most bytes of activities all conversations of one bot hold; beyond it the bot's users'
+    /// activities are 503 `Overloaded` until conversations end or drop old activities, so a
+    /// flood spread over many conversations stays bounded. Default 536870912 (512 MiB).
+    #[serde(default = "default_max_retained_bytes_per_bot")]
+    pub max_retained_bytes_per_bot: usize,
     /// Most activities one `GET .../activities` answer or one WebSocket frame carries; the
     /// answer's watermark continues after the last one, so the next poll gets the rest.
     /// Default 100.
@@ -338,6 +346,7 @@ impl Default for ChannelConfig {
             max_conversations_per_bot: default_max_conversations_per_bot(),
             max_retained_activities: default_max_retained_activities(),
             max_retained_bytes: default_max_retained_bytes(),
+            max_retained_bytes_per_bot: default_max_retained_bytes_per_bot(),
             max_page_activities: default_max_page_activities(),
             max_page_bytes: default_max_page_bytes(),
             stream_write_timeout_ms: default_stream_write_timeout_ms(),
@@ -369,6 +378,12 @@ impl ChannelConfig {
         }
         if self.max_retained_bytes < 1024 {
             return Err(invalid("channel.max_retained_bytes", "must be at least 1024"));
+        }
+        if self.max_retained_bytes_per_bot < self.max_retained_bytes {
+            return Err(invalid(
+                "channel.max_retained_bytes_per_bot",
+                "must be at least channel.max_retained_bytes",
+            ));
         }
         if self.max_page_activities == 0 {
             return Err(invalid("channel.max_page_activities", "must be at least 1"));

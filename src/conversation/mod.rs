@@ -94,6 +94,14 @@ pub struct Appended {
     pub ts: Millis,
 }
 
+impl Drop for Conversation {
+    fn drop(&mut self) {
+        // What the conversation held leaves the bot's count with it, however it left memory.
+        let bytes = self.log.get_mut().map_or_else(|p| p.into_inner().bytes, |l| l.bytes);
+        self.bot.control.retain(0, bytes);
+    }
+}
+
 impl Conversation {
     /// A new, empty conversation.
     pub fn new(
@@ -177,15 +185,19 @@ impl Conversation {
             let ts = now.max(not_before).max(log.last_ts + 1);
             log.last_ts = ts;
             let json = build(&id, ts);
-            log.bytes += json.len();
+            let added = json.len();
+            let mut freed = 0;
+            log.bytes += added;
             log.items.push_back(Arc::from(json));
             while log.items.len() > 1
                 && (log.items.len() > log.retention.activities || log.bytes > log.retention.bytes)
                 && let Some(old) = log.items.pop_front()
             {
                 log.bytes -= old.len();
+                freed += old.len();
                 log.base += 1;
             }
+            self.bot.control.retain(added, freed);
             Appended { id, ts }
         };
         self.notify.notify_waiters();
@@ -369,6 +381,19 @@ mod tests {
         assert_eq!(w, 6);
         assert_eq!(json, format!(r#"{{"activities":["{big}"],"watermark":"6"}}"#));
         assert_eq!(c.lock().bytes, 102);
+    }
+
+    #[test]
+    fn the_bot_counts_the_bytes_its_conversations_hold() {
+        let c = conv(2);
+        let control = c.bot.control.clone();
+        c.append(0, 0, |_, _| "x".repeat(10));
+        c.append(0, 0, |_, _| "y".repeat(20));
+        assert_eq!(control.retained(), 30);
+        c.append(0, 0, |_, _| "z".repeat(5)); // evicts the 10
+        assert_eq!(control.retained(), 25);
+        drop(c);
+        assert_eq!(control.retained(), 0);
     }
 
     #[test]
