@@ -33,8 +33,10 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 # The embedded default, plus a second tenant with the hostile side's bot; per-bot limits are
 # the defaults except the message rate (legitimate users send about 16 a second) and a 64 MiB
-# byte budget per bot, so the bound shows within the run.
+# byte budget per bot, so the bound shows within the run; `contoso` gets capacity add-ons so
+# its legitimate traffic never exhausts the month.
 sed -e 's/rate_limit_per_minute = 800/rate_limit_per_minute = 3000/' \
+    -e 's/^  { kind = "user_licenses", quantity = 10, start = "2026-01-01" },/&\n  { kind = "capacity_addon", quantity = 1000, start = "2026-01-01" },/' \
     -e 's/^max_retained_activities = 500/max_retained_activities = 500\nmax_retained_bytes_per_bot = 67108864/' \
     config/default.toml > "$work/soak.toml"
 cat >> "$work/soak.toml" <<'TOML'
@@ -57,7 +59,8 @@ kind = "system"
 system = "fallback"
 replies = ["?"]
 TOML
-grep -q max_retained_bytes_per_bot "$work/soak.toml" || { log "the config edit failed"; exit 2; }
+grep -q max_retained_bytes_per_bot "$work/soak.toml" && grep -q capacity_addon "$work/soak.toml" \
+  || { log "the config edit failed"; exit 2; }
 
 target/release/botgate --config "$work/soak.toml" --data-dir "$work/data" \
   --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:19464 > "$work/server.out" 2> "$work/server.log" &

@@ -18,7 +18,7 @@ use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{IntCounterVec, IntGauge};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -179,7 +179,8 @@ where
                 }
                 return;
             }
-            _ = tokio::time::sleep_until(deadline), if !stopping => {
+            // Deadlines hold during shutdown too: a slowloris cannot stretch the drain.
+            _ = tokio::time::sleep_until(deadline) => {
                 if let Some(reason) = watch.expired(Instant::now()) {
                     closed.with_label_values(&[reason.as_str()]).inc();
                     return; // dropping the connection closes the socket
@@ -226,7 +227,12 @@ fn refuse(mut tcp: TcpStream, refusals: &Arc<Semaphore>) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
             tcp.write_all(BUSY_RESPONSE).await?;
-            tcp.shutdown().await
+            tcp.shutdown().await?;
+            // Read what the client sent before closing: closing on unread bytes resets the
+            // connection, and a reset can discard the answer before the client reads it.
+            let mut sink = [0u8; 1024];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<(), io::Error>(())
         })
         .await;
         drop(slot);
