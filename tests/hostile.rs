@@ -251,7 +251,7 @@ async fn polls_are_paged_and_the_watermark_continues() {
 }
 
 /// A WebSocket reader that stops reading is disconnected at the write timeout instead of being
-/// buffered for; the conversation goes on, and a new socket resumes from its watermark.
+/// buffered for; the conversation goes on, and what the socket missed stays in the log for a poll.
 #[tokio::test]
 async fn a_stream_reader_that_stops_reading_is_disconnected() {
     use futures_util::StreamExt;
