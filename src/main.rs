@@ -1,4 +1,5 @@
-//! The `botgate` command: serve (the default), check a configuration file, print a token.
+//! The `botgate` command: serve (the default), check a configuration file, print a token or a
+//! new operator key.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Command {
     },
     /// Print an author token signed by the development issuer (HS256 key in the data folder).
     Token(TokenArgs),
+    /// Print a new random operator API key and the SHA-256 to list in `operator.api_key_sha256`.
+    OperatorKey,
 }
 
 #[derive(Args, Debug)]
@@ -57,6 +60,9 @@ struct TokenArgs {
     /// Add the TenantAdmin role.
     #[arg(long)]
     admin: bool,
+    /// Add the PlatformOperator role (accepted where `operator.jwt_role` is on).
+    #[arg(long)]
+    operator: bool,
     /// Lifetime: 90s, 30m, 1h, 2d.
     #[arg(long, default_value = "1h")]
     ttl: String,
@@ -91,10 +97,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => match Config::load(&file) {
-            Ok(_) => {
-                println!("{}: valid", file.display());
-                ExitCode::SUCCESS
-            }
+            // The files the configuration names are read as at start.
+            Ok(c) => match botgate::identity::jwt::Verifier::new(&c.identity, None, Arc::new(SystemClock)) {
+                Ok(_) => {
+                    println!("{}: valid", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: key `identity.jwks_file`: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::FAILURE
@@ -102,6 +115,15 @@ fn main() -> ExitCode {
         },
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Token(args)) => token(args),
+        Some(Command::OperatorKey) => {
+            let key = format!("bgop_{}", botgate::bots::secrets::random_id(32));
+            println!("key:    {key}");
+            println!(
+                "config: [operator] api_key_sha256 = [\"{}\"]",
+                botgate::licensing::operator::key_hash(&key)
+            );
+            ExitCode::SUCCESS
+        }
         None => serve(cli.serve),
     }
 }
@@ -149,6 +171,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
+/// `path` made absolute against the working directory (unchanged when that cannot be read).
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
+}
+
 fn token(args: TokenArgs) -> ExitCode {
     use botgate::identity::dev_issuer;
     let config = match &args.config {
@@ -169,10 +196,24 @@ fn token(args: TokenArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let data_dir = args.data_dir.unwrap_or(config.store.data_dir.clone());
+    // The data folder as `serve` resolves it: `--data-dir`/BOTGATE_DATA_DIR, else
+    // `store.data_dir` of the configuration, relative to the working directory.
+    let data_dir = absolute(args.data_dir.unwrap_or(config.store.data_dir.clone()));
     let key = match config.store.backend {
-        StoreBackend::Sqlite => dev_issuer::load_or_create(&data_dir)
-            .map_err(|e| format!("cannot use {}: {e}", dev_issuer::key_path(&data_dir).display())),
+        StoreBackend::Sqlite => {
+            let path = dev_issuer::key_path(&data_dir);
+            let existed = path.exists();
+            let key = dev_issuer::load_or_create(&data_dir)
+                .map_err(|e| format!("cannot use {}: {e}", path.display()));
+            if key.is_ok() && !existed {
+                eprintln!(
+                    "botgate token: created a new development key at {}. A server serving another data folder refuses this token; start it on this folder (--data-dir {}), or run this command where the server runs.",
+                    path.display(),
+                    data_dir.display()
+                );
+            }
+            key
+        }
         StoreBackend::Redis => {
             use botgate::store::Store;
             botgate::store::redis::RedisStore::open(&config.store.redis_url)
@@ -193,6 +234,7 @@ fn token(args: TokenArgs) -> ExitCode {
         name: args.name,
         groups: args.groups,
         admin: args.admin,
+        operator: args.operator,
         ttl_secs,
     };
     let now = botgate::clock::Clock::now_secs(&SystemClock);

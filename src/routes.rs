@@ -6,8 +6,8 @@ use axum::routing::{MethodRouter, get, post, put};
 
 use crate::authoring::{bots, me, reports};
 use crate::channel::{connector, directline, stream, turn};
-use crate::licensing::admin;
 use crate::licensing::layer::AuthorLayer;
+use crate::licensing::{admin, operator};
 use crate::state::AppState;
 
 /// The public router's routes (without the stack) and their templates.
@@ -29,6 +29,18 @@ pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
         // The connector upstream bots call back on.
         ("/connector/{key}/v3/conversations/{id}/activities", post(connector::send)),
         ("/connector/{key}/v3/conversations/{id}/activities/{reply_to}", post(connector::reply)),
+        // The platform operator (its own credentials, not the author layer).
+        ("/api/v1/operator/tenants", get(operator::list_tenants).post(operator::create_tenant)),
+        ("/api/v1/operator/tenants/{tenant_id}", get(operator::get_tenant)),
+        ("/api/v1/operator/tenants/{tenant_id}/subscriptions", post(operator::add_subscription)),
+        (
+            "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/end",
+            post(operator::end_subscription),
+        ),
+        (
+            "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/cancel",
+            post(operator::cancel_subscription),
+        ),
     ];
     // Authors and admins: every route behind the author layer (JWT, then license resolution).
     let authoring: Vec<(&'static str, MethodRouter<AppState>)> = vec![
@@ -43,6 +55,7 @@ pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
         ("/api/v1/bots/{bot_id}/secrets/{slot}/regenerate", post(bots::regenerate)),
         ("/api/v1/bots/{bot_id}/testchat", post(me::test_chat)),
         ("/api/v1/bots/{bot_id}/analytics", get(reports::analytics)),
+        ("/api/v1/bots/{bot_id}/editors/{user_id}", put(bots::add_editor).delete(bots::remove_editor)),
         ("/api/v1/admin/subscriptions", get(admin::list_subscriptions).post(admin::add_subscription)),
         ("/api/v1/admin/licenses", get(admin::licenses)),
         ("/api/v1/admin/licenses/users/{user_id}", put(admin::assign_user).delete(admin::remove_user)),

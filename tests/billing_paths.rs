@@ -29,6 +29,7 @@ impl<'a> Api<'a> {
             name: None,
             groups: vec![],
             admin,
+            operator: false,
             ttl_secs: 3600,
         };
         dev_issuer::sign(&self.key, "botgate-dev", "botgate", &req, self.s.clock.now_secs())
@@ -56,18 +57,15 @@ impl<'a> Api<'a> {
         serde_json::from_str(&text).unwrap_or(Value::Null)
     }
 
-    /// A tenant the configuration does not know, created through the admin API: one tenant
+    /// A tenant the configuration does not know, created through the operator API: one tenant
     /// license, one seat for `author`.
     async fn new_tenant(&self, tenant: &str, author: &str) {
         let admin = self.token(tenant, "root", true);
-        for kind in ["tenant_license", "user_licenses"] {
-            self.ok(
-                reqwest::Method::POST,
-                "/api/v1/admin/subscriptions",
-                &admin,
-                Some(json!({"kind": kind})),
-            )
+        self.ok(reqwest::Method::POST, "/api/v1/operator/tenants", OPERATOR_KEY, Some(json!({"id": tenant})))
             .await;
+        for kind in ["tenant_license", "user_licenses"] {
+            let path = format!("/api/v1/operator/tenants/{tenant}/subscriptions");
+            self.ok(reqwest::Method::POST, &path, OPERATOR_KEY, Some(json!({"kind": kind}))).await;
         }
         let path = format!("/api/v1/admin/licenses/users/{author}");
         self.ok(reqwest::Method::PUT, &path, &admin, None).await;

@@ -245,7 +245,17 @@ async fn credentials_are_checked_for_bot_and_conversation() {
     assert_error(s.say(&unstarted, &conv_u, "vpn").await, 404, "ConversationNotFound").await;
     // Unknown bot.
     let res = s.http.get(s.url("/api/v1/bots/nobody/directline/token")).send().await.unwrap();
-    assert_error(res, 403, "BotNotFound").await;
+    assert_error(res, 404, "BotNotFound").await;
+    // A value shaped like a token (not a secret) that this gateway did not make.
+    let res = s
+        .http
+        .post(s.url("/v3/directline/conversations"))
+        .bearer_auth("eyJhbGciOiJIUzI1NiJ9.eyJib3QiOiJ4In0.c2lnbmF0dXJl")
+        .send()
+        .await
+        .unwrap();
+    let v = assert_error(res, 403, "InvalidToken").await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("token"), "{v}");
 }
 
 #[tokio::test]

@@ -95,6 +95,34 @@ fn check_config_accepts_the_default_and_names_the_broken_key() {
 }
 
 #[test]
+fn check_config_refuses_what_would_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let refused = |text: &str, key: &str| {
+        std::fs::write(&bad, text).unwrap();
+        let out = Command::new(binary()).arg("check-config").arg(&bad).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{text}: {err}");
+        assert!(err.contains(key), "{text}: {err}");
+    };
+    refused(
+        "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n",
+        "server.admin_listen",
+    );
+    refused(
+        "[identity]\nalgorithms = [\"RS256\"]\njwks_file = \"/nonexistent/keys.json\"\n",
+        "identity.jwks_file",
+    );
+    std::fs::write(dir.path().join("keys.json"), "not json").unwrap();
+    let jwks = dir.path().join("keys.json").display().to_string();
+    refused(&format!("[identity]\nalgorithms = [\"RS256\"]\njwks_file = \"{jwks}\"\n"), "identity.jwks_file");
+    refused(
+        "[[tenants]]\nid = \"t\"\nsubscriptions = [{ kind = \"user_licenses\", quantity = 1 }]\nlicensed_users = [\"a\", \"b\"]\n",
+        "tenants[0].licensed_users",
+    );
+}
+
+#[test]
 fn serve_refuses_a_broken_config_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
@@ -188,4 +216,36 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert_eq!(res.status(), 200, "the in-flight request completed");
     let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap()).await.unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// `botgate-load` fails loudly: exit 2 when nothing got through (nothing listens on the
+/// target), 1 when more than `--max-error-share` of its requests failed, even with a passing
+/// billed-session check.
+#[tokio::test]
+async fn the_load_generator_fails_when_requests_fail() {
+    let load = env!("CARGO_BIN_EXE_botgate-load");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = Command::new(load)
+        .args(["--target", &dead, "--no-check", "--quiet", "--duration", "1", "--concurrency", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("target   FAIL"), "{text}");
+
+    // Every message past the first of each minute is 429: the check passes, the run fails.
+    let s = TestServer::with(|c| c.metering.rate_limit_per_minute = 1).await;
+    let out = tokio::process::Command::new(load)
+        .args(["--target", &s.base, "--admin", &s.admin, "--bot", "helpdesk", "--quiet"])
+        .args(["--duration", "1", "--conversations", "20", "--concurrency", "2", "--text", "vpn"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("billing  PASS"), "{text}");
+    assert!(text.contains("errors   FAIL"), "{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(Command::new(load).arg("-h").output().unwrap().stdout.starts_with(b"Load generator for botgate"));
 }

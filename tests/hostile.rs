@@ -302,6 +302,7 @@ fn author_token(s: &TestServer) -> String {
         name: None,
         groups: vec![],
         admin: false,
+        operator: false,
         ttl_secs: 3600,
     };
     dev_issuer::sign(&key, "botgate-dev", "botgate", &req, s.clock.now_secs())

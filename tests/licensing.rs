@@ -48,6 +48,7 @@ impl<'a> Api<'a> {
             name: None,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             admin,
+            operator: false,
             ttl_secs: 3600,
         };
         dev_issuer::sign(&self.key, issuer, audience, &req, now)
@@ -104,6 +105,9 @@ async fn authentication_outcomes() {
     let api = Api::new(&s);
     assert_error(api.call(reqwest::Method::GET, "/api/v1/bots", None, None).await, 401, "MissingToken").await;
     assert_error(api.get("/api/v1/bots", "not-a-jwt").await, 401, "InvalidToken").await;
+    let basic =
+        s.http.get(s.url("/api/v1/bots")).header("Authorization", "Basic YWxpY2U6eA==").send().await.unwrap();
+    assert_error(basic, 401, "MalformedAuthorization").await;
     let now = s.clock.now_secs();
     let forged = {
         let good = api.token("contoso", "alice", &[], false);
@@ -201,9 +205,13 @@ async fn license_outcomes_groups_and_seats() {
     .await;
     // Admins need no user license, but non-admins cannot use the admin API.
     assert_error(api.get("/api/v1/admin/licenses", &alice).await, 403, "NotTenantAdmin").await;
-    // Buying seats lets bob in.
+    // The operator sells a seat, which lets bob in.
     let res = api
-        .post("/api/v1/admin/subscriptions", &admin, json!({"kind": "user_licenses", "quantity": 1}))
+        .post(
+            "/api/v1/operator/tenants/contoso/subscriptions",
+            OPERATOR_KEY,
+            json!({"kind": "user_licenses", "quantity": 1}),
+        )
         .await;
     assert_eq!(res.status(), 201);
     api.ok(api.call(reqwest::Method::PUT, "/api/v1/admin/licenses/users/bob", Some(&admin), None).await)
@@ -256,14 +264,18 @@ async fn trials_start_extend_once_and_expire_on_the_clock_with_a_grace_for_publi
     let s = TestServer::start().await;
     let api = Api::new(&s);
     let bob = api.token("tailspin", "bob", &[], false);
+    // A tenant the gateway does not know gets no trial: the operator creates tenants.
+    assert_error(api.post("/api/v1/trial", &bob, json!({})).await, 403, "UnknownTenant").await;
     assert_error(api.get("/api/v1/bots", &bob).await, 403, "NoTenantLicense").await;
+    api.ok(api.post("/api/v1/operator/tenants", OPERATOR_KEY, json!({"id": "tailspin"})).await).await;
+    assert_error(api.get("/api/v1/bots", &bob).await, 403, "NoUserLicense").await;
     let res = api.post("/api/v1/trial", &bob, json!({})).await;
     assert_eq!(res.status(), 201);
     let trial: Value = res.json().await.unwrap();
     assert_eq!(trial["expires"], "2027-01-27T10:00:00.000Z", "60 days");
     let me = api.ok(api.get("/api/v1/me", &bob).await).await;
     assert_eq!(me["license"]["via"], "trial");
-    assert_error(api.post("/api/v1/trial", &bob, json!({})).await, 409, "AlreadyLicensed").await;
+    assert_error(api.post("/api/v1/trial", &bob, json!({})).await, 409, "TrialExists").await;
 
     // The trial user's bot serves, drawing from the trial capacity.
     api.ok(api.post("/api/v1/bots", &bob, builtin_bot("trial-bot")).await).await;
@@ -341,8 +353,8 @@ async fn the_audit_log_holds_exactly_the_changes_and_they_survive_a_restart() {
 
     api.ok(api
         .post(
-            "/api/v1/admin/subscriptions",
-            &admin,
+            "/api/v1/operator/tenants/contoso/subscriptions",
+            OPERATOR_KEY,
             json!({"kind": "capacity_addon", "quantity": 2, "start": "2026-11-01"}),
         )
         .await)
@@ -385,7 +397,10 @@ async fn the_audit_log_holds_exactly_the_changes_and_they_survive_a_restart() {
             "settings.update"
         ]
     );
-    assert!(log.iter().all(|e| e["actor"] == "root" && e["tenant"] == "contoso"));
+    let operator = format!("operator:key-{}", &botgate::licensing::operator::key_hash(OPERATOR_KEY)[..8]);
+    assert_eq!(log[0]["actor"], operator.as_str(), "the operator recorded the purchase");
+    assert!(log[1..].iter().all(|e| e["actor"] == "root"));
+    assert!(log.iter().all(|e| e["tenant"] == "contoso"));
     assert!(
         log[4]["before"].as_str().unwrap().contains("reject")
             && log[4]["after"].as_str().unwrap().contains("allow_overage")

@@ -413,7 +413,21 @@ mod crash {
             name: None,
             groups: vec![],
             admin: true,
+            operator: false,
             ttl_secs: 3600,
+        };
+        dev_issuer::sign(key, "botgate-dev", "botgate", &req, now_secs())
+    }
+
+    /// The platform operator: the default configuration accepts the development issuer's
+    /// tokens with the `PlatformOperator` role.
+    fn operator(key: &[u8]) -> String {
+        let req = TokenRequest {
+            tenant: "platform".into(),
+            user: "ops".into(),
+            operator: true,
+            ttl_secs: 3600,
+            ..TokenRequest::default()
         };
         dev_issuer::sign(key, "botgate-dev", "botgate", &req, now_secs())
     }
@@ -448,7 +462,8 @@ mod crash {
         cfg
     }
 
-    /// Through the API: tenant `t1` buys a license and a seat, its author creates and publishes `x`.
+    /// Through the API: the operator creates tenant `t1` with a license and a seat, its author
+    /// creates and publishes `x`.
     async fn onboard(http: &reqwest::Client, base: &str, key: &[u8]) {
         let boss = admin(key, "t1", "boss");
         let call = |m: reqwest::Method, path: &str, body: Option<Value>| {
@@ -459,9 +474,23 @@ mod crash {
             rb.send()
         };
         use reqwest::Method;
+        let ops = operator(key);
+        let res = http
+            .post(format!("{base}/api/v1/operator/tenants"))
+            .bearer_auth(&ops)
+            .json(&json!({"id": "t1"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
         for kind in ["tenant_license", "user_licenses"] {
-            let res =
-                call(Method::POST, "/api/v1/admin/subscriptions", Some(json!({"kind": kind}))).await.unwrap();
+            let res = http
+                .post(format!("{base}/api/v1/operator/tenants/t1/subscriptions"))
+                .bearer_auth(&ops)
+                .json(&json!({"kind": kind}))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(res.status(), 201);
         }
         assert_eq!(call(Method::PUT, "/api/v1/admin/licenses/users/boss", None).await.unwrap().status(), 200);

@@ -15,7 +15,7 @@ use super::{BotChange, bot_exists};
 use crate::bots::{Bot, BotControl, secrets};
 use crate::config::{BotConfig, BotKind, TopicConfig};
 use crate::error::{ApiError, JsonBody};
-use crate::licensing::layer::Author;
+use crate::licensing::layer::{Author, Principal};
 use crate::state::AppState;
 use crate::store::control::AuditEntry;
 
@@ -28,6 +28,53 @@ pub fn own_bot(app: &AppState, tenant: &str, id: &str) -> Result<Arc<Bot>, ApiEr
     app.channel().bots.get(id).filter(|b| b.tenant == tenant).ok_or_else(not_found)
 }
 
+/// What a caller wants to do with a bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read it, its secrets' slots and analytics; open a test chat.
+    Read,
+    /// Change, publish, delete it, or rotate its secrets.
+    Change,
+    /// Share it with another author (its owner and tenant admins only).
+    Share,
+}
+
+/// Whether the caller may see the bot at all: its owner, an author it is shared with, or a
+/// tenant admin.
+pub fn may_read(p: &Principal, bot: &Bot) -> bool {
+    p.identity.is_admin() || bot.is_editor(&p.identity.user)
+}
+
+/// The caller's tenant's bot `id`, if the caller may do `access` with it: 404 `BotNotFound`
+/// for no such bot (or another tenant's), 403 `NotBotEditor` for a bot that is neither theirs
+/// nor shared with them, 409 `ManagedByConfig` for a change to a bot of the configuration file.
+pub fn bot_for(app: &AppState, p: &Principal, id: &str, access: Access) -> Result<Arc<Bot>, ApiError> {
+    let bot = own_bot(app, &p.identity.tenant, id)?;
+    let allowed = match access {
+        Access::Read | Access::Change => may_read(p, &bot),
+        Access::Share => p.identity.is_admin() || bot.owner.as_deref() == Some(p.identity.user.as_str()),
+    };
+    if !allowed {
+        let owner = bot.owner.as_deref().map_or_else(|| "no author".to_string(), |o| format!("`{o}`"));
+        let message = if access == Access::Share {
+            format!("Only the bot's owner ({owner}) or a tenant admin can share it.")
+        } else {
+            format!(
+                "This bot belongs to {owner} and is not shared with you. Its owner or a tenant admin can share it (PUT /api/v1/bots/{id}/editors/{{you}})."
+            )
+        };
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "NotBotEditor", message));
+    }
+    if access != Access::Read && bot.configured {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ManagedByConfig",
+            "This bot is defined in the gateway's configuration file, which manages it (sharing included): change it there and restart.",
+        ));
+    }
+    Ok(bot)
+}
+
 /// The JSON view of a bot.
 pub fn view(bot: &Bot) -> Value {
     let mut v = serde_json::to_value(&bot.definition).unwrap_or(Value::Null);
@@ -35,6 +82,8 @@ pub fn view(bot: &Bot) -> Value {
         m.insert("published".into(), Value::Bool(bot.control.published()));
         m.insert("secured_access".into(), Value::Bool(bot.control.secured_access()));
         m.insert("owner".into(), json!(bot.owner));
+        m.insert("editors".into(), json!(bot.editors));
+        m.insert("managed_by_config".into(), Value::Bool(bot.configured));
     }
     v
 }
@@ -62,8 +111,13 @@ fn audit(
 
 /// `GET /api/v1/bots`.
 pub async fn list(State(app): State<AppState>, Author(p, _): Author) -> Response {
-    let mut bots: Vec<Arc<Bot>> =
-        app.channel().bots.all().into_iter().filter(|b| b.tenant == p.identity.tenant).collect();
+    let mut bots: Vec<Arc<Bot>> = app
+        .channel()
+        .bots
+        .all()
+        .into_iter()
+        .filter(|b| b.tenant == p.identity.tenant && may_read(&p, b))
+        .collect();
     bots.sort_by(|a, b| a.id.cmp(&b.id));
     Json(json!({ "bots": bots.iter().map(|b| view(b)).collect::<Vec<_>>() })).into_response()
 }
@@ -120,6 +174,7 @@ pub async fn create(
         kind: body.kind,
         endpoint: body.endpoint,
         topics: body.topics,
+        owner: None,
     };
     validate(&app, &def)?;
     // Held until the bot is in the registry: a concurrent create of the same id gets 409.
@@ -153,7 +208,7 @@ pub async fn get(
     Author(p, _): Author,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let bot = bot_for(&app, &p, &id, Access::Read)?;
     Ok(Json(view(&bot)).into_response())
 }
 
@@ -175,7 +230,7 @@ pub async fn patch(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<BotPatch>,
 ) -> Result<Response, ApiError> {
-    let old = own_bot(&app, &p.identity.tenant, &id)?;
+    let old = bot_for(&app, &p, &id, Access::Change)?;
     let mut def = old.definition.clone();
     if let Some(n) = body.name {
         def.name = n;
@@ -192,7 +247,10 @@ pub async fn patch(
     validate(&app, &def)?;
     let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);
     let max = app.config().upstream.max_concurrency_per_bot;
-    let bot = Arc::new(Bot::with_control(&def, key, max, old.control.clone(), old.owner.clone()));
+    let bot = Arc::new(
+        Bot::with_control(&def, key, max, old.control.clone(), old.owner.clone())
+            .with_editors(old.editors.clone()),
+    );
     let before = view(&old);
     if let Some(s) = body.secured_access {
         bot.control.set_secured_access(s);
@@ -214,7 +272,7 @@ pub async fn delete(
     Author(p, _): Author,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let bot = bot_for(&app, &p, &id, Access::Change)?;
     let a = audit(&app, &p.identity.tenant, &p.identity.user, "bot.delete", &id, Some(view(&bot)), None);
     app.authoring().save(app.store(), &bot, BotChange::Delete, a).await?;
     bot.control.set_published(false);
@@ -222,13 +280,8 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn set_published(
-    app: &AppState,
-    p: &crate::licensing::layer::Principal,
-    id: &str,
-    on: bool,
-) -> Result<Response, ApiError> {
-    let bot = own_bot(app, &p.identity.tenant, id)?;
+async fn set_published(app: &AppState, p: &Principal, id: &str, on: bool) -> Result<Response, ApiError> {
+    let bot = bot_for(app, p, id, Access::Change)?;
     let was = bot.control.published();
     bot.control.set_published(on);
     let action = if on { "bot.publish" } else { "bot.unpublish" };
@@ -273,7 +326,7 @@ pub async fn list_secrets(
     Author(p, _): Author,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let bot = bot_for(&app, &p, &id, Access::Read)?;
     let hashes = bot.control.hashes();
     let hints = app.authoring().hints(&id);
     let slots: Vec<Value> = (0..2)
@@ -301,7 +354,7 @@ pub async fn regenerate(
         "2" => 2,
         _ => return Err(ApiError::bad_request("The secret slot is 1 or 2.")),
     };
-    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let bot = bot_for(&app, &p, &id, Access::Change)?;
     let secret = secrets::generate();
     let before = json!({"slot": slot, "generation": bot.control.generation(slot)});
     app.channel().bots.set_secret(&bot, slot, secrets::hash(&secret));
@@ -319,4 +372,69 @@ pub async fn regenerate(
     app.authoring().save(app.store(), &bot, BotChange::Update, a).await?;
     Ok(Json(json!({ "slot": slot, "secret": secret, "generation": bot.control.generation(slot) }))
         .into_response())
+}
+
+/// At most this many authors share one bot.
+pub const MAX_EDITORS: usize = 64;
+
+/// `PUT /api/v1/bots/{botId}/editors/{userId}`: shares the bot with another author of the
+/// tenant (the owner and tenant admins only). Sharing with the owner or a current editor
+/// changes nothing.
+pub async fn add_editor(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    share(&app, &p, &id, &user, true).await
+}
+
+/// `DELETE /api/v1/bots/{botId}/editors/{userId}`: the author no longer reaches the bot.
+pub async fn remove_editor(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    share(&app, &p, &id, &user, false).await
+}
+
+async fn share(app: &AppState, p: &Principal, id: &str, user: &str, add: bool) -> Result<Response, ApiError> {
+    if user.is_empty() || user.len() > 256 {
+        return Err(ApiError::bad_request("The user id must be 1 to 256 characters."));
+    }
+    let old = bot_for(app, p, id, Access::Share)?;
+    let mut editors = old.editors.clone();
+    let present = editors.iter().any(|e| e == user);
+    if add {
+        if present || old.owner.as_deref() == Some(user) {
+            return Ok(Json(view(&old)).into_response());
+        }
+        if editors.len() >= MAX_EDITORS {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "TooManyEditors",
+                format!("A bot can be shared with at most {MAX_EDITORS} authors. Remove one first."),
+            ));
+        }
+        editors.push(user.to_string());
+    } else {
+        if !present {
+            return Err(ApiError::not_found(format!("The bot is not shared with `{user}`.")));
+        }
+        editors.retain(|e| e != user);
+    }
+    let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);
+    let max = app.config().upstream.max_concurrency_per_bot;
+    let bot = Arc::new(
+        Bot::with_control(&old.definition, key, max, old.control.clone(), old.owner.clone())
+            .with_editors(editors),
+    );
+    let (action, before, after) = if add {
+        ("bot.share", None, Some(json!({"editor": user})))
+    } else {
+        ("bot.unshare", Some(json!({"editor": user})), None)
+    };
+    let a = audit(app, &p.identity.tenant, &p.identity.user, action, id, before, after);
+    app.authoring().save(app.store(), &bot, BotChange::Update, a).await?;
+    app.channel().bots.insert(bot.clone());
+    if add { Ok(Json(view(&bot)).into_response()) } else { Ok(StatusCode::NO_CONTENT.into_response()) }
 }

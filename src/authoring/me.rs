@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
 
-use super::bots::own_bot;
+use super::bots::{Access, bot_for};
 use crate::clock::rfc3339_ms;
 use crate::error::ApiError;
 use crate::licensing::denial_error;
@@ -67,7 +67,7 @@ pub async fn test_chat(
     Author(p, _): Author,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let bot = bot_for(&app, &p, &id, Access::Read)?;
     let ch = app.channel();
     let user = format!("{}{}", crate::channel::token::TEST_CHAT_USER_PREFIX, p.identity.user);
     let claims = ch.new_claims(&bot, Some(user), 0, true);

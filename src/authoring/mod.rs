@@ -1,9 +1,11 @@
 //! Authoring: bots created, edited, published and tested by licensed authors; who-am-I and
 //! trials; the usage reports.
 //!
-//! Bots defined in the configuration are served from the start; once the authoring API changes
-//! one, its stored version wins at later starts. A change is written to the store (with its
-//! audit entry) before the channel serves it.
+//! Bots defined in the configuration file are managed by the file: served from the start and
+//! read-only through the API (409 `ManagedByConfig`). Bots created through the API belong to
+//! their creator and the authors they are shared with; tenant admins may change any bot of
+//! their tenant. A change is written to the store (with its audit entry) before the channel
+//! serves it.
 
 pub mod bots;
 pub mod me;
@@ -84,6 +86,12 @@ impl Authoring {
         let data = store.load_control().map_err(|e| e.to_string())?;
         let me = Self { reports: reports::ReportRate::new(reports_per_minute), ..Self::default() };
         for rec in data.bots {
+            if registry.get(&rec.id).is_some_and(|b| b.configured) {
+                // The file manages this id (a bot stored under it before the file defined it,
+                // or by a version that let the API edit configured bots): the file wins.
+                tracing::warn!(bot = %rec.id, "The configuration defines this bot; its stored version is not served.");
+                continue;
+            }
             let doc: BotDoc =
                 serde_json::from_str(&rec.json).map_err(|e| format!("stored bot {}: {e}", rec.id))?;
             me.hints.insert(rec.id.clone(), doc.hints());
@@ -106,7 +114,9 @@ impl Authoring {
         let mut seen = std::collections::HashSet::new();
         for rec in bots {
             seen.insert(rec.id.clone());
-            if self.stored.get(&rec.id).is_some_and(|j| *j == rec.json) {
+            if self.stored.get(&rec.id).is_some_and(|j| *j == rec.json)
+                || registry.get(&rec.id).is_some_and(|b| b.configured)
+            {
                 continue;
             }
             let Ok(doc) = serde_json::from_str::<BotDoc>(&rec.json) else {
@@ -130,6 +140,7 @@ impl Authoring {
                     }
                     let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);
                     Bot::with_control(&fresh.definition, key, max_in_flight, c.clone(), fresh.owner.clone())
+                        .with_editors(fresh.editors.clone())
                 }
                 // Another bot under this id (the old one was deleted, this one created since):
                 // the old one stops serving, and its tokens do not reach the new one.

@@ -11,7 +11,7 @@ use chrono::NaiveDate;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::bots::own_bot;
+use super::bots::{Access, bot_for};
 use crate::error::ApiError;
 use crate::licensing::layer::{Admin, Author};
 use crate::metering::pool::{month_label, parse_month};
@@ -105,7 +105,7 @@ pub async fn analytics(
     Path(id): Path<String>,
     Query(r): Query<Range>,
 ) -> Result<Response, ApiError> {
-    let bot = own_bot(&app, &p.identity.tenant, &id)?;
+    let bot = bot_for(&app, &p, &id, Access::Read)?;
     let (from, to) = (parse_day(&r.from, "from")?, parse_day(&r.to, "to")?);
     take_report(&app, &p.identity)?;
     let rows = usage(&app).await?;

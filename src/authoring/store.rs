@@ -32,6 +32,9 @@ pub struct BotDoc {
     /// Which bot of this id it is (tokens carry it); empty for bots stored before it existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub instance: String,
+    /// The authors it is shared with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub editors: Vec<String>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -58,7 +61,13 @@ impl BotDoc {
         let mut definition = bot.definition.clone();
         definition.published = bot.control.published();
         definition.secured_access = bot.control.secured_access();
-        Self { definition, owner: bot.owner.clone(), secrets, instance: bot.control.instance().to_string() }
+        Self {
+            definition,
+            owner: bot.owner.clone(),
+            secrets,
+            instance: bot.control.instance().to_string(),
+            editors: bot.editors.clone(),
+        }
     }
 
     /// The store record.
@@ -94,6 +103,7 @@ impl BotDoc {
             Arc::new(control),
             self.owner.clone(),
         )
+        .with_editors(self.editors.clone())
     }
 }
 

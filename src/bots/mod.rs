@@ -133,8 +133,12 @@ pub struct Bot {
     pub control: Arc<BotControl>,
     /// The definition it was built from (what the authoring API shows and edits).
     pub definition: BotConfig,
-    /// The author who created it through the authoring API (none for configured bots).
+    /// The author who created it through the authoring API, or the configured `owner`.
     pub owner: Option<String>,
+    /// The authors it is shared with: they change, publish, delete and read it like its owner.
+    pub editors: Vec<String>,
+    /// Whether the configuration file defines it: then it is read-only through the API.
+    pub configured: bool,
 }
 
 impl Bot {
@@ -147,7 +151,9 @@ impl Bot {
         for (i, s) in c.channel_secrets.iter().enumerate() {
             control.set_secret(i as u8 + 1, secrets::hash(s));
         }
-        Self::with_control(c, connector_key, max_in_flight, Arc::new(control), None)
+        let mut bot = Self::with_control(c, connector_key, max_in_flight, Arc::new(control), c.owner.clone());
+        bot.configured = true;
+        bot
     }
 
     /// Builds a bot around an existing control block (an edited bot keeps its publishing state,
@@ -176,7 +182,20 @@ impl Bot {
             control,
             definition,
             owner,
+            editors: Vec::new(),
+            configured: false,
         }
+    }
+
+    /// The same bot shared with `editors`.
+    pub fn with_editors(mut self, editors: Vec<String>) -> Self {
+        self.editors = editors;
+        self
+    }
+
+    /// Whether `user` owns the bot or it is shared with them.
+    pub fn is_editor(&self, user: &str) -> bool {
+        self.owner.as_deref() == Some(user) || self.editors.iter().any(|e| e == user)
     }
 
     /// The callback key of an upstream bot.

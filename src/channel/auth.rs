@@ -47,13 +47,7 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
             "Send `Authorization: Bearer <channel secret or token>`.",
         )
     })?;
-    let value = value.to_str().unwrap_or("");
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    token.ok_or_else(|| {
+    crate::identity::bearer_value(value).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "MalformedAuthorization",
@@ -71,10 +65,18 @@ pub fn check(channel: &Channel, value: &str, now_secs: i64) -> Result<Credential
         })?;
         return Ok(Credential::Token(Arc::new(claims)));
     }
-    let (bot, slot) = channel
-        .bots
-        .by_secret(value)
-        .ok_or_else(|| forbidden("InvalidSecret", "The channel secret is not valid."))?;
+    let (bot, slot) = channel.bots.by_secret(value).ok_or_else(|| {
+        // Secrets are base64url without dots; a dotted value is someone's token (another
+        // service's, or one of ours cut short).
+        if value.contains('.') {
+            forbidden(
+                "InvalidToken",
+                "The token is not a token of this gateway, or it is cut short. Get a new token.",
+            )
+        } else {
+            forbidden("InvalidSecret", "The channel secret is not valid.")
+        }
+    })?;
     Ok(Credential::Secret { bot, slot })
 }
 

@@ -146,7 +146,8 @@ pub async fn open_bot_token(
     if let (Some(rate), Some(axum::Extension(peer))) = (&ch.client_rate, peer) {
         rate.take(peer.0.ip(), &headers, ch.clock.now_ms())?;
     }
-    let bot = ch.bot(&bot_id)?;
+    // A misspelled or unknown id is 404, as another tenant's bot is on the authoring API.
+    let bot = ch.bot(&bot_id).map_err(|e| ApiError { status: StatusCode::NOT_FOUND, ..e })?;
     if !bot.control.published() {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "BotNotPublished", "This bot is not published."));
     }

@@ -84,7 +84,7 @@ pub async fn forward(State(app): State<AppState>, req: Request, next: Next) -> R
         Err(e) => {
             tracing::warn!(error = %e, "Cannot look up a conversation's node.");
             return ApiError::unavailable(
-                "Unavailable",
+                "StoreUnavailable",
                 "The conversation's node cannot be found right now. Try again.",
             )
             .with_retry_after(1)

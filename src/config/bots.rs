@@ -90,6 +90,11 @@ pub struct BotConfig {
     /// For `builtin`: the topics.
     #[serde(default)]
     pub topics: Vec<TopicConfig>,
+    /// For a bot in the configuration file: the author who reads its analytics and opens test
+    /// chats with it (tenant admins always can). Default none. Ignored through the API, where
+    /// the creator owns the bot.
+    #[serde(default, skip_serializing)]
+    pub owner: Option<String>,
 }
 
 fn default_true() -> bool {

@@ -14,7 +14,8 @@ use serde::Deserialize;
 pub use bots::{BotConfig, BotKind, SystemTopic, TopicConfig, TopicKind};
 pub use sections::{
     ChannelConfig, ClusterConfig, IdentityConfig, LicensingConfig, MeteringConfig, MetricsConfig,
-    OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend, StoreConfig, UpstreamConfig,
+    OperatorConfig, OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend, StoreConfig,
+    UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 
@@ -58,10 +59,14 @@ pub struct Config {
     /// Several nodes sharing Redis.
     #[serde(default)]
     pub cluster: ClusterConfig,
-    /// Tenants known at start-up (more can be created through the admin API).
+    /// The platform operator's credentials.
+    #[serde(default)]
+    pub operator: OperatorConfig,
+    /// Tenants known at start-up, seeded into the store once (the operator API creates more).
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
-    /// Bots known at start-up (more can be created through the authoring API).
+    /// Bots managed by this file: served from the start and read-only through the authoring API
+    /// (more can be created through it).
     #[serde(default)]
     pub bots: Vec<BotConfig>,
 }
@@ -150,6 +155,7 @@ impl Config {
         self.identity.validate()?;
         self.licensing.validate()?;
         self.cluster.validate()?;
+        self.operator.validate()?;
         let mut tenant_ids = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             t.validate(&format!("tenants[{i}]"))?;

@@ -118,6 +118,12 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(invalid(
+                "server.admin_listen",
+                format!("must differ from server.listen (both are {})", self.listen),
+            ));
+        }
         let url = &self.public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid("server.public_url", "must start with http:// or https://"));
@@ -730,7 +736,35 @@ impl IdentityConfig {
     }
 }
 
-/// `[licensing]`: trials.
+/// `[operator]`: the platform operator's credentials for `/api/v1/operator/...`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// SHA-256 (64 hex digits) of each accepted operator API key; `botgate operator-key` makes a
+    /// key and prints its hash. Default none.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+    /// Whether a JWT from the configured identity issuer carrying the role `PlatformOperator`
+    /// authenticates the operator. Default false.
+    #[serde(default)]
+    pub jwt_role: bool,
+}
+
+impl OperatorConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        for (i, h) in self.api_key_sha256.iter().enumerate() {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    format!("operator.api_key_sha256[{i}]"),
+                    "must be the SHA-256 of a key as 64 hex digits (`botgate operator-key` prints one)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[licensing]`: trials and who records purchases.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LicensingConfig {
@@ -744,6 +778,10 @@ pub struct LicensingConfig {
     /// Default 90.
     #[serde(default = "default_grace_days")]
     pub grace_days: u32,
+    /// Whether tenant admins may record purchases themselves (`POST /api/v1/admin/subscriptions`).
+    /// Default false: the platform operator records them (`/api/v1/operator/...`).
+    #[serde(default)]
+    pub tenant_self_purchase: bool,
 }
 
 impl Default for LicensingConfig {
@@ -752,6 +790,7 @@ impl Default for LicensingConfig {
             trial_days: default_trial_days(),
             trial_extension_days: default_trial_extension_days(),
             grace_days: default_grace_days(),
+            tenant_self_purchase: false,
         }
     }
 }

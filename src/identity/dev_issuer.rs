@@ -38,6 +38,8 @@ pub struct TokenRequest {
     pub groups: Vec<String>,
     /// Adds the `TenantAdmin` role.
     pub admin: bool,
+    /// Adds the `PlatformOperator` role (accepted where `operator.jwt_role` is on).
+    pub operator: bool,
     /// Lifetime in seconds.
     pub ttl_secs: i64,
 }
@@ -66,7 +68,10 @@ pub fn sign(key: &[u8], issuer: &str, audience: &str, req: &TokenRequest, now_se
         oid: &req.user,
         name: req.name.as_deref(),
         groups: &req.groups,
-        roles: if req.admin { vec![super::ADMIN_ROLE] } else { vec![] },
+        roles: [(req.admin, super::ADMIN_ROLE), (req.operator, crate::licensing::operator::OPERATOR_ROLE)]
+            .into_iter()
+            .filter_map(|(on, role)| on.then_some(role))
+            .collect(),
         iat: now_secs,
         nbf: now_secs,
         exp: now_secs + req.ttl_secs,

@@ -32,3 +32,10 @@ impl Identity {
         self.roles.iter().any(|r| r == ADMIN_ROLE)
     }
 }
+
+/// The credential of an `Authorization: Bearer <value>` header (either case of `Bearer`,
+/// surrounding spaces trimmed), or `None` for another or an empty value.
+pub fn bearer_value(value: &http::HeaderValue) -> Option<&str> {
+    let v = value.to_str().ok()?;
+    v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim).filter(|t| !t.is_empty())
+}

@@ -1,5 +1,6 @@
-//! The admin API (`TenantAdmin` role; admins need no user license): purchases, licenses and
-//! seats, settings, the audit log. Every answer is about the caller's own tenant.
+//! The admin API (`TenantAdmin` role; admins need no user license): licenses and seats,
+//! settings, the audit log, the subscriptions (bought by the operator, or by the admin where
+//! `licensing.tenant_self_purchase` allows it). Every answer is about the caller's own tenant.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -44,11 +45,12 @@ fn one() -> u32 {
     1
 }
 
-/// `POST /api/v1/admin/subscriptions`.
-pub async fn add_subscription(
-    State(app): State<AppState>,
-    Admin(p): Admin,
-    JsonBody(body): JsonBody<NewSubscription>,
+/// Records a purchase for `tenant` (which the caller has checked exists): 201 and the record.
+pub async fn record_purchase(
+    app: &AppState,
+    actor: &str,
+    tenant: &str,
+    body: NewSubscription,
 ) -> Result<Response, ApiError> {
     if body.quantity == 0 {
         return Err(ApiError::bad_request("`quantity` must be at least 1."));
@@ -57,11 +59,26 @@ pub async fn add_subscription(
     if body.end.is_some_and(|e| e < start) {
         return Err(ApiError::bad_request("`end` is before `start`."));
     }
-    let rec = app
-        .licensing()
-        .add_subscription(&p.identity.user, &p.identity.tenant, body.kind, body.quantity, start, body.end)
-        .await?;
+    let rec =
+        app.licensing().add_subscription(actor, tenant, body.kind, body.quantity, start, body.end).await?;
     Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+/// `POST /api/v1/admin/subscriptions`: only where the operator's configuration lets tenants
+/// buy for themselves (`licensing.tenant_self_purchase`); otherwise 403 `SelfPurchaseDisabled`.
+pub async fn add_subscription(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    JsonBody(body): JsonBody<NewSubscription>,
+) -> Result<Response, ApiError> {
+    if !app.config().licensing.tenant_self_purchase {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "SelfPurchaseDisabled",
+            "Purchases are recorded by the platform operator. Ask your provider for more capacity or seats.",
+        ));
+    }
+    record_purchase(&app, &p.identity.user, &p.identity.tenant, body).await
 }
 
 #[derive(Serialize)]

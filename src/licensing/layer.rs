@@ -28,6 +28,8 @@ pub struct Principal {
     pub identity: Arc<Identity>,
     /// The license, or why there is none.
     pub license: Result<Grant, Denial>,
+    /// Whether the gateway knows the token's tenant.
+    pub tenant_known: bool,
 }
 
 /// Builds [`AuthorAuth`] services.
@@ -88,7 +90,8 @@ where
                 Err(e) => return Ok(e.into_response()),
             };
             let license = licensing.resolve(&identity).await;
-            req.extensions_mut().insert(Principal { identity, license });
+            let tenant_known = licensing.tenant(&identity.tenant).is_some();
+            req.extensions_mut().insert(Principal { identity, license, tenant_known });
             inner.call(req).await
         })
     }
@@ -98,19 +101,20 @@ fn authenticate(verifier: &Verifier, req: &Request<Body>) -> Result<Arc<Identity
     let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
         unauthorized("MissingToken", "Send `Authorization: Bearer <token>` with a token from your identity provider (or `botgate token`).")
     })?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| unauthorized("InvalidToken", "The Authorization header must be `Bearer <token>`."))?;
-    verifier.verify(token).map_err(|e| match e {
+    let token = crate::identity::bearer_value(value).ok_or_else(|| {
+        unauthorized("MalformedAuthorization", "The Authorization header must be `Bearer <token>`.")
+    })?;
+    verifier.verify(token).map_err(jwt_refused)
+}
+
+/// The 401 answer for a JWT the verifier refused.
+pub fn jwt_refused(e: JwtError) -> ApiError {
+    match e {
         JwtError::Expired => {
             unauthorized("TokenExpired", "Your token has expired. Sign in again to get a new one.")
         }
         JwtError::Invalid(why) => unauthorized("InvalidToken", format!("The token was refused: {why}.")),
-    })
+    }
 }
 
 fn principal(parts: &Parts) -> Result<Principal, ApiError> {
@@ -126,7 +130,7 @@ pub struct Caller(pub Principal);
 /// A licensed author (direct, group or trial).
 pub struct Author(pub Principal, pub Grant);
 
-/// A tenant admin (no user license needed).
+/// A tenant admin of a tenant the gateway knows (no user license needed).
 pub struct Admin(pub Principal);
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
@@ -152,6 +156,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Admin {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         let p = principal(parts)?;
         if p.identity.is_admin() {
+            if !p.tenant_known {
+                return Err(super::unknown_tenant(&p.identity.tenant));
+            }
             Ok(Admin(p))
         } else {
             Err(ApiError::new(

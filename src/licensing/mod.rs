@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod layer;
 pub mod model;
+pub mod operator;
 
 use std::sync::Arc;
 
@@ -268,9 +269,9 @@ impl Licensing {
         }
     }
 
-    /// Applies a change to one tenant (created with defaults if missing): `change` edits a copy
-    /// and returns the store mutations and audit entries (action, target, before, after); the
-    /// store is written first, then the new snapshot is published.
+    /// Applies a change to one known tenant (403 `UnknownTenant` otherwise): `change` edits a
+    /// copy and returns the store mutations and audit entries (action, target, before, after);
+    /// the store is written first, then the new snapshot is published.
     pub async fn commit<F>(&self, tenant: &str, actor: &str, change: F) -> Result<Arc<TenantView>, ApiError>
     where
         F: FnOnce(&mut TenantView) -> Result<(Vec<Mutation>, Vec<AuditRow>), ApiError>,
@@ -278,25 +279,12 @@ impl Licensing {
         let _guard = self.writer.lock().await;
         let now = self.clock.now_ms();
         let current = self.snapshot.load_full();
-        let (mut view, mut mutations, mut audit) = match current.tenants.get(tenant) {
-            Some(t) => ((**t).clone(), vec![], vec![]),
-            None => {
-                let record = TenantRecord {
-                    id: tenant.to_string(),
-                    name: tenant.to_string(),
-                    allow_ad_hoc_subscriptions: true,
-                    capacity_policy: CapacityPolicy::Reject,
-                };
-                let audit = vec![("tenant.create", tenant.to_string(), None, json(&record))];
-                (TenantView::new(record.clone()), vec![Mutation::PutTenant(record)], audit)
-            }
-        };
-        let (m, a) = change(&mut view)?;
-        if m.is_empty() {
-            return Ok(current.tenants.get(tenant).cloned().unwrap_or_else(|| Arc::new(view)));
+        let Some(known) = current.tenants.get(tenant) else { return Err(unknown_tenant(tenant)) };
+        let mut view = (**known).clone();
+        let (mutations, audit) = change(&mut view)?;
+        if mutations.is_empty() {
+            return Ok(known.clone());
         }
-        mutations.extend(m);
-        audit.extend(a);
         let entries: Vec<AuditEntry> = audit
             .into_iter()
             .map(|(action, target, before, after)| AuditEntry {
@@ -330,6 +318,113 @@ impl Licensing {
         self.snapshot.store(Arc::new(next));
         self.publish_plan(&view);
         Ok(view)
+    }
+
+    /// Creates a tenant (the platform operator): 409 `TenantExists` when the store knows its id,
+    /// also when another node created it a moment ago.
+    pub async fn create_tenant(
+        &self,
+        actor: &str,
+        record: TenantRecord,
+    ) -> Result<Arc<TenantView>, ApiError> {
+        let _guard = self.writer.lock().await;
+        let exists = || {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "TenantExists",
+                format!("A tenant with the id `{}` exists.", record.id),
+            )
+        };
+        let current = self.snapshot.load_full();
+        if current.tenants.contains_key(&record.id) {
+            return Err(exists());
+        }
+        let entry = AuditEntry {
+            seq: 0,
+            tenant: record.id.clone(),
+            at_ms: self.clock.now_ms(),
+            actor: actor.to_string(),
+            action: "tenant.create".into(),
+            target: record.id.clone(),
+            before: None,
+            after: json(&record),
+        };
+        let (store, id, m) =
+            (self.store.clone(), record.id.clone(), vec![Mutation::PutTenant(record.clone())]);
+        let created = tokio::task::spawn_blocking(move || store.seed_tenant(&id, &m, &[entry]))
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(|e| {
+                tracing::error!(error = %e, "Creating a tenant failed.");
+                ApiError::unavailable("StoreUnavailable", "The change could not be saved. Try again.")
+            })?;
+        if !created {
+            return Err(exists());
+        }
+        let view = Arc::new(TenantView::new(record.clone()));
+        let mut next = (*current).clone();
+        next.tenants.insert(record.id.clone(), view.clone());
+        self.snapshot.store(Arc::new(next));
+        self.publish_plan(&view);
+        Ok(view)
+    }
+
+    /// Ends a subscription after `end` (inclusive; today or later), or with `end: None` cancels
+    /// it: a cancelled subscription counts for no day and no month, as if never bought.
+    pub async fn end_subscription(
+        &self,
+        actor: &str,
+        tenant: &str,
+        id: &str,
+        end: Option<NaiveDate>,
+    ) -> Result<SubscriptionRecord, ApiError> {
+        let today = model::day(self.clock.now_ms());
+        let view = self
+            .commit(tenant, actor, |t| {
+                let Some(s) = t.subscriptions.iter_mut().find(|s| s.id == id) else {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "SubscriptionNotFound",
+                        format!("Tenant `{tenant}` has no subscription `{id}`."),
+                    ));
+                };
+                if model::cancelled(s) {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "SubscriptionCancelled",
+                        "This subscription was cancelled; it cannot change any more.",
+                    ));
+                }
+                let before = s.clone();
+                let action = match end {
+                    Some(e) => {
+                        if e < s.start {
+                            return Err(ApiError::bad_request("`end` is before the subscription's start."));
+                        }
+                        if e < today {
+                            return Err(ApiError::bad_request(
+                                "`end` is in the past; cancel the subscription to void it.",
+                            ));
+                        }
+                        s.end = Some(e);
+                        "subscription.end"
+                    }
+                    None => {
+                        s.end = Some(s.start.pred_opt().unwrap_or(s.start));
+                        "subscription.cancel"
+                    }
+                };
+                if *s == before {
+                    return Ok((vec![], vec![]));
+                }
+                let after = s.clone();
+                Ok((
+                    vec![Mutation::PutSubscription(after.clone())],
+                    vec![(action, id.to_string(), json(&before), json(&after))],
+                ))
+            })
+            .await?;
+        view.subscriptions.iter().find(|s| s.id == id).cloned().ok_or_else(ApiError::internal)
     }
 
     /// Adds a subscription.
@@ -469,6 +564,9 @@ impl Licensing {
     /// Starts a trial for an unlicensed user.
     pub async fn start_trial(&self, id: &Identity) -> Result<TrialRecord, ApiError> {
         if let Ok(grant) = self.resolve(id).await {
+            if matches!(grant, Grant::Trial { .. }) {
+                return Err(trial_exists());
+            }
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "AlreadyLicensed",
@@ -487,11 +585,7 @@ impl Licensing {
                     ));
                 }
                 if t.trials.contains_key(&id.user) {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "TrialExists",
-                        "You already had a trial. It can be extended once with POST /api/v1/trial/extend.",
-                    ));
+                    return Err(trial_exists());
                 }
                 let tr = TrialRecord {
                     tenant: id.tenant.clone(),
@@ -551,6 +645,25 @@ impl Licensing {
         let trial = t.trials.get(owner)?;
         Some(trial.expires_ms + i64::from(self.config.grace_days) * DAY_MS)
     }
+}
+
+fn trial_exists() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "TrialExists",
+        "You already have or had a trial. It can be extended once with POST /api/v1/trial/extend.",
+    )
+}
+
+/// 403 `UnknownTenant`: a token or a request names a tenant the gateway does not know.
+pub fn unknown_tenant(tenant: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "UnknownTenant",
+        format!(
+            "The gateway has no tenant `{tenant}`. The platform operator creates tenants (POST /api/v1/operator/tenants)."
+        ),
+    )
 }
 
 /// An audit row as a change returns it: action, target, before, after.

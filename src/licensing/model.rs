@@ -40,6 +40,24 @@ pub fn day(ms: Millis) -> NaiveDate {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().date_naive()
 }
 
+/// Whether a subscription was cancelled (it then ends the day before it starts).
+pub fn cancelled(s: &SubscriptionRecord) -> bool {
+    s.end.is_some_and(|e| e < s.start)
+}
+
+/// A subscription's state on `today`: `scheduled`, `active`, `ended` or `cancelled`.
+pub fn subscription_state(s: &SubscriptionRecord, today: NaiveDate) -> &'static str {
+    if cancelled(s) {
+        "cancelled"
+    } else if s.start > today {
+        "scheduled"
+    } else if s.end.is_some_and(|e| e < today) {
+        "ended"
+    } else {
+        "active"
+    }
+}
+
 impl TenantView {
     /// An empty tenant.
     pub fn new(record: TenantRecord) -> Self {
@@ -58,7 +76,7 @@ impl TenantView {
         let d = day(now);
         self.subscriptions
             .iter()
-            .filter(|s| s.kind == kind && s.start <= d && s.end.is_none_or(|e| e >= d))
+            .filter(|s| s.kind == kind && !cancelled(s) && s.start <= d && s.end.is_none_or(|e| e >= d))
             .map(|s| u64::from(s.quantity))
             .sum()
     }

@@ -71,7 +71,9 @@ impl CapacityPlan {
         let last = NaiveDate::from_ymd_opt((next / 12) as i32, next % 12 + 1, 1)
             .and_then(|d| d.pred_opt())
             .unwrap_or(first);
-        let active = |s: &&SubscriptionConfig| s.start <= last && s.end.is_none_or(|e| e >= first);
+        // A subscription ending before it starts was cancelled: it counts for no month.
+        let active =
+            |s: &&SubscriptionConfig| s.start <= last && s.end.is_none_or(|e| e >= first && e >= s.start);
         let count = |kind| -> u64 {
             self.subscriptions
                 .iter()

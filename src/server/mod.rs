@@ -17,7 +17,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -237,7 +237,10 @@ pub fn public_router(state: &AppState) -> Result<PublicService, StartError> {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
-                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                // A 5xx is logged, with its cause, where it is made; a documented answer such
+                // as 501 for upload is no error of the gateway.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         // CORS: browsers (Web Chat) call from other origins; preflights are answered here
         // before authentication, and every real response carries the allow-origin header.

@@ -23,12 +23,34 @@ pub struct TestServer {
     pub http: reqwest::Client,
 }
 
-/// The embedded default with both listeners on port 0.
+/// The platform operator's API key in test configurations.
+pub const OPERATOR_KEY: &str = "bgop_test-operator-key";
+
+/// The embedded default with both listeners on port 0, and [`OPERATOR_KEY`] accepted.
 pub fn default_config() -> Config {
     let mut c = Config::embedded_default().unwrap();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    c.operator.api_key_sha256 = vec![botgate::licensing::operator::key_hash(OPERATOR_KEY)];
     c
+}
+
+/// Creates tenant `id` through the operator API, with a tenant license and `seats` user
+/// licenses from `start` (YYYY-MM-DD) on.
+pub async fn operator_tenant(http: &reqwest::Client, base: &str, id: &str, start: &str, seats: u32) {
+    let post = |path: String, body: Value| {
+        http.post(format!("{base}{path}")).bearer_auth(OPERATOR_KEY).json(&body).send()
+    };
+    let res = post("/api/v1/operator/tenants".into(), json!({"id": id})).await.unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let subs = format!("/api/v1/operator/tenants/{id}/subscriptions");
+    let res = post(subs.clone(), json!({"kind": "tenant_license", "start": start})).await.unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    if seats > 0 {
+        let body = json!({"kind": "user_licenses", "quantity": seats, "start": start});
+        let res = post(subs, body).await.unwrap();
+        assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    }
 }
 
 /// The instant test clocks start at.

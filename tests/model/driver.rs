@@ -111,6 +111,7 @@ impl Sut {
             name: None,
             groups: vec![],
             admin: true,
+            operator: false,
             ttl_secs: 3600,
         };
         dev_issuer::sign(&self.key, "botgate-dev", "botgate", &req, self.s().clock.now_secs())
@@ -149,7 +150,14 @@ impl Sut {
         if let Some(e) = end {
             body["end"] = json!(e);
         }
-        self.authored(tenant, reqwest::Method::POST, "/api/v1/admin/subscriptions", Some(body)).await
+        // The operator records purchases, creating the tenant at its first one.
+        let operator = |path: String, body: Value| {
+            self.http.post(self.s().url(&path)).bearer_auth(super::common::OPERATOR_KEY).json(&body)
+        };
+        let (status, answer) =
+            self.send(operator("/api/v1/operator/tenants".into(), json!({"id": TENANTS[tenant]}))).await;
+        assert!(status == 201 || status == 409, "creating {}: {status} {answer}", TENANTS[tenant]);
+        self.send(operator(format!("/api/v1/operator/tenants/{}/subscriptions", TENANTS[tenant]), body)).await
     }
 
     fn today(&self, plus: i64) -> String {

@@ -57,7 +57,7 @@ pub enum Say {
 /// One step of a sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// A tenant admin buys a subscription (creating the tenant if it has no record yet); `start`
+    /// The operator records a purchase (creating the tenant if it has no record yet); `start`
     /// is days from today, `days` the length (the end is inclusive) or open-ended.
     Buy { tenant: usize, kind: Kind, quantity: u32, start: i64, days: Option<i64> },
     /// A tenant admin buys a tenant license and one seat from today on and assigns the author.
@@ -490,7 +490,7 @@ impl Model {
 
     fn assign(&mut self, tenant: usize) -> Expect {
         let today = day_of(self.now);
-        let Some(t) = self.tenants.get_mut(&tenant) else { return err(409, "NoSeatsLeft") };
+        let Some(t) = self.tenants.get_mut(&tenant) else { return err(403, "UnknownTenant") };
         if t.author_licensed {
             return ok(200);
         }

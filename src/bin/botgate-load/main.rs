@@ -72,10 +72,11 @@ pub enum TopicKind {
 /// time per HTTP request and per message and its RSS before and after; the billed-session check.
 /// The last line, `summary key=value ...`, is for scripts (benches/load.sh).
 ///
-/// Exit status: 0 when the billed-session check passes (or is skipped with --no-check), 1 when it
-/// fails, 2 on a usage or set-up error (server unreachable).
+/// Exit status: 0 when the billed-session check passes (or is skipped with --no-check) and at
+/// most `--max-error-share` of the HTTP requests failed; 1 when the check fails or more requests
+/// failed; 2 on a usage or set-up error, or when nothing succeeded (target unreachable).
 #[derive(Parser, Debug, Clone)]
-#[command(version, about, long_about)]
+#[command(version)]
 pub struct Args {
     /// Public base URL of the botgate under test.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -155,6 +156,9 @@ pub struct Args {
     /// No progress line.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// The share of HTTP requests that may fail (0 to 1) before the run fails (exit 1).
+    #[arg(long, default_value_t = 0.01)]
+    pub max_error_share: f64,
 }
 
 impl Args {
@@ -182,6 +186,9 @@ impl Args {
         }
         if self.max_connections == 0 || self.max_in_flight == 0 {
             return Err("--max-connections and --max-in-flight must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.max_error_share) {
+            return Err("--max-error-share must be between 0 and 1".into());
         }
         if self.conversations == Some(0) {
             return Err("--conversations must be at least 1".into());
@@ -346,6 +353,23 @@ async fn run(args: Args) -> ExitCode {
                 println!("billing  FAIL: cannot read {admin}/metrics after the run: {e}");
                 code = ExitCode::FAILURE;
             }
+        }
+    }
+    let errors = stats.errors_total();
+    // Nothing got through: every conversation failed and no message was answered.
+    if errors > 0 && msgs == 0 && errors >= stats.conversations_started() {
+        println!(
+            "target   FAIL: every conversation failed against {}: {errors} errors (is it listening? see the errors above)",
+            ctx.target
+        );
+        code = ExitCode::from(2);
+    } else if errors as f64 > args.max_error_share * reqs.max(1) as f64 {
+        println!(
+            "errors   FAIL: {errors} errors in {reqs} HTTP requests, more than --max-error-share {}",
+            args.max_error_share
+        );
+        if code == ExitCode::SUCCESS {
+            code = ExitCode::FAILURE;
         }
     }
     println!("{summary}");
