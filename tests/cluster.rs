@@ -412,6 +412,70 @@ async fn two_nodes_creating_one_bot_id_at_once_create_it_once() {
     assert_eq!(redis.cli(&["HLEN", "bg:{contoso}:bots"]), "1");
 }
 
+/// The operator creating one tenant on two nodes at once creates it once (the store decides),
+/// and its purchase recorded on one node is the other node's capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_creating_one_tenant_at_once_create_it_once() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let nodes = [Arc::new(TestServer::with(node(&url)).await), Arc::new(TestServer::with(node(&url)).await)];
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let n = nodes[i % 2].clone();
+            tokio::spawn(async move {
+                let res = n
+                    .http
+                    .post(n.url("/api/v1/operator/tenants"))
+                    .bearer_auth(OPERATOR_KEY)
+                    .json(&serde_json::json!({"id": "tailspin"}))
+                    .send()
+                    .await
+                    .unwrap();
+                match res.status().as_u16() {
+                    201 => true,
+                    409 => {
+                        assert_error(res, 409, "TenantExists").await;
+                        false
+                    }
+                    s => panic!("unexpected {s}: {}", res.text().await.unwrap()),
+                }
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        created += u32::from(t.await.unwrap());
+    }
+    assert_eq!(created, 1);
+    let res = nodes[0]
+        .http
+        .post(nodes[0].url("/api/v1/operator/tenants/tailspin/subscriptions"))
+        .bearer_auth(OPERATOR_KEY)
+        .json(&serde_json::json!({"kind": "tenant_license"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let b = &nodes[1];
+    let mut capacity = None;
+    for _ in 0..100 {
+        let res = b
+            .http
+            .get(b.url("/api/v1/operator/tenants/tailspin"))
+            .bearer_auth(OPERATOR_KEY)
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = res.json().await.unwrap();
+        capacity = v["capacity"].as_u64();
+        if capacity == Some(150) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(capacity, Some(150), "the purchase reached the other node within a second");
+}
+
 /// A bot deleted and created again under its id, seen by another node in one reload (both
 /// changes at once), is the new bot there: that node serves the new bot's tokens and refuses
 /// the old bot's.
