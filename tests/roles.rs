@@ -332,3 +332,46 @@ async fn a_bot_of_the_configuration_file_is_read_only_through_the_api() {
     let bob = api.token("contoso", "bob", &["helpdesk-authors"], false, false);
     api.err(Method::GET, "/api/v1/bots/helpdesk", &bob, None, 403, "NotBotEditor").await;
 }
+
+#[tokio::test]
+async fn the_audit_log_is_structured_with_rfc3339_times_and_filters() {
+    let s = TestServer::start().await;
+    let api = Api::new(&s);
+    let root = api.token("contoso", "root", &[], true, false);
+    // An id with quotes stays one string in `after`, not JSON of its own making.
+    let odd = "eve%22%2C%22x%22%3A%22y";
+    api.ok(Method::PUT, &format!("/api/v1/admin/licenses/users/{odd}"), &root, None).await;
+    s.clock.advance_secs(60);
+    let body = Some(json!({"capacity_policy": "allow_overage"}));
+    api.ok(Method::PATCH, "/api/v1/admin/settings", &root, body).await;
+    let all = api.ok(Method::GET, "/api/v1/admin/audit", &root, None).await;
+    let entries = all["entries"].as_array().unwrap();
+    let assign =
+        entries.iter().find(|e| e["action"] == "license.assign_user" && e["actor"] == "root").unwrap();
+    assert_eq!(assign["after"], json!({"assigned": "eve\",\"x\":\"y"}));
+    assert_eq!(assign["at"], "2026-11-28T10:00:00.000Z");
+    let settings = entries.iter().find(|e| e["action"] == "settings.update").unwrap();
+    assert_eq!(settings["before"]["capacity_policy"], "reject");
+    assert_eq!(settings["after"]["capacity_policy"], "allow_overage");
+    assert_eq!(settings["at"], "2026-11-28T10:01:00.000Z");
+
+    let filtered = |q: &'static str| {
+        let root = root.clone();
+        let api = &api;
+        async move {
+            let v = api.ok(Method::GET, &format!("/api/v1/admin/audit?{q}"), &root, None).await;
+            v["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["action"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(filtered("actor=root").await, ["license.assign_user", "settings.update"]);
+    assert_eq!(filtered("action=settings.update").await, ["settings.update"]);
+    assert_eq!(filtered("actor=root&from=2026-11-28T10:00:30Z").await, ["settings.update"]);
+    assert_eq!(filtered("actor=root&to=2026-11-28T10:00:30Z").await, ["license.assign_user"]);
+    assert_eq!(filtered("actor=config&limit=1").await.len(), 1);
+    api.err(Method::GET, "/api/v1/admin/audit?from=yesterday", &root, None, 400, "BadRequest").await;
+}

@@ -203,30 +203,98 @@ pub async fn patch_settings(
     .into_response())
 }
 
-/// Paging through the audit log.
+/// Paging through and filtering the audit log.
 #[derive(Deserialize)]
 pub struct AuditQuery {
     after: Option<i64>,
     limit: Option<usize>,
+    actor: Option<String>,
+    action: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
 }
 
-/// `GET /api/v1/admin/audit?after=SEQ&limit=N`: the tenant's audit log, oldest first.
+/// An instant of a query: RFC 3339, or a date (its first millisecond, or with `end` its last).
+fn instant(v: &Option<String>, what: &str, end: bool) -> Result<Option<i64>, ApiError> {
+    let Some(v) = v.as_deref().filter(|v| !v.is_empty()) else { return Ok(None) };
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+        return Ok(Some(t.timestamp_millis()));
+    }
+    if let Ok(d) = v.parse::<NaiveDate>() {
+        let start = d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp_millis();
+        return Ok(Some(if end { start + 86_400_000 - 1 } else { start }));
+    }
+    Err(ApiError::bad_request(format!("`{what}` must be an RFC 3339 time or a date (YYYY-MM-DD).")))
+}
+
+/// A stored before/after document as JSON (a value that is not JSON stays a string).
+fn document(v: &Option<String>) -> serde_json::Value {
+    v.as_deref().map_or(serde_json::Value::Null, |s| {
+        serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_string()))
+    })
+}
+
+/// `GET /api/v1/admin/audit?after=SEQ&limit=N&actor=&action=&from=&to=`: the tenant's audit
+/// log, oldest first: `seq`, `at` (RFC 3339), `actor`, `action`, `target`, and `before`/`after`
+/// as JSON. Filters match exactly (actor, action) or by time (both ends inclusive); `after`
+/// pages on (the last `seq` seen).
 pub async fn audit(
     State(app): State<AppState>,
     Admin(p): Admin,
     Query(q): Query<AuditQuery>,
 ) -> Result<Response, ApiError> {
+    let from = instant(&q.from, "from", false)?;
+    let to = instant(&q.to, "to", true)?;
     crate::authoring::reports::take_report(&app, &p.identity)?;
     let store = app.store().clone();
     let tenant = p.identity.tenant.clone();
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let after = q.after.unwrap_or(0);
-    let entries = tokio::task::spawn_blocking(move || store.audit(&tenant, after, limit))
-        .await
-        .map_err(|_| ApiError::internal())?
-        .map_err(|e| {
-            tracing::error!(error = %e, "Reading the audit log failed.");
-            ApiError::unavailable("StoreUnavailable", "The audit log could not be read. Try again.")
-        })?;
+    let mut after = q.after.unwrap_or(0);
+    let keep = move |e: &crate::store::control::AuditEntry| {
+        q.actor.as_ref().is_none_or(|a| *a == e.actor)
+            && q.action.as_ref().is_none_or(|a| *a == e.action)
+            && from.is_none_or(|f| e.at_ms >= f)
+            && to.is_none_or(|t| e.at_ms <= t)
+    };
+    let entries = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        loop {
+            let page = store.audit(&tenant, after, 1000)?;
+            let full = page.len() == 1000;
+            for e in page {
+                after = e.seq;
+                if keep(&e) {
+                    out.push(e);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    })
+    .await
+    .map_err(|_| ApiError::internal())?
+    .map_err(|e: crate::store::StoreError| {
+        tracing::error!(error = %e, "Reading the audit log failed.");
+        ApiError::unavailable("StoreUnavailable", "The audit log could not be read. Try again.")
+    })?;
+    let entries: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "seq": e.seq,
+                "tenant": e.tenant,
+                "at": crate::clock::rfc3339_ms(e.at_ms),
+                "actor": e.actor,
+                "action": e.action,
+                "target": e.target,
+                "before": document(&e.before),
+                "after": document(&e.after),
+            })
+        })
+        .collect();
     Ok(Json(json!({ "entries": entries })).into_response())
 }

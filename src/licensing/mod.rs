@@ -488,7 +488,7 @@ impl Licensing {
                     seats: t.seats_bought(now),
                 });
             }
-            Ok((m, vec![(action, id.to_string(), None, Some(format!("{{\"assigned\":\"{id}\"}}")))]))
+            Ok((m, vec![(action, id.to_string(), None, json(&serde_json::json!({ "assigned": id })))]))
         })
         .await
     }
@@ -528,7 +528,7 @@ impl Licensing {
                 }
             }
             let action = if kind == Principal::User { "license.remove_user" } else { "license.remove_group" };
-            Ok((m, vec![(action, id.to_string(), Some(format!("{{\"assigned\":\"{id}\"}}")), None)]))
+            Ok((m, vec![(action, id.to_string(), json(&serde_json::json!({ "assigned": id })), None)]))
         })
         .await
     }
