@@ -20,7 +20,8 @@
 //! - [`conversation`]: conversation state: activity log, watermark, expiry, the map.
 //! - [`identity`]: authors' JWTs: verification, the verified-token cache, the dev issuer.
 //! - [`licensing`]: tenants, purchases, seats, trials, settings, audit; the read-mostly snapshot;
-//!   the author layer; the admin API.
+//!   the author layer; the admin and operator APIs.
+//! - [`console`]: the web console's page and assets, embedded at build time.
 //! - [`authoring`]: the authoring API: bots, secrets, publishing, test chat, who-am-I, trials,
 //!   usage reports.
 //! - [`bots`]: the bot registry, built-in bots (topics) and upstream bots (Bot Framework).
@@ -33,6 +34,7 @@ pub mod channel;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod conversation;
 pub mod error;
 pub mod identity;

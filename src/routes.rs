@@ -6,6 +6,7 @@ use axum::routing::{MethodRouter, get, post, put};
 
 use crate::authoring::{bots, me, reports};
 use crate::channel::{connector, directline, stream, turn};
+use crate::console;
 use crate::licensing::layer::AuthorLayer;
 use crate::licensing::{admin, operator};
 use crate::state::AppState;
@@ -29,6 +30,10 @@ pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
         // The connector upstream bots call back on.
         ("/connector/{key}/v3/conversations/{id}/activities", post(connector::send)),
         ("/connector/{key}/v3/conversations/{id}/activities/{reply_to}", post(connector::reply)),
+        // The web console (its page signs in with a bearer token and calls the APIs below).
+        ("/console", get(console::index)),
+        ("/console/{file}", get(console::asset)),
+        ("/api/v1/dev/token", post(console::dev_token)),
         // The platform operator (its own credentials, not the author layer).
         ("/api/v1/operator/tenants", get(operator::list_tenants).post(operator::create_tenant)),
         ("/api/v1/operator/tenants/{tenant_id}", get(operator::get_tenant)),
@@ -63,6 +68,10 @@ pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
         ("/api/v1/admin/settings", get(admin::settings).patch(admin::patch_settings)),
         ("/api/v1/admin/audit", get(admin::audit)),
         ("/api/v1/admin/usage", get(reports::tenant_usage)),
+        ("/api/v1/admin/usage/daily", get(reports::tenant_daily)),
+        ("/api/v1/admin/usage/monthly", get(reports::tenant_monthly)),
+        ("/api/v1/admin/trials", get(admin::trials)),
+        ("/api/v1/bots/{bot_id}/usage/daily", get(reports::bot_daily)),
     ];
     let mut templates = Vec::with_capacity(table.len() + authoring.len());
     let mut router = Router::new();

@@ -60,6 +60,8 @@ struct Inner {
     channel: Channel,
     licensing: Arc<Licensing>,
     verifier: Arc<Verifier>,
+    /// The development issuer's HS256 key, when `identity.algorithms` has HS256.
+    dev_key: Option<Vec<u8>>,
     authoring: Authoring,
     redis: Option<Arc<RedisStore>>,
     node_id: String,
@@ -207,6 +209,7 @@ impl AppState {
                 channel,
                 licensing: Arc::new(licensing),
                 verifier: Arc::new(verifier),
+                dev_key,
                 authoring,
                 cluster,
                 forward_client: crate::cluster::forward::client(),
@@ -253,6 +256,11 @@ impl AppState {
     /// Licensing.
     pub fn licensing(&self) -> &Arc<Licensing> {
         &self.inner.licensing
+    }
+
+    /// The development issuer's key, when it is on (`identity.algorithms` has HS256).
+    pub fn dev_key(&self) -> Option<&[u8]> {
+        self.inner.dev_key.as_deref()
     }
 
     /// The authors' token verifier.

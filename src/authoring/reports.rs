@@ -8,6 +8,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use chrono::NaiveDate;
+use http::{HeaderMap, header};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -161,7 +162,8 @@ pub async fn tenant_usage(
     }
     let sessions: u64 = bots.values().map(|b| b.0).sum();
     let overage: u64 = bots.values().map(|b| b.1).sum();
-    let capacity = app.metering().pool(tenant).capacity(month);
+    let pool = app.metering().pool(tenant);
+    let capacity = pool.capacity(month);
     let used = sessions - overage;
     Ok(Json(json!({
         "tenant": tenant,
@@ -171,7 +173,200 @@ pub async fn tenant_usage(
         "remaining": capacity.saturating_sub(used),
         "overage": overage,
         "billed_sessions": sessions,
+        "leased": pool.lease_remaining(month),
+        "policy": pool.policy(),
         "bots": bots.iter().map(|(bot, (s, o, t))| json!({"bot": bot, "billed_sessions": s, "overage_sessions": o, "turns": t})).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// The longest range of a daily series: three months.
+pub const MAX_RANGE_DAYS: i64 = 92;
+
+/// A daily series' range: `from` and `to` inclusive, default the 30 days up to today.
+fn series_range(app: &AppState, r: &Range) -> Result<(NaiveDate, NaiveDate), ApiError> {
+    let today = crate::licensing::model::day(app.clock().now_ms());
+    let to = parse_day(&r.to, "to")?.unwrap_or(today);
+    let from = parse_day(&r.from, "from")?.unwrap_or(to - chrono::Duration::days(29));
+    if from > to {
+        return Err(ApiError::bad_request("`from` is after `to`."));
+    }
+    if (to - from).num_days() + 1 > MAX_RANGE_DAYS {
+        return Err(ApiError::bad_request(format!(
+            "A daily series covers at most {MAX_RANGE_DAYS} days (three months)."
+        )));
+    }
+    Ok((from, to))
+}
+
+/// Whether the caller asked for CSV (`Accept: text/csv`).
+fn wants_csv(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/csv"))
+}
+
+fn csv(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response()
+}
+
+/// Per-day counts of each bot over a range: `days[i]` is the day of every series' `i`th value.
+struct Daily {
+    days: Vec<NaiveDate>,
+    /// Per bot: billed sessions, overage sessions, turns, one value per day.
+    bots: BTreeMap<String, [Vec<u64>; 3]>,
+}
+
+impl Daily {
+    /// The series of `tenant`'s bots (or of `only` that bot); `bots` start at zero.
+    fn of(
+        rows: &[DailyUsage],
+        tenant: &str,
+        only: Option<&str>,
+        bots: &[String],
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Self {
+        let days: Vec<NaiveDate> = from.iter_days().take_while(|d| *d <= to).collect();
+        let zero = || [vec![0; days.len()], vec![0; days.len()], vec![0; days.len()]];
+        let mut out: BTreeMap<String, [Vec<u64>; 3]> = bots.iter().map(|b| (b.clone(), zero())).collect();
+        for u in rows.iter().filter(|u| u.tenant == tenant && only.is_none_or(|b| b == u.bot)) {
+            let Ok(d) = u.day.parse::<NaiveDate>() else { continue };
+            if d < from || d > to {
+                continue;
+            }
+            let i = (d - from).num_days() as usize;
+            let e = out.entry(u.bot.clone()).or_insert_with(zero);
+            e[0][i] += u.sessions;
+            e[1][i] += u.overage;
+            e[2][i] += u.turns;
+        }
+        Self { days, bots: out }
+    }
+
+    fn json(&self, tenant: &str) -> serde_json::Value {
+        let n = self.days.len();
+        let mut total = [vec![0u64; n], vec![0u64; n], vec![0u64; n]];
+        for series in self.bots.values() {
+            for (t, s) in total.iter_mut().zip(series) {
+                for (a, b) in t.iter_mut().zip(s) {
+                    *a += b;
+                }
+            }
+        }
+        let triple =
+            |s: &[Vec<u64>; 3]| json!({"billed_sessions": s[0], "overage_sessions": s[1], "turns": s[2]});
+        json!({
+            "tenant": tenant,
+            "from": self.days.first().map(|d| d.to_string()),
+            "to": self.days.last().map(|d| d.to_string()),
+            "days": self.days.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            "bots": self.bots.iter().map(|(bot, s)| {
+                let mut v = triple(s);
+                v["bot"] = json!(bot);
+                v
+            }).collect::<Vec<_>>(),
+            "total": triple(&total),
+        })
+    }
+
+    fn csv(&self) -> String {
+        let mut out = String::from("day,bot,billed_sessions,overage_sessions,turns\n");
+        for (i, d) in self.days.iter().enumerate() {
+            for (bot, s) in &self.bots {
+                out.push_str(&format!("{d},{bot},{},{},{}\n", s[0][i], s[1][i], s[2][i]));
+            }
+        }
+        out
+    }
+}
+
+/// `GET /api/v1/admin/usage/daily?from=YYYY-MM-DD&to=YYYY-MM-DD`: billed sessions, overage and
+/// turns per day and bot of the caller's tenant, dense (a zero where nothing happened), with
+/// the tenant's total per day; at most 92 days, default the last 30. `Accept: text/csv` for
+/// CSV (`day,bot,billed_sessions,overage_sessions,turns`).
+pub async fn tenant_daily(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    headers: HeaderMap,
+    Query(r): Query<Range>,
+) -> Result<Response, ApiError> {
+    let (from, to) = series_range(&app, &r)?;
+    take_report(&app, &p.identity)?;
+    let tenant = &p.identity.tenant;
+    let rows = usage(&app).await?;
+    let bots: Vec<String> =
+        app.channel().bots.all().iter().filter(|b| &b.tenant == tenant).map(|b| b.id.clone()).collect();
+    let d = Daily::of(&rows, tenant, None, &bots, from, to);
+    Ok(if wants_csv(&headers) { csv(d.csv()) } else { Json(d.json(tenant)).into_response() })
+}
+
+/// `GET /api/v1/bots/{botId}/usage/daily?from=&to=`: the same series for one bot, for those
+/// who may read the bot.
+pub async fn bot_daily(
+    State(app): State<AppState>,
+    Author(p, _): Author,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(r): Query<Range>,
+) -> Result<Response, ApiError> {
+    let bot = bot_for(&app, &p, &id, Access::Read)?;
+    let (from, to) = series_range(&app, &r)?;
+    take_report(&app, &p.identity)?;
+    let rows = usage(&app).await?;
+    let d = Daily::of(&rows, &bot.tenant, Some(&bot.id), std::slice::from_ref(&bot.id), from, to);
+    Ok(if wants_csv(&headers) { csv(d.csv()) } else { Json(d.json(&bot.tenant)).into_response() })
+}
+
+/// How many months a monthly report covers.
+#[derive(Deserialize)]
+pub struct MonthsQuery {
+    months: Option<u32>,
+}
+
+/// `GET /api/v1/admin/usage/monthly?months=12`: capacity, used, overage, billed sessions and
+/// turns of each month, the current one last (1 to 24 months). `Accept: text/csv` for CSV.
+pub async fn tenant_monthly(
+    State(app): State<AppState>,
+    Admin(p): Admin,
+    headers: HeaderMap,
+    Query(q): Query<MonthsQuery>,
+) -> Result<Response, ApiError> {
+    let n = q.months.unwrap_or(12);
+    if !(1..=24).contains(&n) {
+        return Err(ApiError::bad_request("`months` is 1 to 24."));
+    }
+    take_report(&app, &p.identity)?;
+    let tenant = &p.identity.tenant;
+    let rows = usage(&app).await?;
+    let current = app.metering().current_month();
+    let pool = app.metering().pool(tenant);
+    let months: Vec<_> = (0..n)
+        .rev()
+        .map(|back| {
+            let m = current - back;
+            let label = month_label(m);
+            let (mut sessions, mut overage, mut turns) = (0, 0, 0);
+            for u in rows.iter().filter(|u| &u.tenant == tenant && u.day.starts_with(&label)) {
+                sessions += u.sessions;
+                overage += u.overage;
+                turns += u.turns;
+            }
+            let capacity = pool.capacity(m);
+            (label, capacity, sessions - overage, overage, sessions, turns)
+        })
+        .collect();
+    if wants_csv(&headers) {
+        let mut out = String::from("month,capacity,used,overage,billed_sessions,turns\n");
+        for (label, c, u, o, s, t) in &months {
+            out.push_str(&format!("{label},{c},{u},{o},{s},{t}\n"));
+        }
+        return Ok(csv(out));
+    }
+    Ok(Json(json!({
+        "tenant": tenant,
+        "months": months.iter().map(|(label, c, u, o, s, t)| json!({
+            "month": label, "capacity": c, "used": u, "remaining": c.saturating_sub(*u),
+            "overage": o, "billed_sessions": s, "turns": t,
+        })).collect::<Vec<_>>(),
     }))
     .into_response())
 }

@@ -163,6 +163,28 @@ async fn change(
     Ok(status.into_response())
 }
 
+/// `GET /api/v1/admin/trials`: the tenant's trials, with their state now.
+pub async fn trials(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
+    let now = app.clock().now_ms();
+    let Some(t) = app.licensing().tenant(&p.identity.tenant) else {
+        return Err(super::unknown_tenant(&p.identity.tenant));
+    };
+    let trials: Vec<_> = t
+        .trials
+        .values()
+        .map(|tr| {
+            json!({
+                "user": tr.user,
+                "started": crate::clock::rfc3339_ms(tr.started_ms),
+                "expires": crate::clock::rfc3339_ms(tr.expires_ms),
+                "extended": tr.extended,
+                "active": tr.expires_ms > now,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "trials": trials })).into_response())
+}
+
 /// `GET /api/v1/admin/settings`.
 pub async fn settings(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
     let t = view(&app, &p.identity.tenant)?;
