@@ -21,4 +21,8 @@ fi
 # tests/node/package-lock.json.
 bash tests/node/install.sh
 
+# schemathesis and openapi-spec-validator for tests/openapi.rs, pinned in
+# tests/python/requirements.txt, in tests/python/.venv.
+bash tests/python/install.sh
+
 cargo test "$@"

@@ -62,12 +62,18 @@ pub async fn asset(State(app): State<AppState>, Path(name): Path<String>) -> Res
 }
 
 /// Who the development sign-in signs in as.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DevSignIn {
+    /// The tenant id (`tid`).
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     tenant: String,
+    /// The user id (`oid`).
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     user: String,
+    /// Group ids (`groups`).
     #[serde(default)]
+    #[schema(max_items = 16, value_type = Vec<DevGroup>)]
     groups: Vec<String>,
     #[serde(default)]
     admin: bool,
@@ -75,11 +81,18 @@ pub struct DevSignIn {
     operator: bool,
 }
 
+/// A group id in a development token.
+#[derive(utoipa::ToSchema)]
+#[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
+#[allow(dead_code)]
+pub struct DevGroup(String);
+
 /// `POST /api/v1/dev/token`: a development token for the console's one-click sign-in, valid
 /// 8 hours; 404 unless the development issuer is on. Anyone who reaches the gateway can call
 /// it, exactly as anyone who reads its data folder can run `botgate token`: the development
 /// issuer is for a development machine, and a deployment configures its identity provider
 /// (RS256/ES256), which turns this route off.
+#[utoipa::path(post, path = "/api/v1/dev/token", tag = "console", request_body = DevSignIn, responses((status = 201, description = "A development token", body = serde_json::Value)))]
 pub async fn dev_token(
     State(app): State<AppState>,
     JsonBody(body): JsonBody<DevSignIn>,
@@ -89,9 +102,11 @@ pub async fn dev_token(
             "The development issuer is off; sign in with your identity provider.",
         ));
     };
-    let ok = |s: &str| !s.is_empty() && s.len() <= 256;
+    let ok = |s: &str| crate::config::validate_id("", s).is_ok();
     if !ok(&body.tenant) || !ok(&body.user) || body.groups.len() > 16 || !body.groups.iter().all(|g| ok(g)) {
-        return Err(ApiError::bad_request("`tenant` and `user` are 1 to 256 characters; at most 16 groups."));
+        return Err(ApiError::bad_request(
+            "`tenant`, `user` and each of at most 16 `groups` are 1 to 64 of A-Z a-z 0-9 _ - .",
+        ));
     }
     let req = dev_issuer::TokenRequest {
         tenant: body.tenant,

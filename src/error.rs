@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An error answered to a client: status, stable code, human message, and an optional
 /// `Retry-After` in seconds.
@@ -176,9 +176,24 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
                     ApiError::bad_request("The request body could not be read.")
                 }
             })?;
+        // Every body of the API is a JSON object; serde would also take an array for a struct.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request("The body must be a JSON object."));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(format!("The body is not the expected JSON: {e}.")))
+    }
+}
+
+/// Deserializes a whole number also written with a zero fraction (`3.0`), which JSON Schema
+/// counts as an integer too; `3.5` and negatives are refused.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = f64::deserialize(d)?;
+    if n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(serde::de::Error::custom(format!("{n} is not a whole number from 0 to {}", u32::MAX)))
     }
 }
 

@@ -22,6 +22,7 @@
 //! - [`licensing`]: tenants, purchases, seats, trials, settings, audit; the read-mostly snapshot;
 //!   the author layer; the admin and operator APIs.
 //! - [`console`]: the web console's page and assets, embedded at build time.
+//! - [`openapi`]: the OpenAPI 3.1 document of the JSON APIs, generated from the handlers.
 //! - [`authoring`]: the authoring API: bots, secrets, publishing, test chat, who-am-I, trials,
 //!   usage reports.
 //! - [`bots`]: the bot registry, built-in bots (topics) and upstream bots (Bot Framework).
@@ -40,6 +41,7 @@ pub mod error;
 pub mod identity;
 pub mod licensing;
 pub mod metering;
+pub mod openapi;
 pub mod outbound;
 pub mod routes;
 pub mod server;

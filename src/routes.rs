@@ -34,6 +34,7 @@ pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
         ("/console", get(console::index)),
         ("/console/{file}", get(console::asset)),
         ("/api/v1/dev/token", post(console::dev_token)),
+        ("/api/v1/openapi.json", get(crate::openapi::openapi_json)),
         // The platform operator (its own credentials, not the author layer).
         ("/api/v1/operator/tenants", get(operator::list_tenants).post(operator::create_tenant)),
         ("/api/v1/operator/tenants/{tenant_id}", get(operator::get_tenant)),

@@ -110,6 +110,7 @@ fn audit(
 }
 
 /// `GET /api/v1/bots`.
+#[utoipa::path(get, path = "/api/v1/bots", tag = "authoring", responses((status = 200, description = "The bots the caller may reach", body = serde_json::Value)))]
 pub async fn list(State(app): State<AppState>, Author(p, _): Author) -> Response {
     let mut bots: Vec<Arc<Bot>> = app
         .channel()
@@ -123,10 +124,14 @@ pub async fn list(State(app): State<AppState>, Author(p, _): Author) -> Response
 }
 
 /// A new bot.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewBot {
+    /// The bot id, used in URLs (default: a random `bot-...`).
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     id: Option<String>,
+    /// A display name, also the `from.name` of its replies.
+    #[schema(min_length = 1)]
     name: String,
     kind: BotKind,
     #[serde(default)]
@@ -155,6 +160,7 @@ fn validate(app: &AppState, def: &BotConfig) -> Result<(), ApiError> {
 }
 
 /// `POST /api/v1/bots`: creates an unpublished bot with two fresh channel secrets, shown once.
+#[utoipa::path(post, path = "/api/v1/bots", tag = "authoring", request_body = NewBot, responses((status = 201, description = "The bot and its two secrets, shown once", body = serde_json::Value)))]
 pub async fn create(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -203,6 +209,7 @@ pub async fn create(
 }
 
 /// `GET /api/v1/bots/{botId}`.
+#[utoipa::path(get, path = "/api/v1/bots/{bot_id}", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id")), responses((status = 200, description = "The bot", body = serde_json::Value)))]
 pub async fn get(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -213,7 +220,7 @@ pub async fn get(
 }
 
 /// A change to a bot; absent fields stay.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BotPatch {
     name: Option<String>,
@@ -224,6 +231,7 @@ pub struct BotPatch {
 }
 
 /// `PATCH /api/v1/bots/{botId}`: edits the definition, secured access and origins.
+#[utoipa::path(patch, path = "/api/v1/bots/{bot_id}", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id")), request_body = BotPatch, responses((status = 200, description = "The changed bot", body = serde_json::Value)))]
 pub async fn patch(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -267,6 +275,7 @@ pub async fn patch(
 }
 
 /// `DELETE /api/v1/bots/{botId}`: the bot stops serving at once.
+#[utoipa::path(delete, path = "/api/v1/bots/{bot_id}", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id")), responses((status = 204, description = "The bot is deleted")))]
 pub async fn delete(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -302,6 +311,7 @@ async fn set_published(app: &AppState, p: &Principal, id: &str, on: bool) -> Res
 }
 
 /// `POST /api/v1/bots/{botId}/publish`.
+#[utoipa::path(post, path = "/api/v1/bots/{bot_id}/publish", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id")), responses((status = 200, description = "The bot", body = serde_json::Value)))]
 pub async fn publish(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -311,6 +321,7 @@ pub async fn publish(
 }
 
 /// `POST /api/v1/bots/{botId}/unpublish`.
+#[utoipa::path(post, path = "/api/v1/bots/{bot_id}/unpublish", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id")), responses((status = 200, description = "The bot", body = serde_json::Value)))]
 pub async fn unpublish(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -321,6 +332,7 @@ pub async fn unpublish(
 
 /// `GET /api/v1/bots/{botId}/secrets`: which slots hold a secret (values are shown only when
 /// made: they are kept hashed).
+#[utoipa::path(get, path = "/api/v1/bots/{bot_id}/secrets", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id")), responses((status = 200, description = "The two secret slots", body = serde_json::Value)))]
 pub async fn list_secrets(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -344,6 +356,7 @@ pub async fn list_secrets(
 
 /// `POST /api/v1/bots/{botId}/secrets/{slot}/regenerate`: a new secret in slot 1 or 2; tokens
 /// made from the old one stop working, the other slot keeps serving.
+#[utoipa::path(post, path = "/api/v1/bots/{bot_id}/secrets/{slot}/regenerate", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id"), ("slot" = SecretSlot, Path, description = "1 or 2")), responses((status = 200, description = "The new secret, shown once", body = serde_json::Value)))]
 pub async fn regenerate(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -374,12 +387,25 @@ pub async fn regenerate(
         .into_response())
 }
 
+/// A secret slot in a path: `1` or `2`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub enum SecretSlot {
+    /// The first slot.
+    #[serde(rename = "1")]
+    One,
+    /// The second slot.
+    #[serde(rename = "2")]
+    Two,
+}
+
 /// At most this many authors share one bot.
 pub const MAX_EDITORS: usize = 64;
 
 /// `PUT /api/v1/bots/{botId}/editors/{userId}`: shares the bot with another author of the
 /// tenant (the owner and tenant admins only). Sharing with the owner or a current editor
 /// changes nothing.
+#[utoipa::path(put, path = "/api/v1/bots/{bot_id}/editors/{user_id}", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id"), ("user_id" = String, Path, description = "The author to share with")), responses((status = 200, description = "The bot", body = serde_json::Value)))]
 pub async fn add_editor(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -389,6 +415,7 @@ pub async fn add_editor(
 }
 
 /// `DELETE /api/v1/bots/{botId}/editors/{userId}`: the author no longer reaches the bot.
+#[utoipa::path(delete, path = "/api/v1/bots/{bot_id}/editors/{user_id}", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id"), ("user_id" = String, Path, description = "The author")), responses((status = 204, description = "No longer shared")))]
 pub async fn remove_editor(
     State(app): State<AppState>,
     Author(p, _): Author,

@@ -15,6 +15,7 @@ use crate::state::AppState;
 use crate::store::control::TrialRecord;
 
 /// `GET /api/v1/me`: identity, and whether and how the caller is licensed (or why not).
+#[utoipa::path(get, path = "/api/v1/me", tag = "authoring", responses((status = 200, description = "Who the caller is and how they are licensed", body = serde_json::Value)))]
 pub async fn me(Caller(p): Caller) -> Response {
     let id = &p.identity;
     let (licensed, license, reason) = match &p.license {
@@ -47,12 +48,14 @@ fn trial_json(t: &TrialRecord) -> serde_json::Value {
 }
 
 /// `POST /api/v1/trial`.
+#[utoipa::path(post, path = "/api/v1/trial", tag = "authoring", responses((status = 201, description = "The trial", body = serde_json::Value)))]
 pub async fn start_trial(State(app): State<AppState>, Caller(p): Caller) -> Result<Response, ApiError> {
     let t = app.licensing().start_trial(&p.identity).await?;
     Ok((StatusCode::CREATED, Json(trial_json(&t))).into_response())
 }
 
 /// `POST /api/v1/trial/extend`.
+#[utoipa::path(post, path = "/api/v1/trial/extend", tag = "authoring", responses((status = 200, description = "The extended trial", body = serde_json::Value)))]
 pub async fn extend_trial(State(app): State<AppState>, Caller(p): Caller) -> Result<Response, ApiError> {
     let t = app.licensing().extend_trial(&p.identity).await?;
     Ok(Json(trial_json(&t)).into_response())
@@ -62,6 +65,7 @@ pub async fn extend_trial(State(app): State<AppState>, Caller(p): Caller) -> Res
 /// (published or not). Test-chat conversations are never billed; they follow the bot's rate
 /// limit, an author holds at most `channel.max_test_chats_per_author` of them, and the token
 /// lives `channel.test_chat_token_ttl_secs` at most and only while the author is licensed.
+#[utoipa::path(post, path = "/api/v1/bots/{bot_id}/testchat", tag = "authoring", params(("bot_id" = String, Path, description = "The bot id")), responses((status = 200, description = "A Direct Line token for a test conversation", body = serde_json::Value)))]
 pub async fn test_chat(
     State(app): State<AppState>,
     Author(p, _): Author,

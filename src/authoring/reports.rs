@@ -82,15 +82,19 @@ async fn usage(app: &AppState) -> Result<Vec<DailyUsage>, ApiError> {
 }
 
 /// The analytics range.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Range {
+    /// The first day, YYYY-MM-DD (inclusive).
+    #[param(format = Date)]
     from: Option<String>,
+    /// The last day, YYYY-MM-DD (inclusive).
+    #[param(format = Date)]
     to: Option<String>,
 }
 
 fn parse_day(s: &Option<String>, what: &str) -> Result<Option<NaiveDate>, ApiError> {
     s.as_deref()
-        .filter(|s| !s.is_empty())
         .map(|d| {
             d.parse::<NaiveDate>()
                 .map_err(|_| ApiError::bad_request(format!("`{what}` must be a date, YYYY-MM-DD.")))
@@ -100,6 +104,7 @@ fn parse_day(s: &Option<String>, what: &str) -> Result<Option<NaiveDate>, ApiErr
 
 /// `GET /api/v1/bots/{botId}/analytics?from=YYYY-MM-DD&to=YYYY-MM-DD`: billed sessions, overage
 /// and turns per day, and totals (both ends inclusive; default: everything).
+#[utoipa::path(get, path = "/api/v1/bots/{bot_id}/analytics", tag = "usage", params(("bot_id" = String, Path, description = "The bot id"), Range), responses((status = 200, description = "Sessions, overage and turns per day with data, and totals", body = serde_json::Value)))]
 pub async fn analytics(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -133,20 +138,24 @@ pub async fn analytics(
 }
 
 /// The report month.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MonthQuery {
+    /// The month, YYYY-MM (default: the current one).
+    #[param(pattern = "^[1-9][0-9]{3}-(0[1-9]|1[0-2])$")]
     month: Option<String>,
 }
 
 /// `GET /api/v1/admin/usage?month=YYYY-MM`: the tenant's capacity, used, remaining, overage,
 /// and a per-bot breakdown (default: the current month).
+#[utoipa::path(get, path = "/api/v1/admin/usage", tag = "usage", params(MonthQuery), responses((status = 200, description = "The month: capacity, used, remaining, overage, leased, policy, per bot", body = serde_json::Value)))]
 pub async fn tenant_usage(
     State(app): State<AppState>,
     Admin(p): Admin,
     Query(q): Query<MonthQuery>,
 ) -> Result<Response, ApiError> {
     let month = match q.month.as_deref() {
-        None | Some("") => app.metering().current_month(),
+        None => app.metering().current_month(),
         Some(m) => parse_month(m).ok_or_else(|| ApiError::bad_request("`month` must be YYYY-MM."))?,
     };
     let label = month_label(month);
@@ -283,6 +292,7 @@ impl Daily {
 /// turns per day and bot of the caller's tenant, dense (a zero where nothing happened), with
 /// the tenant's total per day; at most 92 days, default the last 30. `Accept: text/csv` for
 /// CSV (`day,bot,billed_sessions,overage_sessions,turns`).
+#[utoipa::path(get, path = "/api/v1/admin/usage/daily", tag = "usage", params(Range), responses((status = 200, description = "Dense daily series per bot and the tenant total", content((serde_json::Value = "application/json"), (String = "text/csv")))))]
 pub async fn tenant_daily(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -301,6 +311,7 @@ pub async fn tenant_daily(
 
 /// `GET /api/v1/bots/{botId}/usage/daily?from=&to=`: the same series for one bot, for those
 /// who may read the bot.
+#[utoipa::path(get, path = "/api/v1/bots/{bot_id}/usage/daily", tag = "usage", params(("bot_id" = String, Path, description = "The bot id"), Range), responses((status = 200, description = "Dense daily series of one bot", content((serde_json::Value = "application/json"), (String = "text/csv")))))]
 pub async fn bot_daily(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -317,13 +328,17 @@ pub async fn bot_daily(
 }
 
 /// How many months a monthly report covers.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MonthsQuery {
+    /// How many months, the current one last (default 12).
+    #[param(minimum = 1, maximum = 24)]
     months: Option<u32>,
 }
 
 /// `GET /api/v1/admin/usage/monthly?months=12`: capacity, used, overage, billed sessions and
 /// turns of each month, the current one last (1 to 24 months). `Accept: text/csv` for CSV.
+#[utoipa::path(get, path = "/api/v1/admin/usage/monthly", tag = "usage", params(MonthsQuery), responses((status = 200, description = "Totals per month, the current one last", content((serde_json::Value = "application/json"), (String = "text/csv")))))]
 pub async fn tenant_monthly(
     State(app): State<AppState>,
     Admin(p): Admin,

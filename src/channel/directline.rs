@@ -136,6 +136,7 @@ pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> R
 
 /// `GET /api/v1/bots/{botId}/directline/token`: a token for an open bot's website channel,
 /// without a secret.
+#[utoipa::path(get, path = "/api/v1/bots/{bot_id}/directline/token", tag = "channel", params(("bot_id" = String, Path, description = "The bot id")), responses((status = 200, description = "A Direct Line token and conversation id for an open bot", body = serde_json::Value)))]
 pub async fn open_bot_token(
     State(app): State<AppState>,
     Path(bot_id): Path<String>,

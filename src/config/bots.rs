@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{Invalid, invalid, validate_id};
 
 /// Where a bot's answers come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BotKind {
     /// Topics defined here, answered by the gateway itself.
@@ -15,7 +15,7 @@ pub enum BotKind {
 }
 
 /// Whether a topic is the user's business (billed) or the system's (never begins a session).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TopicKind {
     /// Triggered by what the user asks; the first one begins a billed session.
@@ -25,7 +25,7 @@ pub enum TopicKind {
 }
 
 /// The role of a system topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SystemTopic {
     /// Sent when the conversation starts (`conversationUpdate` or the `startConversation` event).
@@ -39,7 +39,7 @@ pub enum SystemTopic {
 }
 
 /// One topic of a built-in bot.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     /// A display name. Required.

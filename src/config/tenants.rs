@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{Invalid, invalid, validate_id};
 
 /// What happens to a message that would begin a billed session when the month's pool is empty.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CapacityPolicy {
     /// Refuse it with 429 `CapacityExhausted` (open sessions continue).
@@ -17,7 +17,7 @@ pub enum CapacityPolicy {
 }
 
 /// The kinds of subscription a tenant buys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SubscriptionKind {
     /// The tenant license: 2,000 billed sessions a month each (pooled).

@@ -24,6 +24,7 @@ fn view(app: &AppState, tenant: &str) -> Result<std::sync::Arc<TenantView>, ApiE
 }
 
 /// `GET /api/v1/admin/subscriptions`.
+#[utoipa::path(get, path = "/api/v1/admin/subscriptions", tag = "admin", responses((status = 200, description = "The tenant's subscriptions", body = serde_json::Value)))]
 pub async fn list_subscriptions(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
     let subs =
         app.licensing().tenant(&p.identity.tenant).map(|t| t.subscriptions.clone()).unwrap_or_default();
@@ -31,11 +32,13 @@ pub async fn list_subscriptions(State(app): State<AppState>, Admin(p): Admin) ->
 }
 
 /// A purchase request.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSubscription {
     kind: SubscriptionKind,
-    #[serde(default = "one")]
+    /// How many (licenses, add-ons or seats); default 1.
+    #[serde(default = "one", deserialize_with = "crate::error::whole_number")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
     quantity: u32,
     start: Option<NaiveDate>,
     end: Option<NaiveDate>,
@@ -52,8 +55,8 @@ pub async fn record_purchase(
     tenant: &str,
     body: NewSubscription,
 ) -> Result<Response, ApiError> {
-    if body.quantity == 0 {
-        return Err(ApiError::bad_request("`quantity` must be at least 1."));
+    if !(1..=1_000_000).contains(&body.quantity) {
+        return Err(ApiError::bad_request("`quantity` is 1 to 1,000,000."));
     }
     let start = body.start.unwrap_or_else(|| super::model::day(app.clock().now_ms()));
     if body.end.is_some_and(|e| e < start) {
@@ -66,6 +69,7 @@ pub async fn record_purchase(
 
 /// `POST /api/v1/admin/subscriptions`: only where the operator's configuration lets tenants
 /// buy for themselves (`licensing.tenant_self_purchase`); otherwise 403 `SelfPurchaseDisabled`.
+#[utoipa::path(post, path = "/api/v1/admin/subscriptions", tag = "admin", request_body = NewSubscription, responses((status = 201, description = "The purchase", body = serde_json::Value)))]
 pub async fn add_subscription(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -89,6 +93,7 @@ struct Seats {
 }
 
 /// `GET /api/v1/admin/licenses`: seats bought, used, free, and the assignments.
+#[utoipa::path(get, path = "/api/v1/admin/licenses", tag = "admin", responses((status = 200, description = "Seats, assignments and seat holders", body = serde_json::Value)))]
 pub async fn licenses(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
     let now = app.clock().now_ms();
     let Some(t) = app.licensing().tenant(&p.identity.tenant) else {
@@ -108,6 +113,7 @@ pub async fn licenses(State(app): State<AppState>, Admin(p): Admin) -> Result<Re
 }
 
 /// `PUT /api/v1/admin/licenses/users/{userId}`.
+#[utoipa::path(put, path = "/api/v1/admin/licenses/users/{user_id}", tag = "admin", params(("user_id" = String, Path, description = "The user")), responses((status = 200, description = "The license is assigned")))]
 pub async fn assign_user(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -117,6 +123,7 @@ pub async fn assign_user(
 }
 
 /// `DELETE /api/v1/admin/licenses/users/{userId}`.
+#[utoipa::path(delete, path = "/api/v1/admin/licenses/users/{user_id}", tag = "admin", params(("user_id" = String, Path, description = "The user")), responses((status = 204, description = "The license is removed")))]
 pub async fn remove_user(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -126,6 +133,7 @@ pub async fn remove_user(
 }
 
 /// `PUT /api/v1/admin/licenses/groups/{groupId}`.
+#[utoipa::path(put, path = "/api/v1/admin/licenses/groups/{group_id}", tag = "admin", params(("group_id" = String, Path, description = "The group")), responses((status = 200, description = "The license is assigned")))]
 pub async fn assign_group(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -135,6 +143,7 @@ pub async fn assign_group(
 }
 
 /// `DELETE /api/v1/admin/licenses/groups/{groupId}`.
+#[utoipa::path(delete, path = "/api/v1/admin/licenses/groups/{group_id}", tag = "admin", params(("group_id" = String, Path, description = "The group")), responses((status = 204, description = "The license is removed")))]
 pub async fn remove_group(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -164,6 +173,7 @@ async fn change(
 }
 
 /// `GET /api/v1/admin/trials`: the tenant's trials, with their state now.
+#[utoipa::path(get, path = "/api/v1/admin/trials", tag = "admin", responses((status = 200, description = "The tenant's trials", body = serde_json::Value)))]
 pub async fn trials(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
     let now = app.clock().now_ms();
     let Some(t) = app.licensing().tenant(&p.identity.tenant) else {
@@ -186,6 +196,7 @@ pub async fn trials(State(app): State<AppState>, Admin(p): Admin) -> Result<Resp
 }
 
 /// `GET /api/v1/admin/settings`.
+#[utoipa::path(get, path = "/api/v1/admin/settings", tag = "admin", responses((status = 200, description = "The settings", body = serde_json::Value)))]
 pub async fn settings(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
     let t = view(&app, &p.identity.tenant)?;
     Ok(Json(json!({
@@ -196,7 +207,7 @@ pub async fn settings(State(app): State<AppState>, Admin(p): Admin) -> Result<Re
 }
 
 /// A settings change.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsPatch {
     allow_ad_hoc_subscriptions: Option<bool>,
@@ -204,6 +215,7 @@ pub struct SettingsPatch {
 }
 
 /// `PATCH /api/v1/admin/settings`.
+#[utoipa::path(patch, path = "/api/v1/admin/settings", tag = "admin", request_body = SettingsPatch, responses((status = 200, description = "The settings", body = serde_json::Value)))]
 pub async fn patch_settings(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -226,19 +238,30 @@ pub async fn patch_settings(
 }
 
 /// Paging through and filtering the audit log.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Entries after this sequence number (the last one seen).
+    #[param(minimum = 0)]
     after: Option<i64>,
+    /// At most this many entries (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// Only this actor's entries.
     actor: Option<String>,
+    /// Only this action's entries, e.g. `license.assign_user`.
     action: Option<String>,
+    /// Entries at or after this time (RFC 3339; a date means its first moment).
+    #[param(format = DateTime)]
     from: Option<String>,
+    /// Entries at or before this time (RFC 3339; a date means its last moment).
+    #[param(format = DateTime)]
     to: Option<String>,
 }
 
 /// An instant of a query: RFC 3339, or a date (its first millisecond, or with `end` its last).
 fn instant(v: &Option<String>, what: &str, end: bool) -> Result<Option<i64>, ApiError> {
-    let Some(v) = v.as_deref().filter(|v| !v.is_empty()) else { return Ok(None) };
+    let Some(v) = v.as_deref() else { return Ok(None) };
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
         return Ok(Some(t.timestamp_millis()));
     }
@@ -260,6 +283,7 @@ fn document(v: &Option<String>) -> serde_json::Value {
 /// log, oldest first: `seq`, `at` (RFC 3339), `actor`, `action`, `target`, and `before`/`after`
 /// as JSON. Filters match exactly (actor, action) or by time (both ends inclusive); `after`
 /// pages on (the last `seq` seen).
+#[utoipa::path(get, path = "/api/v1/admin/audit", tag = "admin", params(AuditQuery), responses((status = 200, description = "Audit entries, oldest first", body = serde_json::Value)))]
 pub async fn audit(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -270,8 +294,14 @@ pub async fn audit(
     crate::authoring::reports::take_report(&app, &p.identity)?;
     let store = app.store().clone();
     let tenant = p.identity.tenant.clone();
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("`limit` is 1 to 1000."));
+    }
     let mut after = q.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request("`after` is a sequence number, 0 or more."));
+    }
     let keep = move |e: &crate::store::control::AuditEntry| {
         q.actor.as_ref().is_none_or(|a| *a == e.actor)
             && q.action.as_ref().is_none_or(|a| *a == e.action)

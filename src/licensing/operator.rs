@@ -154,6 +154,7 @@ fn summary(app: &AppState, t: &TenantView, subscriptions: bool) -> Value {
 }
 
 /// `GET /api/v1/operator/tenants`: every tenant, with its licensing state and this month's pool.
+#[utoipa::path(get, path = "/api/v1/operator/tenants", tag = "operator", responses((status = 200, description = "Every tenant", body = serde_json::Value)))]
 pub async fn list_tenants(State(app): State<AppState>, _op: Operator) -> Response {
     let snapshot = app.licensing().snapshot();
     let mut tenants: Vec<_> = snapshot.tenants.values().collect();
@@ -163,10 +164,14 @@ pub async fn list_tenants(State(app): State<AppState>, _op: Operator) -> Respons
 }
 
 /// A new tenant.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTenant {
+    /// The tenant id (the `tid` of its users' tokens).
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     id: String,
+    /// A display name (default: the id).
+    #[schema(max_length = 256)]
     name: Option<String>,
     #[serde(default = "yes")]
     allow_ad_hoc_subscriptions: bool,
@@ -179,6 +184,7 @@ fn yes() -> bool {
 }
 
 /// `POST /api/v1/operator/tenants`: 201 and the tenant; 409 `TenantExists`.
+#[utoipa::path(post, path = "/api/v1/operator/tenants", tag = "operator", request_body = NewTenant, responses((status = 201, description = "The tenant", body = serde_json::Value)))]
 pub async fn create_tenant(
     State(app): State<AppState>,
     op: Operator,
@@ -201,6 +207,7 @@ pub async fn create_tenant(
 }
 
 /// `GET /api/v1/operator/tenants/{tenantId}`: the tenant with its subscriptions.
+#[utoipa::path(get, path = "/api/v1/operator/tenants/{tenant_id}", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant")), responses((status = 200, description = "The tenant and its subscriptions", body = serde_json::Value)))]
 pub async fn get_tenant(
     State(app): State<AppState>,
     _op: Operator,
@@ -211,6 +218,7 @@ pub async fn get_tenant(
 }
 
 /// `POST /api/v1/operator/tenants/{tenantId}/subscriptions`: records a purchase.
+#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant")), request_body = NewSubscription, responses((status = 201, description = "The purchase", body = serde_json::Value)))]
 pub async fn add_subscription(
     State(app): State<AppState>,
     op: Operator,
@@ -222,7 +230,7 @@ pub async fn add_subscription(
 }
 
 /// When a subscription ends.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndSubscription {
     end: NaiveDate,
@@ -230,6 +238,7 @@ pub struct EndSubscription {
 
 /// `POST /api/v1/operator/tenants/{tenantId}/subscriptions/{subscriptionId}/end`: the last
 /// day it counts (today or later); the month of that day keeps its full capacity.
+#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/end", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant"), ("subscription_id" = String, Path, description = "The subscription")), request_body = EndSubscription, responses((status = 200, description = "The subscription", body = serde_json::Value)))]
 pub async fn end_subscription(
     State(app): State<AppState>,
     op: Operator,
@@ -244,6 +253,7 @@ pub async fn end_subscription(
 /// `POST /api/v1/operator/tenants/{tenantId}/subscriptions/{subscriptionId}/cancel`: voids
 /// the subscription (a refund): it counts for no day and no month, this one included. Sessions
 /// already counted stay counted.
+#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/cancel", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant"), ("subscription_id" = String, Path, description = "The subscription")), responses((status = 200, description = "The subscription", body = serde_json::Value)))]
 pub async fn cancel_subscription(
     State(app): State<AppState>,
     op: Operator,
