@@ -168,6 +168,7 @@ async fn a_tenant_admin_reads_usage_and_assigns_a_seat_in_the_console() {
             "--other-tenant",
             "fabrikam",
         ])
+        .args(["--author", "alice", "--author-bot", "orders", "--new-tenant", "tailspin"])
         .arg("--screenshot")
         .arg(&shot)
         .output()
@@ -220,6 +221,43 @@ async fn a_tenant_admin_reads_usage_and_assigns_a_seat_in_the_console() {
     for foreign in ["contoso", "helpdesk", "orders", "newbie", "alice"] {
         assert!(!text.contains(foreign), "fabrikam's page shows {foreign:?}: {text}");
     }
+
+    // Alice, an author: the bots she may reach, and the page's chart of one is its usage API.
+    let author = &v["author"];
+    assert_eq!(author["adminShown"], false, "an author who is no admin sees no admin cards");
+    let alice = sign("contoso", "alice", false);
+    let bots: Value =
+        call(reqwest::Method::GET, "/api/v1/bots", &alice, None).await.unwrap().json().await.unwrap();
+    let ids: Vec<Value> = bots["bots"].as_array().unwrap().iter().map(|b| b["id"].clone()).collect();
+    assert_eq!(author["bots"], json!(ids));
+    assert_eq!(author["bots"], json!(["helpdesk", "orders"]));
+    let daily: Value = call(reqwest::Method::GET, "/api/v1/bots/orders/usage/daily", &alice, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(author["chart"]["days"], daily["days"]);
+    assert_eq!(author["chart"]["plotted"][1], daily["bots"][0]["billed_sessions"]);
+    assert_eq!(author["chart"]["plotted"][2], daily["bots"][0]["turns"]);
+    let sessions: u64 =
+        daily["bots"][0]["billed_sessions"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(sessions, 3, "orders: 1 + 2 sessions in the last 30 days");
+
+    // The operator: every tenant, and the one created through the page.
+    let tenants: Value = s
+        .http
+        .get(s.url("/api/v1/operator/tenants"))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<Value> = tenants["tenants"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
+    assert_eq!(v["operator"]["tenants"], json!(ids));
+    assert_eq!(ids, [json!("contoso"), json!("fabrikam"), json!("tailspin")]);
 
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a screenshot was taken");

@@ -249,3 +249,61 @@ async fn the_load_generator_fails_when_requests_fail() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(Command::new(load).arg("-h").output().unwrap().stdout.starts_with(b"Load generator for botgate"));
 }
+
+/// `botgate token` resolves the data folder as `botgate` does and says when it had to create
+/// the development key; a server on that folder accepts its token.
+#[tokio::test]
+async fn botgate_token_says_when_it_creates_a_key_and_a_server_on_that_folder_accepts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = |expect_note: bool| {
+        let out = Command::new(binary())
+            .current_dir(dir.path())
+            .env_remove("BOTGATE_DATA_DIR")
+            .env_remove("BOTGATE_CONFIG")
+            .args(["token", "--tenant", "contoso", "--user", "alice"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(err.contains("created a new development key at"), expect_note, "{err}");
+        if expect_note {
+            assert!(err.contains(&dir.path().display().to_string()), "names the folder: {err}");
+        }
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let first = token(true);
+    let second = token(false);
+    assert!(!first.is_empty() && !second.is_empty());
+    let server = BinaryServer::spawn(&[], &dir.path().join("data"));
+    let res = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/me", server.public))
+        .bearer_auth(&second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    server.signal("-TERM");
+}
+
+/// Logs written to a file or a pipe carry no terminal colour codes.
+#[test]
+fn logs_off_a_terminal_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut child = Command::new(binary())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert!(line.starts_with("botgate listening "), "{line}");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(text.contains("INFO"), "the log has lines: {text}");
+    assert!(!text.contains('\u{1b}'), "no escape codes: {text:?}");
+}

@@ -447,7 +447,9 @@ impl Model {
                     });
                     ok(200)
                 }
-                _ => ok(403),
+                Some(_) => ok(403),
+                // No bot has this id (never created, or deleted): 404, as for a misspelled id.
+                None => ok(404),
             },
             Op::Start { client } => self.start(self.client(client)),
             Op::Say { client, what } => self.say(self.client(client), what),

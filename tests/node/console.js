@@ -8,7 +8,8 @@
 //
 // Usage:
 //   node console.js --gateway http://127.0.0.1:P --tenant contoso --user root --from D --to D
-//        --assign USER --other-tenant T [--screenshot FILE] [--timeout-ms MS]
+//        --assign USER --other-tenant T [--author USER --author-bot BOT] [--new-tenant T]
+//        [--screenshot FILE] [--timeout-ms MS]
 //
 // stdout: exactly one JSON line
 //   success: {"ok":true,"first":{...},"assigned":[...],"other":{...}} (exit 0)
@@ -31,11 +32,12 @@ function parseArgs(argv) {
     return args;
 }
 
-async function devSignIn(p, tenant, user) {
+async function devSignIn(p, tenant, user, { admin = true, operator = false } = {}) {
     await p.locator('#dev').waitFor({ state: 'visible' });
     await p.fill('#dev-tenant', tenant);
     await p.fill('#dev-user', user);
-    await p.check('#dev-admin');
+    await p.setChecked('#dev-admin', admin);
+    await p.setChecked('#dev-operator', operator);
     await p.click('#dev-sign-in');
     await p.waitForFunction(() => window.botgateConsole && window.botgateConsole.ready);
 }
@@ -98,8 +100,34 @@ async function main() {
             capacity: window.botgateConsole.capacity,
             text: document.body.innerText,
         }));
+        // An author of the first tenant: their bots, and one bot's analytics.
+        let author = null;
+        if (args.author) {
+            await p.click('#sign-out');
+            await devSignIn(p, args.tenant, args.author, { admin: false });
+            await p.waitForFunction(() => window.botgateConsole.bots);
+            await p.locator('#bots tr', { hasText: args.authorBot }).getByRole('button', { name: 'Analytics' }).click();
+            await p.waitForFunction((b) => window.botgateConsole.botChart && window.botgateConsole.botChart.bot === b, args.authorBot);
+            author = await p.evaluate(() => ({
+                bots: window.botgateConsole.bots,
+                chart: window.botgateConsole.botChart,
+                adminShown: !document.getElementById('admin').hidden,
+            }));
+        }
+
+        // The platform operator: the tenants, and a tenant created through the page's form.
+        let operator = null;
+        if (args.newTenant) {
+            await p.click('#sign-out');
+            await devSignIn(p, 'platform', 'ops', { admin: false, operator: true });
+            await p.waitForFunction(() => window.botgateConsole.tenants);
+            await p.fill('#new-tenant-id', args.newTenant);
+            await p.click('#new-tenant button[type=submit]');
+            await p.waitForFunction((t) => window.botgateConsole.tenants.includes(t), args.newTenant);
+            operator = await p.evaluate(() => ({ tenants: window.botgateConsole.tenants }));
+        }
         if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join('; ')}`);
-        process.stdout.write(JSON.stringify({ ok: true, first, assigned, other, errors: pageErrors }) + '\n');
+        process.stdout.write(JSON.stringify({ ok: true, first, assigned, other, author, operator, errors: pageErrors }) + '\n');
     } finally {
         await browser.close();
     }
