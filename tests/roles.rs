@@ -213,6 +213,10 @@ async fn the_operator_creates_tenants_and_records_ends_and_cancels_purchases_aud
     assert_eq!((t["month"].as_str(), t["capacity"].as_u64()), (Some("2026-12"), Some(0)));
     assert_eq!(t["tenant_licensed"], false);
     assert_eq!(t["subscriptions"][0]["state"], "ended");
+    // An ended subscription stays ended: its past days are not rewritten.
+    let later = Some(json!({"end": "2027-06-30"}));
+    api.err(Method::POST, &end(lid), op, later, 409, "SubscriptionEnded").await;
+    api.err(Method::POST, &format!("{subs}/{lid}/cancel"), op, None, 409, "SubscriptionEnded").await;
 }
 
 #[tokio::test]

@@ -395,6 +395,15 @@ impl Licensing {
                         "This subscription was cancelled; it cannot change any more.",
                     ));
                 }
+                if s.end.is_some_and(|e| e < today) {
+                    // Moving the end of a past subscription would rewrite the days and months
+                    // it no longer counted for.
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "SubscriptionEnded",
+                        "This subscription has ended; record a new purchase instead.",
+                    ));
+                }
                 let before = s.clone();
                 let action = match end {
                     Some(e) => {
