@@ -187,7 +187,7 @@
 
   async function loadSubscriptions() {
     const s = await api('GET', '/api/v1/admin/subscriptions');
-    fill('subscriptions', s.subscriptions, (r) => [r.kind.replace('_', ' '), fmt(r.quantity), r.start, r.end || '', r.id]);
+    fill('subscriptions', s.subscriptions, (r) => [r.kind.replace('_', ' '), fmt(r.quantity), r.start, r.end || '', r.state, r.id]);
   }
 
   async function loadSettings() {

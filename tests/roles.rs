@@ -185,6 +185,10 @@ async fn the_operator_creates_tenants_and_records_ends_and_cancels_purchases_aud
     let states: Vec<&str> =
         t["subscriptions"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["active", "cancelled"]);
+    let mine = api.ok(Method::GET, "/api/v1/admin/subscriptions", &boss, None).await;
+    let states: Vec<&str> =
+        mine["subscriptions"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["active", "cancelled"], "the tenant admin reads the same");
     let m = s.metrics().await;
     assert_eq!(metric(&m, r#"botgate_tenant_capacity_sessions{tenant="tailspin"}"#), Some(2000));
 
