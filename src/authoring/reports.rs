@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use chrono::NaiveDate;
 use http::{HeaderMap, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::bots::{Access, bot_for};
@@ -148,7 +148,7 @@ pub struct MonthQuery {
 
 /// `GET /api/v1/admin/usage?month=YYYY-MM`: the tenant's capacity, used, remaining, overage,
 /// and a per-bot breakdown (default: the current month).
-#[utoipa::path(get, path = "/api/v1/admin/usage", tag = "usage", params(MonthQuery), responses((status = 200, description = "The month: capacity, used, remaining, overage, leased, policy, per bot", body = serde_json::Value)))]
+#[utoipa::path(get, path = "/api/v1/admin/usage", tag = "usage", params(MonthQuery), responses((status = 200, description = "The month: capacity, used, remaining, overage, leased, policy, per bot", body = TenantMonth)))]
 pub async fn tenant_usage(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -174,19 +174,118 @@ pub async fn tenant_usage(
     let pool = app.metering().pool(tenant);
     let capacity = pool.capacity(month);
     let used = sessions - overage;
-    Ok(Json(json!({
-        "tenant": tenant,
-        "month": label,
-        "capacity": capacity,
-        "used": used,
-        "remaining": capacity.saturating_sub(used),
-        "overage": overage,
-        "billed_sessions": sessions,
-        "leased": pool.lease_remaining(month),
-        "policy": pool.policy(),
-        "bots": bots.iter().map(|(bot, (s, o, t))| json!({"bot": bot, "billed_sessions": s, "overage_sessions": o, "turns": t})).collect::<Vec<_>>(),
-    }))
+    Ok(Json(TenantMonth {
+        tenant: tenant.clone(),
+        month: label,
+        capacity,
+        used,
+        remaining: capacity.saturating_sub(used),
+        overage,
+        billed_sessions: sessions,
+        leased: pool.lease_remaining(month),
+        policy: pool.policy(),
+        bots: bots
+            .iter()
+            .map(|(bot, (s, o, t))| BotMonth {
+                bot: bot.to_string(),
+                billed_sessions: *s,
+                overage_sessions: *o,
+                turns: *t,
+            })
+            .collect(),
+    })
     .into_response())
+}
+
+/// A tenant's month.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TenantMonth {
+    tenant: String,
+    /// YYYY-MM.
+    month: String,
+    /// Sessions the month's licenses and add-ons (or the trial capacity) allow.
+    capacity: u64,
+    /// Billed sessions drawn from the capacity.
+    used: u64,
+    /// Capacity left.
+    remaining: u64,
+    /// Sessions served beyond the capacity under `allow_overage`.
+    overage: u64,
+    /// Every billed session of the month (used + overage).
+    billed_sessions: u64,
+    /// Units this node holds leased and not yet used (several nodes; 0 with one).
+    leased: u64,
+    /// What happens when the month runs out.
+    policy: crate::config::CapacityPolicy,
+    /// Per bot.
+    bots: Vec<BotMonth>,
+}
+
+/// One bot's month.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct BotMonth {
+    bot: String,
+    billed_sessions: u64,
+    overage_sessions: u64,
+    turns: u64,
+}
+
+/// Daily series over a range: `days[i]` is the day of each series' `i`th value.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DailySeries {
+    tenant: String,
+    /// The first day, YYYY-MM-DD.
+    from: String,
+    /// The last day, YYYY-MM-DD.
+    to: String,
+    /// Every day of the range, in order.
+    days: Vec<String>,
+    /// Per bot, one value per day.
+    bots: Vec<BotSeries>,
+    /// The tenant's total (or the one bot's), one value per day.
+    total: Series,
+}
+
+/// One bot's daily values.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct BotSeries {
+    bot: String,
+    #[serde(flatten)]
+    series: Series,
+}
+
+/// Billed sessions, overage sessions and turns, one value per day.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Series {
+    billed_sessions: Vec<u64>,
+    overage_sessions: Vec<u64>,
+    turns: Vec<u64>,
+}
+
+impl Series {
+    fn of(s: &[Vec<u64>; 3]) -> Self {
+        Self { billed_sessions: s[0].clone(), overage_sessions: s[1].clone(), turns: s[2].clone() }
+    }
+}
+
+/// Months, the current one last.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Months {
+    tenant: String,
+    months: Vec<MonthTotals>,
+}
+
+/// One month's totals.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MonthTotals {
+    /// YYYY-MM.
+    month: String,
+    capacity: u64,
+    used: u64,
+    remaining: u64,
+    overage: u64,
+    billed_sessions: u64,
+    turns: u64,
 }
 
 /// The longest range of a daily series: three months.
@@ -251,7 +350,7 @@ impl Daily {
         Self { days, bots: out }
     }
 
-    fn json(&self, tenant: &str) -> serde_json::Value {
+    fn json(&self, tenant: &str) -> DailySeries {
         let n = self.days.len();
         let mut total = [vec![0u64; n], vec![0u64; n], vec![0u64; n]];
         for series in self.bots.values() {
@@ -261,20 +360,18 @@ impl Daily {
                 }
             }
         }
-        let triple =
-            |s: &[Vec<u64>; 3]| json!({"billed_sessions": s[0], "overage_sessions": s[1], "turns": s[2]});
-        json!({
-            "tenant": tenant,
-            "from": self.days.first().map(|d| d.to_string()),
-            "to": self.days.last().map(|d| d.to_string()),
-            "days": self.days.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-            "bots": self.bots.iter().map(|(bot, s)| {
-                let mut v = triple(s);
-                v["bot"] = json!(bot);
-                v
-            }).collect::<Vec<_>>(),
-            "total": triple(&total),
-        })
+        DailySeries {
+            tenant: tenant.to_string(),
+            from: self.days.first().map(|d| d.to_string()).unwrap_or_default(),
+            to: self.days.last().map(|d| d.to_string()).unwrap_or_default(),
+            days: self.days.iter().map(|d| d.to_string()).collect(),
+            bots: self
+                .bots
+                .iter()
+                .map(|(bot, s)| BotSeries { bot: bot.clone(), series: Series::of(s) })
+                .collect(),
+            total: Series::of(&total),
+        }
     }
 
     fn csv(&self) -> String {
@@ -292,7 +389,7 @@ impl Daily {
 /// turns per day and bot of the caller's tenant, dense (a zero where nothing happened), with
 /// the tenant's total per day; at most 92 days, default the last 30. `Accept: text/csv` for
 /// CSV (`day,bot,billed_sessions,overage_sessions,turns`).
-#[utoipa::path(get, path = "/api/v1/admin/usage/daily", tag = "usage", params(Range), responses((status = 200, description = "Dense daily series per bot and the tenant total", content((serde_json::Value = "application/json"), (String = "text/csv")))))]
+#[utoipa::path(get, path = "/api/v1/admin/usage/daily", tag = "usage", params(Range), responses((status = 200, description = "Dense daily series per bot and the tenant total", content((DailySeries = "application/json"), (String = "text/csv")))))]
 pub async fn tenant_daily(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -311,7 +408,7 @@ pub async fn tenant_daily(
 
 /// `GET /api/v1/bots/{botId}/usage/daily?from=&to=`: the same series for one bot, for those
 /// who may read the bot.
-#[utoipa::path(get, path = "/api/v1/bots/{bot_id}/usage/daily", tag = "usage", params(("bot_id" = String, Path, description = "The bot id"), Range), responses((status = 200, description = "Dense daily series of one bot", content((serde_json::Value = "application/json"), (String = "text/csv")))))]
+#[utoipa::path(get, path = "/api/v1/bots/{bot_id}/usage/daily", tag = "usage", params(("bot_id" = String, Path, description = "The bot id"), Range), responses((status = 200, description = "Dense daily series of one bot", content((DailySeries = "application/json"), (String = "text/csv")))))]
 pub async fn bot_daily(
     State(app): State<AppState>,
     Author(p, _): Author,
@@ -338,7 +435,7 @@ pub struct MonthsQuery {
 
 /// `GET /api/v1/admin/usage/monthly?months=12`: capacity, used, overage, billed sessions and
 /// turns of each month, the current one last (1 to 24 months). `Accept: text/csv` for CSV.
-#[utoipa::path(get, path = "/api/v1/admin/usage/monthly", tag = "usage", params(MonthsQuery), responses((status = 200, description = "Totals per month, the current one last", content((serde_json::Value = "application/json"), (String = "text/csv")))))]
+#[utoipa::path(get, path = "/api/v1/admin/usage/monthly", tag = "usage", params(MonthsQuery), responses((status = 200, description = "Totals per month, the current one last", content((Months = "application/json"), (String = "text/csv")))))]
 pub async fn tenant_monthly(
     State(app): State<AppState>,
     Admin(p): Admin,
@@ -376,12 +473,20 @@ pub async fn tenant_monthly(
         }
         return Ok(csv(out));
     }
-    Ok(Json(json!({
-        "tenant": tenant,
-        "months": months.iter().map(|(label, c, u, o, s, t)| json!({
-            "month": label, "capacity": c, "used": u, "remaining": c.saturating_sub(*u),
-            "overage": o, "billed_sessions": s, "turns": t,
-        })).collect::<Vec<_>>(),
-    }))
+    Ok(Json(Months {
+        tenant: tenant.clone(),
+        months: months
+            .into_iter()
+            .map(|(month, capacity, used, overage, billed_sessions, turns)| MonthTotals {
+                month,
+                capacity,
+                used,
+                remaining: capacity.saturating_sub(used),
+                overage,
+                billed_sessions,
+                turns,
+            })
+            .collect(),
+    })
     .into_response())
 }
