@@ -80,7 +80,7 @@ pub async fn record_purchase(
 
 /// `POST /api/v1/admin/subscriptions`: only where the operator's configuration lets tenants
 /// buy for themselves (`licensing.tenant_self_purchase`); otherwise 403 `SelfPurchaseDisabled`.
-#[utoipa::path(post, path = "/api/v1/admin/subscriptions", tag = "admin", request_body = NewSubscription, responses((status = 201, description = "The purchase", body = serde_json::Value)))]
+#[utoipa::path(post, path = "/api/v1/admin/subscriptions", tag = "admin", request_body = NewSubscription, responses((status = 201, description = "The purchase", body = crate::store::control::SubscriptionRecord)))]
 pub async fn add_subscription(
     State(app): State<AppState>,
     Admin(p): Admin,

@@ -218,7 +218,7 @@ pub async fn get_tenant(
 }
 
 /// `POST /api/v1/operator/tenants/{tenantId}/subscriptions`: records a purchase.
-#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant")), request_body = NewSubscription, responses((status = 201, description = "The purchase", body = serde_json::Value)))]
+#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant")), request_body = NewSubscription, responses((status = 201, description = "The purchase", body = crate::store::control::SubscriptionRecord)))]
 pub async fn add_subscription(
     State(app): State<AppState>,
     op: Operator,
@@ -238,7 +238,7 @@ pub struct EndSubscription {
 
 /// `POST /api/v1/operator/tenants/{tenantId}/subscriptions/{subscriptionId}/end`: the last
 /// day it counts (today or later); the month of that day keeps its full capacity.
-#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/end", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant"), ("subscription_id" = String, Path, description = "The subscription")), request_body = EndSubscription, responses((status = 200, description = "The subscription", body = serde_json::Value)))]
+#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/end", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant"), ("subscription_id" = String, Path, description = "The subscription")), request_body = EndSubscription, responses((status = 200, description = "The subscription", body = crate::store::control::SubscriptionRecord)))]
 pub async fn end_subscription(
     State(app): State<AppState>,
     op: Operator,
@@ -253,7 +253,7 @@ pub async fn end_subscription(
 /// `POST /api/v1/operator/tenants/{tenantId}/subscriptions/{subscriptionId}/cancel`: voids
 /// the subscription (a refund): it counts for no day and no month, this one included. Sessions
 /// already counted stay counted.
-#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/cancel", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant"), ("subscription_id" = String, Path, description = "The subscription")), responses((status = 200, description = "The subscription", body = serde_json::Value)))]
+#[utoipa::path(post, path = "/api/v1/operator/tenants/{tenant_id}/subscriptions/{subscription_id}/cancel", tag = "operator", params(("tenant_id" = String, Path, description = "The tenant"), ("subscription_id" = String, Path, description = "The subscription")), responses((status = 200, description = "The subscription", body = crate::store::control::SubscriptionRecord)))]
 pub async fn cancel_subscription(
     State(app): State<AppState>,
     op: Operator,

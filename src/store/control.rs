@@ -18,7 +18,7 @@ pub struct TenantRecord {
 }
 
 /// A purchase.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubscriptionRecord {
     /// A unique id.
     pub id: String,
