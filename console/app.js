@@ -211,10 +211,18 @@
     const a = await api('GET', '/api/v1/admin/audit?limit=1000');
     const entries = a.entries.slice().reverse().slice(0, 200);
     fill('audit', entries, (e) => {
-      const before = describe(e.before);
-      const after = describe(e.after);
-      const what = before && after ? before + ' → ' + after : after || (before ? 'was ' + before : '');
-      return [e.at.replace('T', ' ').replace('.000Z', ' UTC'), e.actor, e.action, e.target, what];
+      let what;
+      if (e.before && e.after && typeof e.before === 'object' && typeof e.after === 'object') {
+        // A change: only the fields that changed.
+        const keys = Array.from(new Set(Object.keys(e.before).concat(Object.keys(e.after))));
+        what = keys
+          .filter((k) => JSON.stringify(e.before[k]) !== JSON.stringify(e.after[k]))
+          .map((k) => k + ': ' + describe({ v: e.before[k] }).slice(3) + ' → ' + describe({ v: e.after[k] }).slice(3))
+          .join(', ');
+      } else {
+        what = e.after ? describe(e.after) : e.before ? 'was ' + describe(e.before) : '';
+      }
+      return [e.at.slice(0, 19).replace('T', ' ') + ' UTC', e.actor, e.action, e.target, what];
     });
   }
 
