@@ -106,9 +106,17 @@ pub async fn heartbeat(state: &AppState) {
         leases.renew_blocking(&pools, month)
     })
     .await;
+    let d = state.metering().degraded_counts();
+    use std::sync::atomic::Ordering::Relaxed;
     match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "The cluster heartbeat failed; retrying at the next one."),
-        Err(e) => tracing::warn!(error = %e, "The cluster heartbeat panicked."),
+        Ok(Ok(())) => d.heartbeat_ok_ms.store(state.clock().now_ms(), Relaxed),
+        Ok(Err(e)) => {
+            d.heartbeat_failures.fetch_add(1, Relaxed);
+            tracing::debug!(error = %e, "The cluster heartbeat failed; retrying at the next one.");
+        }
+        Err(e) => {
+            d.heartbeat_failures.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, "The cluster heartbeat panicked.");
+        }
     }
 }

@@ -115,6 +115,32 @@ impl ScrapeWriter for UsageCollector {
         ] {
             let _ = writeln!(out, "botgate_metering_degraded_total{{reason=\"{reason}\"}} {v}");
         }
+        if self.metering.leases().is_some() {
+            family(
+                out,
+                "botgate_cluster_heartbeat_timestamp_seconds",
+                "gauge",
+                "When this node last renewed its leases and registration (Unix time; 0 before the first).",
+            );
+            let ok_ms = d.heartbeat_ok_ms.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "botgate_cluster_heartbeat_timestamp_seconds {}.{:03}",
+                ok_ms / 1000,
+                ok_ms % 1000
+            );
+            family(
+                out,
+                "botgate_cluster_heartbeat_failures_total",
+                "counter",
+                "Cluster heartbeats that failed.",
+            );
+            let _ = writeln!(
+                out,
+                "botgate_cluster_heartbeat_failures_total {}",
+                d.heartbeat_failures.load(Relaxed)
+            );
+        }
         family(out, "botgate_active_conversations", "gauge", "Conversations held in memory.");
         let _ = writeln!(out, "botgate_active_conversations {}", (self.active_conversations)());
     }

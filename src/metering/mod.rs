@@ -221,6 +221,10 @@ pub struct Degraded {
     pub spooled: Arc<std::sync::atomic::AtomicU64>,
     /// Whether an outage episode is under way (logged once per episode).
     in_episode: std::sync::atomic::AtomicBool,
+    /// When the last cluster heartbeat (lease renewal) succeeded, ms; 0 before the first.
+    pub heartbeat_ok_ms: std::sync::atomic::AtomicI64,
+    /// Cluster heartbeats that failed.
+    pub heartbeat_failures: std::sync::atomic::AtomicU64,
 }
 
 /// The ledger lingers (`cluster.ledger_linger_ms`) only after a write of at least this many
