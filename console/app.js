@@ -123,6 +123,11 @@
     $('cap-policy').textContent = u.policy === 'allow_overage' ? 'served as overage' : 'new sessions refused';
     const share = u.capacity > 0 ? Math.min(100, (100 * u.used) / u.capacity) : 100;
     $('cap-bar').style.width = share.toFixed(1) + '%';
+    const f = u.forecast;
+    $('cap-forecast').textContent = f
+      ? 'At ' + fmt(f.daily_rate) + ' sessions a day the month ends near ' + fmt(f.projected_billed_sessions) + ' billed sessions' +
+        (f.projected_exhaustion ? '; the capacity runs out at ' + f.projected_exhaustion.slice(0, 16).replace('T', ' ') + ' UTC.' : '; the capacity lasts the month.')
+      : '';
     page.capacity = u;
   }
 

@@ -422,3 +422,58 @@ async fn kill_9_with_normal_sync_loses_no_acknowledged_session() {
     let ids = SqliteStore::open(&data).unwrap().session_ids().unwrap();
     assert_eq!(ids.len(), acked);
 }
+
+/// The tenant's usage report projects the month at the trailing days' rate, on the manual clock:
+/// 10, 10 and 6 sessions at 10:00 on 2026-11-28, -29 and -30 are 26 sessions over 58 hours.
+#[tokio::test]
+async fn the_usage_report_projects_the_month_at_the_trailing_rate() {
+    let s = TestServer::with(|c| c.metering.tenant_license_sessions = 30).await;
+    for (i, n) in [10, 10, 6].into_iter().enumerate() {
+        if i > 0 {
+            s.clock.advance_secs(86_400);
+        }
+        for _ in 0..n {
+            let (token, conv, _) = s.conversation("helpdesk").await;
+            s.say_ok(&token, &conv, "my vpn is down").await;
+        }
+    }
+    let key = botgate::identity::dev_issuer::load_or_create(&s.dir.path().join("data")).unwrap();
+    let req = botgate::identity::dev_issuer::TokenRequest {
+        tenant: "contoso".into(),
+        user: "root".into(),
+        admin: true,
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    let now = botgate::clock::Clock::now_secs(&*s.clock);
+    let admin = botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now);
+    let v: Value = s
+        .http
+        .get(s.url("/api/v1/admin/usage"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((v["used"].as_u64(), v["capacity"].as_u64()), (Some(26), Some(30)), "{v}");
+    let f = &v["forecast"];
+    // 26 sessions in 58 hours: 10.759 a day; 14 hours left: 26 + 6.28 = 32.
+    assert_eq!(f["daily_rate"], 10.759);
+    assert_eq!(f["projected_billed_sessions"], 32);
+    // 4 sessions left at 26 per 58 hours: 4 * 58 / 26 hours = 8 h 55 min 23.076 s after 10:00.
+    assert_eq!(f["projected_exhaustion"], "2026-11-30T18:55:23.076Z");
+    // A past month has no projection.
+    let v: Value = s
+        .http
+        .get(s.url("/api/v1/admin/usage?month=2026-10"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["forecast"].is_null(), "{v}");
+}

@@ -174,6 +174,34 @@ pub async fn tenant_usage(
     let pool = app.metering().pool(tenant);
     let capacity = pool.capacity(month);
     let used = sessions - overage;
+    let forecast = (month == app.metering().current_month()).then(|| {
+        use crate::metering::forecast::{project, window_start};
+        let now = app.clock().now_ms();
+        let today = crate::licensing::model::day(now);
+        let mut trailing: BTreeMap<NaiveDate, u64> = BTreeMap::new();
+        for u in rows.iter().filter(|u| &u.tenant == tenant) {
+            if let Ok(d) = u.day.parse::<NaiveDate>()
+                && d >= window_start(today)
+                && d <= today
+            {
+                *trailing.entry(d).or_default() += u.sessions;
+            }
+        }
+        let trailing: Vec<(NaiveDate, u64)> = trailing.into_iter().collect();
+        let f = project(
+            now,
+            crate::metering::pool::month_start_ms(month + 1),
+            sessions,
+            used,
+            capacity,
+            &trailing,
+        );
+        ForecastView {
+            daily_rate: (f.daily_rate * 1000.0).round() / 1000.0,
+            projected_billed_sessions: f.projected_total,
+            projected_exhaustion: f.exhaustion_ms.map(crate::clock::rfc3339_ms),
+        }
+    });
     Ok(Json(TenantMonth {
         tenant: tenant.clone(),
         month: label,
@@ -184,6 +212,7 @@ pub async fn tenant_usage(
         billed_sessions: sessions,
         leased: pool.lease_remaining(month),
         policy: pool.policy(),
+        forecast,
         bots: bots
             .iter()
             .map(|(bot, (s, o, t))| BotMonth {
@@ -217,8 +246,22 @@ pub struct TenantMonth {
     leased: u64,
     /// What happens when the month runs out.
     policy: crate::config::CapacityPolicy,
+    /// The current month's projection at the current rate (none for other months).
+    forecast: Option<ForecastView>,
     /// Per bot.
     bots: Vec<BotMonth>,
+}
+
+/// The month's projection (see `metering::forecast` for the method).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ForecastView {
+    /// Billed sessions per day: the last 7 days' sessions over the time since the first of them
+    /// that has any.
+    daily_rate: f64,
+    /// The month so far plus that rate over the rest of the month.
+    projected_billed_sessions: u64,
+    /// When the remaining capacity is used at that rate (RFC 3339), if before the month ends.
+    projected_exhaustion: Option<String>,
 }
 
 /// One bot's month.

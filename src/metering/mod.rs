@@ -7,6 +7,7 @@
 
 pub mod counters;
 pub mod exposition;
+pub mod forecast;
 pub mod lease;
 pub mod ledger;
 pub mod pool;
