@@ -636,3 +636,50 @@ async fn an_activity_with_a_wrongly_typed_field_is_400() {
         "nothing refused was stored: {acts}"
     );
 }
+
+/// The close handshake: a client's close frame is answered with a close frame (the client sees
+/// its own code, not 1006), and a socket replaced by a newer one is closed with 4001 and a reason.
+#[tokio::test]
+async fn websocket_close_is_a_handshake_and_a_replaced_socket_hears_why() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let s = TestServer::start().await;
+    let (_, _, start) = s.conversation("helpdesk").await;
+    let url = start["streamUrl"].as_str().unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    next_set(&mut ws).await;
+    ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return Ok(frame),
+                Some(Ok(_)) => {}
+                other => return Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .expect("an answer within 5 s");
+    let frame = answer.expect("a close frame, not a dropped connection");
+    assert_eq!(frame.map(|f| f.code), Some(CloseCode::Normal));
+
+    let (mut first, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    next_set(&mut first).await;
+    let (_second, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match first.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .expect("a close frame with a code");
+    assert_eq!(u16::from(closed.code), 4001);
+    assert!(closed.reason.contains("newer"), "{}", closed.reason);
+}

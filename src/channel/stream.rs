@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use http::HeaderMap;
@@ -12,6 +12,12 @@ use serde::Deserialize;
 use super::auth;
 use crate::error::ApiError;
 use crate::state::AppState;
+
+/// The close code of a socket replaced by a newer one of its conversation (application range).
+pub const CLOSE_REPLACED: u16 = 4001;
+
+/// The close code of a socket whose conversation ended.
+pub const CLOSE_ENDED: u16 = 4002;
 
 /// How often the gateway sends an empty keep-alive frame.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -81,7 +87,13 @@ async fn run(
         // close, so an abandoned socket does not keep an ended conversation in memory.
         let expired = app.channel().conversations.get(&conv.id, app.clock().now_ms()).is_none();
         if !conv.socket_current(generation) || expired {
-            let _ = send(&app, &mut socket, Message::Close(None)).await;
+            let (code, reason) = if expired {
+                (CLOSE_ENDED, "The conversation ended.")
+            } else {
+                (CLOSE_REPLACED, "A newer socket of this conversation took over.")
+            };
+            let frame = CloseFrame { code, reason: reason.into() };
+            let _ = send(&app, &mut socket, Message::Close(Some(frame))).await;
             return;
         }
         // Replays everything from the watermark on connect (clients may post before the socket
@@ -108,7 +120,14 @@ async fn run(
                 // Empty text frames are the client's keep-alives; the channel takes activities
                 // by POST only, so other text is ignored too.
                 Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                // The close handshake: the library queued the answer to the client's close
+                // frame (its own code) and writes it on the next read, which then ends; so the
+                // client sees a clean close instead of a dropped connection (1006).
+                Some(Ok(Message::Close(_))) => {
+                    let _ = tokio::time::timeout(app.channel().stream_write_timeout, socket.recv()).await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
             },
         }
     }
