@@ -683,3 +683,78 @@ async fn websocket_close_is_a_handshake_and_a_replaced_socket_hears_why() {
     assert_eq!(u16::from(closed.code), 4001);
     assert!(closed.reason.contains("newer"), "{}", closed.reason);
 }
+
+/// `tokens/generate` as the service takes it: the bound user id must start with `dl_`, and a
+/// token made with `trustedOrigins` works only from those origins, on every use and refresh.
+#[tokio::test]
+async fn generated_tokens_bind_a_dl_user_and_their_trusted_origins() {
+    // The bot allows any origin: only the token's trusted origins restrict it.
+    let mut open = secured_bot();
+    open.allowed_origins = vec!["*".into()];
+    let s = TestServer::with(|c| c.bots.push(open)).await;
+    let generate = |body: Value| {
+        s.http.post(s.url("/v3/directline/tokens/generate")).bearer_auth(SECRET).json(&body).send()
+    };
+    let v = assert_error(generate(json!({"user": {"id": "alice"}})).await.unwrap(), 400, "BadRequest").await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("dl_"), "{v}");
+    let bad = json!({"user": {"id": "dl_a"}, "trustedOrigins": ["not an origin"]});
+    assert_error(generate(bad).await.unwrap(), 400, "BadRequest").await;
+
+    let shop = "https://shop.example";
+    let res = generate(json!({"user": {"id": "dl_alice"}, "trustedOrigins": [shop]})).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    let (token, conv) =
+        (v["token"].as_str().unwrap().to_string(), v["conversationId"].as_str().unwrap().to_string());
+    let start = |origin: Option<&str>| {
+        let mut rb = s.http.post(s.url("/v3/directline/conversations")).bearer_auth(&token);
+        if let Some(o) = origin {
+            rb = rb.header("Origin", o);
+        }
+        rb.send()
+    };
+    assert_error(start(Some("https://evil.example")).await.unwrap(), 403, "OriginNotAllowed").await;
+    assert_error(start(None).await.unwrap(), 403, "OriginNotAllowed").await;
+    assert_eq!(start(Some(shop)).await.unwrap().status(), 201);
+    let say = |origin: &str, token: &str| {
+        s.http
+            .post(s.url(&format!("/v3/directline/conversations/{conv}/activities")))
+            .bearer_auth(token)
+            .header("Origin", origin)
+            .json(&json!({"type": "message", "from": {"id": "mallory"}, "text": "vpn"}))
+            .send()
+    };
+    assert_error(say("https://evil.example", &token).await.unwrap(), 403, "OriginNotAllowed").await;
+    assert_eq!(say(shop, &token).await.unwrap().status(), 200);
+    // A refreshed token keeps the binding.
+    let res = s
+        .http
+        .post(s.url("/v3/directline/tokens/refresh"))
+        .bearer_auth(&token)
+        .header("Origin", shop)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let fresh = res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+    assert_error(say("https://evil.example", &fresh).await.unwrap(), 403, "OriginNotAllowed").await;
+    let acts: Value = s
+        .http
+        .get(s.url(&format!("/v3/directline/conversations/{conv}/activities")))
+        .bearer_auth(&fresh)
+        .header("Origin", shop)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let users: Vec<&Value> = acts["activities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["from"]["role"] == "user")
+        .map(|a| &a["from"]["id"])
+        .collect();
+    assert_eq!(users, [&json!("dl_alice")], "the bound user replaces `mallory`");
+}

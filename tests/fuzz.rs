@@ -128,6 +128,7 @@ proptest! {
             instance: String::new(),
             test_chat: false,
             until: 0,
+            origins: Vec::new(),
         };
         let token = signer.sign(&claims);
         let mut bytes = token.clone().into_bytes();

@@ -123,6 +123,24 @@ pub fn check_conversation(cred: &Credential, conv: &Conversation) -> Result<(), 
     }
 }
 
+/// A token made with trusted origins works only from them: a request must carry one of them as
+/// its `Origin` (a request without one is refused too).
+pub fn check_trusted(headers: &HeaderMap, cred: &Credential) -> Result<(), ApiError> {
+    let Credential::Token(c) = cred else { return Ok(()) };
+    if c.origins.is_empty() {
+        return Ok(());
+    }
+    let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
+    if origin.is_some_and(|o| c.origins.iter().any(|t| t.as_bytes().eq_ignore_ascii_case(o))) {
+        Ok(())
+    } else {
+        Err(forbidden(
+            "OriginNotAllowed",
+            "This token works only from the origins it was made for (`trustedOrigins`).",
+        ))
+    }
+}
+
 /// Checks a browser's `Origin` against the bot's allowed origins (requests without an Origin
 /// are not from a browser page and pass).
 pub fn check_origin(headers: &HeaderMap, bot: &Bot) -> Result<(), ApiError> {

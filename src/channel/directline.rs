@@ -40,17 +40,60 @@ struct ConversationAnswer {
 }
 
 /// An optional `{"user":{"id":...}}` body.
-fn user_from_body(body: &[u8]) -> Result<Option<String>, ApiError> {
+/// What `tokens/generate` (or a start with a secret) may bind into the token: the user id,
+/// which must start with `dl_` as the Direct Line service requires, and the trusted origins.
+struct TokenBody {
+    user: Option<String>,
+    origins: Vec<String>,
+}
+
+/// At most this many trusted origins per token.
+const MAX_TRUSTED_ORIGINS: usize = 8;
+
+fn token_body(body: &[u8]) -> Result<TokenBody, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+        return Ok(TokenBody { user: None, origins: Vec::new() });
     }
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("The body is not valid JSON: {e}.")))?;
-    match v.get("user").and_then(|u| u.get("id")) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(id)) if !id.is_empty() && id.len() <= 256 => Ok(Some(id.clone())),
-        Some(_) => Err(ApiError::bad_request("`user.id` must be a string of 1 to 256 characters.")),
-    }
+    let user = match v.get("user").and_then(|u| u.get("id")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if id.starts_with("dl_") && id.len() <= 256 => Some(id.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`user.id` must be a string of at most 256 characters that starts with `dl_`.",
+            ));
+        }
+    };
+    let origins = match v.get("trustedOrigins") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) if list.len() <= MAX_TRUSTED_ORIGINS => list
+            .iter()
+            .map(|o| match o.as_str() {
+                Some(o) if is_origin(o) => Ok(o.trim_end_matches('/').to_string()),
+                _ => Err(ApiError::bad_request(
+                    "Each of `trustedOrigins` is an origin such as `https://www.contoso.com` (scheme and host, no path).",
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "`trustedOrigins` is a list of at most {MAX_TRUSTED_ORIGINS} origins."
+            )));
+        }
+    };
+    Ok(TokenBody { user, origins })
+}
+
+/// `scheme://host[:port]`: http or https, a host of letters, digits, dots and dashes.
+fn is_origin(o: &str) -> bool {
+    let o = o.trim_end_matches('/');
+    let Some(rest) = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://")) else { return false };
+    let (host, port) = rest.split_once(':').unwrap_or((rest, ""));
+    o.len() <= 256
+        && !host.is_empty()
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// A bot published by a trial user of an unlicensed tenant serves bot users until the grace
@@ -105,8 +148,9 @@ pub async fn generate_token(
     check_bot(&bot, &Credential::Secret { bot: bot.clone(), slot })?;
     check_origin(&headers, &bot)?;
     check_serving(&app, &bot)?;
-    let user = user_from_body(&body)?;
-    let claims = ch.new_claims(&bot, user, slot, false);
+    let bound = token_body(&body)?;
+    let mut claims = ch.new_claims(&bot, bound.user, slot, false);
+    claims.origins = bound.origins;
     Ok(token_answer(ch, claims).into_response())
 }
 
@@ -130,6 +174,7 @@ pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> R
     let bot = ch.bot(&claims.bot)?;
     check_bot(&bot, &cred)?;
     check_origin(&headers, &bot)?;
+    auth::check_trusted(&headers, &cred)?;
     check_test_chat(&app, &bot, claims)?;
     Ok(token_answer(ch, (**claims).clone()).into_response())
 }
@@ -177,6 +222,7 @@ pub async fn start_conversation(
     let bot = ch.bot(cred.bot_id())?;
     check_bot(&bot, &cred)?;
     check_origin(&headers, &bot)?;
+    auth::check_trusted(&headers, &cred)?;
     check_serving(&app, &bot)?;
     let (claims, token, expires_in) = match cred {
         Credential::Token(claims) => {
@@ -185,8 +231,9 @@ pub async fn start_conversation(
             (claims, token, left)
         }
         Credential::Secret { slot, .. } => {
-            let user = user_from_body(&body)?;
-            let claims = ch.new_claims(&bot, user, slot, false);
+            let bound = token_body(&body)?;
+            let mut claims = ch.new_claims(&bot, bound.user, slot, false);
+            claims.origins = bound.origins;
             let (token, ttl) = ch.issue(claims.clone());
             (Arc::new(claims), token, ttl)
         }
@@ -243,6 +290,7 @@ pub fn open_conversation_with(
         let cred = Credential::Token(claims);
         check_bot(&conv.bot, &cred)?;
         check_origin(headers, &conv.bot)?;
+        auth::check_trusted(headers, &cred)?;
         return Ok((cred, conv));
     }
     let cred = auth::check(ch, credential, now)?;
@@ -260,6 +308,7 @@ pub fn open_conversation_with(
     check_conversation(&cred, &conv)?;
     check_bot(&conv.bot, &cred)?;
     check_origin(headers, &conv.bot)?;
+    auth::check_trusted(headers, &cred)?;
     if let Credential::Token(claims) = &cred {
         conv.remember_token(credential, claims.clone());
     }

@@ -159,6 +159,7 @@ impl Channel {
             instance: bot.control.instance().to_string(),
             test_chat,
             until: if test_chat { self.clock.now_secs() + self.test_chat_ttl_secs } else { 0 },
+            origins: Vec::new(),
         }
     }
 

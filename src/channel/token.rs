@@ -47,6 +47,10 @@ pub struct Claims {
     /// tokens end for good at this time).
     #[serde(rename = "m", default, skip_serializing_if = "is_zero")]
     pub until: i64,
+    /// The only browser origins the token works from (`trustedOrigins` of `tokens/generate`);
+    /// empty for any the bot allows.
+    #[serde(rename = "o", default, skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<String>,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -186,6 +190,7 @@ mod tests {
             instance: String::new(),
             test_chat: false,
             until: 0,
+            origins: Vec::new(),
         }
     }
 

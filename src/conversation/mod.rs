@@ -338,6 +338,7 @@ mod tests {
                 instance: String::new(),
                 test_chat: false,
                 until: 0,
+                origins: Vec::new(),
             })
         };
         assert!(c.verified_token("dl1.a", 0).is_none());
