@@ -51,6 +51,7 @@ fn token(c: &mut Criterion) {
         instance: String::new(),
         test_chat: false,
         until: 0,
+        origins: Vec::new(),
     };
     let t = signer.sign(&claims);
     let mut g = c.benchmark_group("token");
