@@ -528,6 +528,7 @@ async fn a_bot_recreated_elsewhere_is_the_new_bot_on_this_node() {
         instance: "second".into(),
         test_chat: false,
         until: 0,
+        origins: Vec::new(),
     };
     let new = TokenSigner::new(&channel_key).sign(&claims);
     for _ in 0..500 {
