@@ -714,3 +714,44 @@ async fn reports_are_rate_limited_per_caller() {
     s.clock.advance_secs(60);
     api.ok(api.get("/api/v1/bots/helpdesk/analytics", &alice).await).await;
 }
+
+/// A token whose groups did not fit (`_claim_names.groups`, or `hasgroups`) has unknown groups,
+/// not none: with only group licensing the author gets 403 `GroupsOverage`; a direct license
+/// still works.
+#[tokio::test]
+async fn a_groups_overage_is_told_apart_from_no_license() {
+    let s = TestServer::start().await;
+    let api = Api::new(&s);
+    let sign = |user: &str, extra: Value| {
+        let now = s.clock.now_secs();
+        let mut claims =
+            json!({"iss": "botgate-dev", "aud": "botgate", "tid": "contoso", "oid": user, "exp": now + 600});
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&api.key),
+        )
+        .unwrap()
+    };
+    let overage = json!({"_claim_names": {"groups": "src1"}, "_claim_sources": {"src1": {"endpoint": "https://graph.example/x"}}});
+    let bob = sign("bob", overage.clone());
+    assert_error(api.get("/api/v1/bots", &bob).await, 403, "GroupsOverage").await;
+    assert_error(
+        api.get("/api/v1/bots", &sign("bob", json!({"hasgroups": true}))).await,
+        403,
+        "GroupsOverage",
+    )
+    .await;
+    // Without the overage marker an empty group list is simply no license.
+    assert_error(api.get("/api/v1/bots", &sign("bob", json!({}))).await, 403, "NoUserLicense").await;
+    // Alice is licensed directly: the overage does not matter.
+    api.ok(api.get("/api/v1/bots", &sign("alice", overage.clone())).await).await;
+    // Assigned directly, bob gets in with the same kind of token.
+    let admin = api.token("contoso", "root", &[], true);
+    api.ok(api.call(reqwest::Method::PUT, "/api/v1/admin/licenses/users/bob", Some(&admin), None).await)
+        .await;
+    api.ok(api.get("/api/v1/bots", &sign("bob", overage)).await).await;
+}

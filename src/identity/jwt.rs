@@ -43,6 +43,12 @@ struct RawClaims {
     groups: Vec<String>,
     #[serde(default)]
     roles: Vec<String>,
+    /// Where claims that did not fit live (`{"groups": "src1"}` for a groups overage).
+    #[serde(default, rename = "_claim_names")]
+    claim_names: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Set instead of `groups` when a user is in too many groups (implicit-flow tokens).
+    #[serde(default)]
+    hasgroups: Option<bool>,
     exp: i64,
     #[serde(default)]
     nbf: Option<i64>,
@@ -179,6 +185,16 @@ impl Verifier {
         else {
             return Err(JwtError::Invalid("the token lacks the tid or oid claim"));
         };
-        Ok(Identity { tenant, user, name: c.name, groups: c.groups, roles: c.roles, exp: c.exp })
+        let groups_overage =
+            c.hasgroups == Some(true) || c.claim_names.as_ref().is_some_and(|m| m.contains_key("groups"));
+        Ok(Identity {
+            tenant,
+            user,
+            name: c.name,
+            groups: c.groups,
+            roles: c.roles,
+            exp: c.exp,
+            groups_overage,
+        })
     }
 }

@@ -24,6 +24,10 @@ pub struct Identity {
     pub roles: Vec<String>,
     /// Expiry, seconds since the epoch.
     pub exp: i64,
+    /// The user's groups did not fit in the token (`_claim_names.groups` or `hasgroups`): they
+    /// are unknown, not empty.
+    #[serde(default)]
+    pub groups_overage: bool,
 }
 
 impl Identity {

@@ -217,6 +217,9 @@ impl Licensing {
         if has_license {
             return Err(Denial::NoTenantLicense);
         }
+        if id.groups_overage && !t.groups.is_empty() {
+            return Err(Denial::GroupsOverage);
+        }
         if trial.is_some() {
             return Err(Denial::TrialExpired);
         }
@@ -715,6 +718,11 @@ pub fn denial_error(d: Denial) -> ApiError {
             StatusCode::FORBIDDEN,
             "TrialExpired",
             "Your trial has expired. Extend it once (POST /api/v1/trial/extend) or ask a tenant admin for a user license.",
+        ),
+        Denial::GroupsOverage => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "GroupsOverage",
+            "Your token does not list your groups (you are in too many for it), so a license through a group cannot be checked. Ask a tenant admin to assign you a user license directly (PUT /api/v1/admin/licenses/users/{you}).",
         ),
         Denial::NoSeatsLeft => ApiError::new(
             StatusCode::CONFLICT,

@@ -153,4 +153,7 @@ pub enum Denial {
     TrialExpired,
     /// The user is licensed through a group but every seat is taken.
     NoSeatsLeft,
+    /// The token's groups did not fit (groups overage), the user holds no direct license, and
+    /// the tenant licenses groups: the group licenses cannot be checked.
+    GroupsOverage,
 }
