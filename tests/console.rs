@@ -9,8 +9,6 @@ mod common;
 
 use std::path::PathBuf;
 
-use botgate::clock::Clock;
-use botgate::identity::dev_issuer::{self, TokenRequest};
 use common::*;
 use serde_json::{Value, json};
 
@@ -37,17 +35,7 @@ async fn a_tenant_admin_reads_usage_and_assigns_a_seat_in_the_console() {
     run_script("tests/node/install.sh", &[]);
     run_script("console/vendor.sh", &["--check"]);
     let s = TestServer::start().await;
-    let key = dev_issuer::load_or_create(&s.dir.path().join("data")).unwrap();
-    let sign = |tenant: &str, user: &str, admin: bool| {
-        let req = TokenRequest {
-            tenant: tenant.into(),
-            user: user.into(),
-            admin,
-            ttl_secs: 3600,
-            ..TokenRequest::default()
-        };
-        dev_issuer::sign(&key, "botgate-dev", "botgate", &req, s.clock.now_secs())
-    };
+    let sign = |tenant: &str, user: &str, admin: bool| s.token_of(tenant, user, admin);
     let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
         let mut rb = s.http.request(method, s.url(path)).bearer_auth(token);
         if let Some(b) = body {

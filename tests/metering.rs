@@ -437,26 +437,8 @@ async fn the_usage_report_projects_the_month_at_the_trailing_rate() {
             s.say_ok(&token, &conv, "my vpn is down").await;
         }
     }
-    let key = botgate::identity::dev_issuer::load_or_create(&s.dir.path().join("data")).unwrap();
-    let req = botgate::identity::dev_issuer::TokenRequest {
-        tenant: "contoso".into(),
-        user: "root".into(),
-        admin: true,
-        ttl_secs: 3600,
-        ..Default::default()
-    };
-    let now = botgate::clock::Clock::now_secs(&*s.clock);
-    let admin = botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now);
-    let v: Value = s
-        .http
-        .get(s.url("/api/v1/admin/usage"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = s.token_of("contoso", "root", true);
+    let v = s.get_json("/api/v1/admin/usage", &admin).await;
     assert_eq!((v["used"].as_u64(), v["capacity"].as_u64()), (Some(26), Some(30)), "{v}");
     let f = &v["forecast"];
     // 26 sessions in 58 hours: 10.759 a day; 14 hours left: 26 + 6.28 = 32.
@@ -465,15 +447,6 @@ async fn the_usage_report_projects_the_month_at_the_trailing_rate() {
     // 4 sessions left at 26 per 58 hours: 4 * 58 / 26 hours = 8 h 55 min 23.076 s after 10:00.
     assert_eq!(f["projected_exhaustion"], "2026-11-30T18:55:23.076Z");
     // A past month has no projection.
-    let v: Value = s
-        .http
-        .get(s.url("/api/v1/admin/usage?month=2026-10"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = s.get_json("/api/v1/admin/usage?month=2026-10", &admin).await;
     assert!(v["forecast"].is_null(), "{v}");
 }

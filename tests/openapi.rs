@@ -10,8 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use botgate::clock::Clock;
-use botgate::identity::dev_issuer::{self, TokenRequest};
+use botgate::identity::dev_issuer::TokenRequest;
 use common::*;
 use serde_json::Value;
 
@@ -30,17 +29,14 @@ fn python_tools() -> PathBuf {
 
 /// A token for every API: a licensed author of contoso, its tenant admin, and the operator.
 fn everyone(s: &TestServer) -> String {
-    let key = dev_issuer::load_or_create(&s.dir.path().join("data")).unwrap();
-    let req = TokenRequest {
+    s.dev_token(TokenRequest {
         tenant: "contoso".into(),
         user: "root".into(),
         groups: vec!["helpdesk-authors".into()],
         admin: true,
         operator: true,
-        ttl_secs: 3600,
         ..TokenRequest::default()
-    };
-    dev_issuer::sign(&key, "botgate-dev", "botgate", &req, s.clock.now_secs())
+    })
 }
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];

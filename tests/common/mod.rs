@@ -159,6 +159,31 @@ impl TestServer {
         res.json().await.unwrap()
     }
 
+    /// A development-issuer token for `req` (its `ttl_secs` 0 means an hour), issued now on the
+    /// server's clock.
+    pub fn dev_token(&self, req: botgate::identity::dev_issuer::TokenRequest) -> String {
+        use botgate::identity::dev_issuer;
+        let key = dev_issuer::load_or_create(&self.dir.path().join("data")).unwrap();
+        let req =
+            dev_issuer::TokenRequest { ttl_secs: if req.ttl_secs == 0 { 3600 } else { req.ttl_secs }, ..req };
+        dev_issuer::sign(&key, "botgate-dev", "botgate", &req, botgate::clock::Clock::now_secs(&*self.clock))
+    }
+
+    /// `user`'s token, a tenant admin of `tenant` when `admin`.
+    pub fn token_of(&self, tenant: &str, user: &str, admin: bool) -> String {
+        self.dev_token(botgate::identity::dev_issuer::TokenRequest {
+            tenant: tenant.into(),
+            user: user.into(),
+            admin,
+            ..Default::default()
+        })
+    }
+
+    /// `GET path` with a bearer token: the JSON answer, whatever the status.
+    pub async fn get_json(&self, path: &str, token: &str) -> Value {
+        self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+    }
+
     /// The admin listener's /metrics text.
     pub async fn metrics(&self) -> String {
         self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
