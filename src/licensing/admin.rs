@@ -18,9 +18,7 @@ use crate::state::AppState;
 use crate::store::control::Principal as Assignee;
 
 fn view(app: &AppState, tenant: &str) -> Result<std::sync::Arc<TenantView>, ApiError> {
-    app.licensing().tenant(tenant).ok_or_else(|| {
-        ApiError::not_found("Your tenant has no licensing record yet; buy a subscription first.")
-    })
+    app.licensing().tenant(tenant).ok_or_else(|| super::unknown_tenant(tenant))
 }
 
 /// `GET /api/v1/admin/subscriptions`.

@@ -686,7 +686,7 @@ fn no_seats(t: &TenantView, now: Millis) -> ApiError {
         StatusCode::CONFLICT,
         "NoSeatsLeft",
         format!(
-            "All {} user-license seats of this tenant are taken. A tenant admin can buy more seats or remove an assignment.",
+            "All {} user-license seats of this tenant are taken. Remove an assignment, or get more seats from your provider.",
             t.seats_bought(now)
         ),
     )
@@ -707,7 +707,7 @@ pub fn denial_error(d: Denial) -> ApiError {
         Denial::NoTenantLicense => ApiError::new(
             StatusCode::FORBIDDEN,
             "NoTenantLicense",
-            "Your organization has no active tenant license. A tenant admin can buy one (POST /api/v1/admin/subscriptions).",
+            "Your organization has no active tenant license. Your tenant admin can get one from your provider.",
         ),
         Denial::NoUserLicense => ApiError::new(
             StatusCode::FORBIDDEN,
@@ -727,7 +727,7 @@ pub fn denial_error(d: Denial) -> ApiError {
         Denial::NoSeatsLeft => ApiError::new(
             StatusCode::CONFLICT,
             "NoSeatsLeft",
-            "Your group is licensed, but every user-license seat is taken. A tenant admin can buy more seats.",
+            "Your group is licensed, but every user-license seat is taken. Ask your tenant admin for a seat.",
         ),
     }
 }
