@@ -125,8 +125,8 @@ pub fn check_conversation(cred: &Credential, conv: &Conversation) -> Result<(), 
 
 /// A token made with trusted origins works only from them: a request must carry one of them as
 /// its `Origin` (a request without one is refused too).
-pub fn check_trusted(headers: &HeaderMap, cred: &Credential) -> Result<(), ApiError> {
-    let Credential::Token(c) = cred else { return Ok(()) };
+fn check_trusted(headers: &HeaderMap, cred: Option<&Credential>) -> Result<(), ApiError> {
+    let Some(Credential::Token(c)) = cred else { return Ok(()) };
     if c.origins.is_empty() {
         return Ok(());
     }
@@ -143,12 +143,14 @@ pub fn check_trusted(headers: &HeaderMap, cred: &Credential) -> Result<(), ApiEr
 
 /// Checks a browser's `Origin` against the bot's allowed origins (requests without an Origin
 /// are not from a browser page and pass).
-pub fn check_origin(headers: &HeaderMap, bot: &Bot) -> Result<(), ApiError> {
+///
+/// With the credential in hand (`cred`), a token made with trusted origins is also held to them.
+pub fn check_origin(headers: &HeaderMap, bot: &Bot, cred: Option<&Credential>) -> Result<(), ApiError> {
     match headers.get(header::ORIGIN) {
         Some(origin) if !bot.origin_allowed(origin.as_bytes()) => Err(forbidden(
             "OriginNotAllowed",
             "This website's origin is not allowed to use this bot. The bot's author can allow it.",
         )),
-        _ => Ok(()),
+        _ => check_trusted(headers, cred),
     }
 }

@@ -146,7 +146,7 @@ pub async fn generate_token(
         ));
     };
     check_bot(&bot, &Credential::Secret { bot: bot.clone(), slot })?;
-    check_origin(&headers, &bot)?;
+    check_origin(&headers, &bot, None)?;
     check_serving(&app, &bot)?;
     let bound = token_body(&body)?;
     let mut claims = ch.new_claims(&bot, bound.user, slot, false);
@@ -173,8 +173,7 @@ pub async fn refresh_token(State(app): State<AppState>, headers: HeaderMap) -> R
     };
     let bot = ch.bot(&claims.bot)?;
     check_bot(&bot, &cred)?;
-    check_origin(&headers, &bot)?;
-    auth::check_trusted(&headers, &cred)?;
+    check_origin(&headers, &bot, Some(&cred))?;
     check_test_chat(&app, &bot, claims)?;
     Ok(token_answer(ch, (**claims).clone()).into_response())
 }
@@ -204,7 +203,7 @@ pub async fn open_bot_token(
             "This bot requires a channel secret; exchange it at /v3/directline/tokens/generate.",
         ));
     }
-    check_origin(&headers, &bot)?;
+    check_origin(&headers, &bot, None)?;
     check_serving(&app, &bot)?;
     let claims = ch.new_claims(&bot, None, 0, false);
     Ok(token_answer(ch, claims).into_response())
@@ -221,8 +220,7 @@ pub async fn start_conversation(
     let cred = credential(ch, &headers)?;
     let bot = ch.bot(cred.bot_id())?;
     check_bot(&bot, &cred)?;
-    check_origin(&headers, &bot)?;
-    auth::check_trusted(&headers, &cred)?;
+    check_origin(&headers, &bot, Some(&cred))?;
     check_serving(&app, &bot)?;
     let (claims, token, expires_in) = match cred {
         Credential::Token(claims) => {
@@ -289,8 +287,7 @@ pub fn open_conversation_with(
     {
         let cred = Credential::Token(claims);
         check_bot(&conv.bot, &cred)?;
-        check_origin(headers, &conv.bot)?;
-        auth::check_trusted(headers, &cred)?;
+        check_origin(headers, &conv.bot, Some(&cred))?;
         return Ok((cred, conv));
     }
     let cred = auth::check(ch, credential, now)?;
@@ -307,8 +304,7 @@ pub fn open_conversation_with(
     let conv = ch.conversation(id)?;
     check_conversation(&cred, &conv)?;
     check_bot(&conv.bot, &cred)?;
-    check_origin(headers, &conv.bot)?;
-    auth::check_trusted(headers, &cred)?;
+    check_origin(headers, &conv.bot, Some(&cred))?;
     if let Credential::Token(claims) = &cred {
         conv.remember_token(credential, claims.clone());
     }

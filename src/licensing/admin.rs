@@ -24,19 +24,8 @@ fn view(app: &AppState, tenant: &str) -> Result<std::sync::Arc<TenantView>, ApiE
 /// `GET /api/v1/admin/subscriptions`.
 #[utoipa::path(get, path = "/api/v1/admin/subscriptions", tag = "admin", responses((status = 200, description = "The tenant's subscriptions", body = serde_json::Value)))]
 pub async fn list_subscriptions(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
-    let today = super::model::day(app.clock().now_ms());
-    let subs: Vec<serde_json::Value> = app
-        .licensing()
-        .tenant(&p.identity.tenant)
-        .map(|t| t.subscriptions.clone())
-        .unwrap_or_default()
-        .iter()
-        .map(|s| {
-            let mut v = serde_json::to_value(s).unwrap_or_default();
-            v["state"] = json!(super::model::subscription_state(s, today));
-            v
-        })
-        .collect();
+    let t = view(&app, &p.identity.tenant)?;
+    let subs = super::model::subscriptions_json(&t, super::model::day(app.clock().now_ms()));
     Ok(Json(json!({ "subscriptions": subs })).into_response())
 }
 

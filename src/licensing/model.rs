@@ -45,6 +45,18 @@ pub fn cancelled(s: &SubscriptionRecord) -> bool {
     s.end.is_some_and(|e| e < s.start)
 }
 
+/// The JSON of the tenant's subscriptions, each with its `state` on `today`.
+pub fn subscriptions_json(t: &TenantView, today: NaiveDate) -> Vec<serde_json::Value> {
+    t.subscriptions
+        .iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["state"] = serde_json::Value::from(subscription_state(s, today));
+            v
+        })
+        .collect()
+}
+
 /// A subscription's state on `today`: `scheduled`, `active`, `ended` or `cancelled`.
 pub fn subscription_state(s: &SubscriptionRecord, today: NaiveDate) -> &'static str {
     if cancelled(s) {

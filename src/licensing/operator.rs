@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::admin::{NewSubscription, record_purchase};
-use super::model::{TenantView, day, subscription_state};
+use super::model::{TenantView, day, subscriptions_json};
 use crate::config::CapacityPolicy;
 use crate::error::{ApiError, JsonBody};
 use crate::state::AppState;
@@ -140,15 +140,7 @@ fn summary(app: &AppState, t: &TenantView, subscriptions: bool) -> Value {
         "trials": t.trials.len(),
     });
     if subscriptions {
-        v["subscriptions"] = t
-            .subscriptions
-            .iter()
-            .map(|s| {
-                let mut r = serde_json::to_value(s).unwrap_or(Value::Null);
-                r["state"] = json!(subscription_state(s, today));
-                r
-            })
-            .collect();
+        v["subscriptions"] = json!(subscriptions_json(t, today));
     }
     v
 }
