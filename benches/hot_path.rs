@@ -138,6 +138,7 @@ fn big_plan() -> CapacityPlan {
         trial_capacity: 0,
         trials: Vec::new(),
         policy: CapacityPolicy::Reject,
+        alerts: None,
     }
 }
 

@@ -231,9 +231,49 @@
     });
   }
 
+  const when = (at) => (at ? at.slice(0, 19).replace('T', ' ') + ' UTC' : '');
+
+  async function loadWebhooks() {
+    const [w, ev, log] = await Promise.all([
+      api('GET', '/api/v1/admin/webhooks'),
+      api('GET', '/api/v1/admin/webhooks/events?limit=50'),
+      api('GET', '/api/v1/admin/webhooks/deliveries?limit=100'),
+    ]);
+    const path = (id) => '/api/v1/admin/webhooks/' + encodeURIComponent(id);
+    fill('webhooks', w.endpoints, (e) => [
+      e.id,
+      e.url,
+      e.events.length ? e.events.join(', ') : 'all',
+      e.enabled ? 'on' : 'off' + (e.disabled_reason ? ' (' + e.disabled_reason + ')' : ''),
+      button('Send test', () => webhookAction(() => api('POST', path(e.id) + '/test'))),
+      button(e.enabled ? 'Turn off' : 'Turn on', () => webhookAction(() => api('PATCH', path(e.id), { enabled: !e.enabled }))),
+      button('Delete', () => webhookAction(() => api('DELETE', path(e.id)))),
+    ]);
+    fill('webhook-events', ev.events, (e) => [
+      when(e.created_at),
+      e.type,
+      describe(e.data),
+      e.deliveries.map((d) => d.endpoint + ': ' + (d.outcome || 'retrying') + ' after ' + d.attempts + ' attempt(s)').join('; ') || (e.pending ? 'pending' : 'no endpoint'),
+    ]);
+    fill('webhook-deliveries', log.deliveries, (d) => [
+      when(d.at), d.event_id, d.type, d.endpoint, d.attempt, d.status === null ? '–' : d.status, d.latency_ms + ' ms', d.outcome, d.error || '',
+    ]);
+    page.webhooks = { endpoints: w.endpoints, events: ev.events, deliveries: log.deliveries };
+  }
+
+  async function webhookAction(fn) {
+    showError('webhooks-error', null);
+    try {
+      await fn();
+      await Promise.all([loadWebhooks(), loadAudit()]);
+    } catch (e) {
+      showError('webhooks-error', e);
+    }
+  }
+
   async function loadAdmin() {
     $('admin').hidden = false;
-    await Promise.all([loadCapacity(), loadTenantChart(), loadMonths(), loadSeats(), loadSubscriptions(), loadSettings(), loadTrials(), loadAudit()]);
+    await Promise.all([loadCapacity(), loadTenantChart(), loadMonths(), loadSeats(), loadSubscriptions(), loadSettings(), loadTrials(), loadWebhooks(), loadAudit()]);
   }
 
   // ---- authors ----
@@ -368,6 +408,15 @@
     $('self-service').addEventListener('change', async (ev) => {
       await api('PATCH', '/api/v1/admin/settings', { allow_ad_hoc_subscriptions: ev.target.checked });
       await loadAudit();
+    });
+    $('webhooks-refresh').addEventListener('click', () => webhookAction(async () => {}));
+    $('new-webhook').addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      const events = $('new-webhook-events').value.split(',').map((x) => x.trim()).filter((x) => x && x !== 'all');
+      webhookAction(async () => {
+        const e = await api('POST', '/api/v1/admin/webhooks', { url: $('new-webhook-url').value.trim(), events });
+        $('webhook-secret').textContent = 'Signing secret of ' + e.id + ' (shown once): ' + e.secret;
+      });
     });
     $('new-tenant').addEventListener('submit', (ev) => {
       ev.preventDefault();

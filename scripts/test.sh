@@ -9,6 +9,7 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd) # tests/packaging.rs
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium fonts-liberation) # Web Chat in a browser (tests/webchat.rs)
 if ((${#need_apt[@]})); then
     echo "scripts/test.sh: installing ${need_apt[*]}" >&2

@@ -197,6 +197,21 @@ pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Er
     }
 }
 
+/// Deserializes an optional list of percentages (1 to 100) as [`whole_number`] does numbers.
+pub fn percentages<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    let Some(list) = Option::<Vec<f64>>::deserialize(d)? else { return Ok(None) };
+    list.into_iter()
+        .map(|n| {
+            if n.fract() == 0.0 && (1.0..=100.0).contains(&n) {
+                Ok(n as u8)
+            } else {
+                Err(serde::de::Error::custom(format!("{n} is not a percentage from 1 to 100")))
+            }
+        })
+        .collect::<Result<Vec<u8>, _>>()
+        .map(Some)
+}
+
 /// The answer for a route that does not exist.
 pub async fn not_found_fallback() -> ApiError {
     ApiError::not_found("No such route. See the README for the Direct Line and API routes.")

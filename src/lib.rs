@@ -18,14 +18,20 @@
 //! - [`channel`]: the Direct Line 3.0 channel: tokens, the message path, WebSocket, the bot
 //!   connector, CORS.
 //! - [`conversation`]: conversation state: activity log, watermark, expiry, the map.
-//! - [`identity`]: authors' JWTs: verification, the verified-token cache, the dev issuer.
+//! - [`identity`]: authors' JWTs: verification, the verified-token cache, the signing keys
+//!   (file, JWKS URL, OpenID discovery; refreshed and fetched again for unknown key ids), the dev
+//!   issuer.
 //! - [`licensing`]: tenants, purchases, seats, trials, settings, audit; the read-mostly snapshot;
 //!   the author layer; the admin and operator APIs.
 //! - [`console`]: the web console's page and assets, embedded at build time.
 //! - [`openapi`]: the OpenAPI 3.1 document of the JSON APIs, generated from the handlers.
 //! - [`authoring`]: the authoring API: bots, secrets, publishing, test chat, who-am-I, trials,
 //!   usage reports.
-//! - [`bots`]: the bot registry, built-in bots (topics) and upstream bots (Bot Framework).
+//! - [`bots`]: the bot registry, built-in bots (topics and their flows) and upstream bots
+//!   (Bot Framework).
+//! - [`outbound`]: the one HTTP client of every outbound call (upstream bots, topic flows,
+//!   webhooks) and the network policy it resolves through.
+//! - [`notify`]: notification events, their outbox, signed webhook delivery, the admin API.
 //! - [`metering`]: session tracker, per-bot counters, tenant pools by month, rate limit, the
 //!   durable ledger, the usage exposition.
 
@@ -41,6 +47,7 @@ pub mod error;
 pub mod identity;
 pub mod licensing;
 pub mod metering;
+pub mod notify;
 pub mod openapi;
 pub mod outbound;
 pub mod routes;

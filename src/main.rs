@@ -104,7 +104,11 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("{}: key `identity.jwks_file`: {e}", file.display());
+                    let key = match &e {
+                        botgate::identity::jwt::VerifierError::Jwks { key, .. } => key.as_str(),
+                        _ => "identity.jwks_file",
+                    };
+                    eprintln!("{}: key `{key}`: {e}", file.display());
                     ExitCode::FAILURE
                 }
             },

@@ -9,7 +9,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, OpenApi as Document, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::{authoring, channel, console, licensing};
+use crate::{authoring, channel, console, licensing, notify};
 
 /// Every error answer: `{"error":{"code","message"}}`.
 #[derive(ToSchema)]
@@ -64,6 +64,15 @@ pub struct ErrorDetail {
         licensing::admin::settings,
         licensing::admin::patch_settings,
         licensing::admin::audit,
+        notify::api::list,
+        notify::api::create,
+        notify::api::get,
+        notify::api::patch,
+        notify::api::delete,
+        notify::api::rotate,
+        notify::api::test,
+        notify::api::deliveries,
+        notify::api::events,
         licensing::operator::list_tenants,
         licensing::operator::create_tenant,
         licensing::operator::get_tenant,

@@ -1,4 +1,4 @@
-//! Every call the gateway makes out (upstream bots now): one HTTP client and one policy.
+//! Every call the gateway makes out (upstream bots, topic flows): one HTTP client and one policy.
 //!
 //! The policy decides by address, at resolution time, so a name that resolves into a denied
 //! network (or is re-pointed there later) is refused before any packet leaves: a bot's author
@@ -13,7 +13,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::TokioExecutor;
 
 /// An IP network: an address and a prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +128,10 @@ impl Policy {
     pub fn check_url(&self, url: &str) -> Result<(), String> {
         let uri: http::Uri = url.parse().map_err(|_| "it is not a valid URL".to_string())?;
         if uri.scheme_str() != Some("http") {
-            return Err("the gateway calls bots over http:// (put TLS in front of the gateway)".into());
+            return Err(
+                "the gateway calls out over http:// only (reach https:// services through an egress proxy)"
+                    .into(),
+            );
         }
         if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
             return Err("it must not carry credentials".into());
@@ -248,6 +259,119 @@ impl tower::Service<Name> for PolicyResolver {
             Ok(allowed.into_iter())
         })
     }
+}
+
+/// Why an outbound call failed (the caller bounds it in time and judges the status).
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The policy refused the address, in the URL or at resolution.
+    #[error("the outbound policy refuses it: {0}")]
+    Refused(String),
+    /// The answer was longer than `outbound.max_response_bytes`.
+    #[error("the answer is longer than {0} bytes")]
+    TooLarge(usize),
+    /// The request could not be made, connected or read.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The pooled HTTP client of every outbound call, under the policy: no redirects followed, answers
+/// read up to a cap. Cloning is shallow (the pool is shared).
+#[derive(Clone)]
+pub struct OutboundClient {
+    client: Client<HttpConnector<PolicyResolver>, Full<Bytes>>,
+    policy: Arc<Policy>,
+    max_answer_bytes: usize,
+}
+
+impl OutboundClient {
+    /// A client connecting within `connect_timeout`, only where `policy` allows, reading at most
+    /// `max_answer_bytes` of an answer.
+    pub fn new(connect_timeout: Duration, policy: Policy, max_answer_bytes: usize) -> Self {
+        let policy = Arc::new(policy);
+        let mut connector = HttpConnector::new_with_resolver(PolicyResolver::new(policy.clone()));
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self { client, policy, max_answer_bytes }
+    }
+
+    /// The policy this client calls under.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Sends `req` and reads the whole answer (up to the cap). Any status is returned: a 3xx is
+    /// not followed, and the caller decides what a non-success means. Not bounded in time: the
+    /// caller wraps it in its own timeout.
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), CallError> {
+        self.send_keeping_headers(req).await.map(|(status, _, body)| (status, body))
+    }
+
+    /// [`send`](Self::send), keeping the answer's headers (for callers that cache by them).
+    pub async fn send_keeping_headers(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), CallError> {
+        // An address in the URL is not resolved, so it is judged here; names are judged by the
+        // resolver, at every connection.
+        if let Some(ip) = req.uri().host().and_then(literal_ip)
+            && let Err(denied) = self.policy.check(ip)
+        {
+            return Err(CallError::Refused(denied.explain().to_string()));
+        }
+        let res = self.client.request(req).await.map_err(|e| {
+            if has_source(&e, |io: &io::Error| io.kind() == io::ErrorKind::PermissionDenied) {
+                CallError::Refused(error_chain(&e))
+            } else {
+                CallError::Failed(error_chain(&e))
+            }
+        })?;
+        let (parts, body) = res.into_parts();
+        let bytes = http_body_util::Limited::new(body, self.max_answer_bytes)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    CallError::TooLarge(self.max_answer_bytes)
+                } else {
+                    CallError::Failed(e.to_string())
+                }
+            })?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    }
+}
+
+/// Whether an error or one of its sources is an `E` for which `f` holds.
+fn has_source<E: std::error::Error + 'static>(
+    e: &(dyn std::error::Error + 'static),
+    f: impl Fn(&E) -> bool,
+) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<E>().is_some_and(&f) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// An error and its sources, for the log (the client's own message alone is often just
+/// "client error (Connect)").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 #[cfg(test)]

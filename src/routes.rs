@@ -9,6 +9,7 @@ use crate::channel::{connector, directline, stream, turn};
 use crate::console;
 use crate::licensing::layer::AuthorLayer;
 use crate::licensing::{admin, operator};
+use crate::notify::api as webhooks;
 use crate::state::AppState;
 
 /// The public router's routes (without the stack) and their templates.
@@ -72,6 +73,15 @@ pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
         ("/api/v1/admin/usage/daily", get(reports::tenant_daily)),
         ("/api/v1/admin/usage/monthly", get(reports::tenant_monthly)),
         ("/api/v1/admin/trials", get(admin::trials)),
+        ("/api/v1/admin/webhooks", get(webhooks::list).post(webhooks::create)),
+        ("/api/v1/admin/webhooks/deliveries", get(webhooks::deliveries)),
+        ("/api/v1/admin/webhooks/events", get(webhooks::events)),
+        (
+            "/api/v1/admin/webhooks/{endpoint_id}",
+            get(webhooks::get).patch(webhooks::patch).delete(webhooks::delete),
+        ),
+        ("/api/v1/admin/webhooks/{endpoint_id}/rotate", post(webhooks::rotate)),
+        ("/api/v1/admin/webhooks/{endpoint_id}/test", post(webhooks::test)),
         ("/api/v1/bots/{bot_id}/usage/daily", get(reports::bot_daily)),
     ];
     let mut templates = Vec::with_capacity(table.len() + authoring.len());

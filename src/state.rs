@@ -42,6 +42,9 @@ pub enum StartError {
     /// The usage counters could not be rebuilt from the store.
     #[error("cannot rebuild usage from the store: {0}")]
     Metering(String),
+    /// The TLS certificate or key could not be loaded.
+    #[error("cannot load the TLS certificate: {0}")]
+    Tls(String),
 }
 
 /// The shared state of a running server; cloning is shallow.
@@ -66,6 +69,7 @@ struct Inner {
     redis: Option<Arc<RedisStore>>,
     node_id: String,
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    notifier: crate::notify::Notifier,
     forward_client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Full<bytes::Bytes>,
@@ -183,8 +187,41 @@ impl AppState {
         } else {
             None
         };
-        let verifier = Verifier::new(&config.identity, dev_key.as_deref(), clock.clone())
+        let remote = crate::identity::jwks::Remote::new(channel.outbound.clone(), &metrics)
             .map_err(|e| StartError::Control(e.to_string()))?;
+        let top = crate::identity::jwks::Keys::new(&config.identity, clock.clone(), Some(remote.clone()))
+            .map_err(|e| StartError::Control(e.to_string()))?;
+        let mut issuers = Vec::new();
+        for i in 0..config.identity.issuers.len() {
+            issuers.push(
+                crate::identity::jwks::Keys::for_issuer(
+                    &config.identity,
+                    i,
+                    clock.clone(),
+                    Some(remote.clone()),
+                )
+                .map_err(|e| StartError::Control(e.to_string()))?,
+            );
+        }
+        // The first fetch of every issuer's remote sources, side by side, each bounded by the
+        // fetch timeout. A node whose provider is down still starts: tokens it signs are refused
+        // until a fetch succeeds (retried on schedule, and at once for an unknown key id).
+        let failed: usize = futures_util::future::join_all(
+            std::iter::once(&top)
+                .chain(&issuers)
+                .filter(|k| k.has_remote())
+                .map(crate::identity::jwks::Keys::refresh_due),
+        )
+        .await
+        .into_iter()
+        .sum();
+        if failed > 0 {
+            tracing::error!(
+                failed_sources = failed,
+                "The identity provider's keys could not be fetched at start-up; its tokens are refused until a fetch succeeds."
+            );
+        }
+        let verifier = Verifier::with_keys(&config.identity, dev_key.as_deref(), clock.clone(), top, issuers);
         let cluster = redis.as_ref().map(|r| {
             let url = if config.cluster.advertise_url.is_empty() {
                 format!("http://{public_addr}")
@@ -198,8 +235,11 @@ impl AppState {
                 std::time::Duration::from_secs(config.cluster.lease_ttl_secs),
             ))
         });
+        let notifier = crate::notify::Notifier::new(&metrics, &config, channel.outbound.clone())
+            .map_err(StartError::Metrics)?;
         let state = Self {
             inner: Arc::new(Inner {
+                notifier,
                 config,
                 clock,
                 store,
@@ -231,6 +271,11 @@ impl AppState {
             crate::cluster::sync::start(state.clone());
         }
         Ok(state)
+    }
+
+    /// The notification metrics and webhook client.
+    pub fn notifier(&self) -> &crate::notify::Notifier {
+        &self.inner.notifier
     }
 
     /// The configuration the server started with.

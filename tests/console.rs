@@ -34,7 +34,8 @@ async fn sessions(s: &TestServer, bot: &str, text: &str, n: usize) {
 async fn a_tenant_admin_reads_usage_and_assigns_a_seat_in_the_console() {
     run_script("tests/node/install.sh", &[]);
     run_script("console/vendor.sh", &["--check"]);
-    let s = TestServer::start().await;
+    let s = TestServer::with(|c| c.notifications.poll_ms = 50).await;
+    let receiver = common::receiver::Receiver::start();
     let sign = |tenant: &str, user: &str, admin: bool| s.token_of(tenant, user, admin);
     let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
         let mut rb = s.http.request(method, s.url(path)).bearer_auth(token);
@@ -142,6 +143,7 @@ async fn a_tenant_admin_reads_usage_and_assigns_a_seat_in_the_console() {
         "{csv}"
     );
 
+    receiver.control(json!({"now": botgate::clock::Clock::now_secs(&*s.clock)})).await;
     let shot = s.dir.path().join("console.png");
     let out = tokio::process::Command::new("node")
         .arg(root().join("tests/node/console.js"))
@@ -157,6 +159,7 @@ async fn a_tenant_admin_reads_usage_and_assigns_a_seat_in_the_console() {
             "fabrikam",
         ])
         .args(["--author", "alice", "--author-bot", "orders", "--new-tenant", "tailspin"])
+        .args(["--webhook-url", &receiver.url])
         .arg("--screenshot")
         .arg(&shot)
         .output()
@@ -196,6 +199,26 @@ async fn a_tenant_admin_reads_usage_and_assigns_a_seat_in_the_console() {
         .await
         .unwrap();
     assert!(lic["users"].as_array().unwrap().contains(&json!("newbie")), "{lic}");
+
+    // The endpoint added through the page received the test event it sent, signed with the
+    // secret it showed; the page's delivery log is the API's.
+    let got = receiver.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0]["verified"].clone(), got[0]["body"]["type"].clone()),
+        (json!(true), json!("test")),
+        "{got:?}"
+    );
+    let log: Value =
+        call(reqwest::Method::GET, "/api/v1/admin/webhooks/deliveries?limit=100", &root_token, None)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(v["webhooks"]["deliveries"], log["deliveries"]);
+    assert_eq!(log["deliveries"][0]["outcome"], "delivered");
+    assert!(v["webhooks"]["text"].as_str().unwrap().contains("delivered"));
 
     // Fabrikam's admin sees fabrikam only.
     let other = &v["other"];

@@ -91,3 +91,16 @@ fn the_configuration_reference_names_every_section_of_the_default() {
         }
     }
 }
+
+/// The README's production configuration (the TOML block after `<!-- production-config -->`)
+/// is one the gateway accepts.
+#[test]
+fn the_readme_production_configuration_is_valid() {
+    let text = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let after = text.split("<!-- production-config -->").nth(1).expect("the production-config marker");
+    let block = after.split("```toml\n").nth(1).and_then(|b| b.split("\n```").next()).expect("a toml block");
+    let config = botgate::config::Config::from_str(block, "README.md production block")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.server.tls_cert.is_some() && config.identity.oidc_issuer.is_some());
+    assert_eq!(config.store.backend, botgate::config::StoreBackend::Redis);
+}

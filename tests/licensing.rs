@@ -502,7 +502,11 @@ async fn authors_create_test_publish_and_rotate_secrets_and_reports_equal_metric
     assert_eq!((billed, turns), (3, 6));
     let a =
         api.ok(api.get("/api/v1/bots/orders/analytics?from=2026-11-01&to=2026-11-30", &alice).await).await;
-    assert_eq!(a["totals"], json!({"billed_sessions": 3, "overage_sessions": 0, "turns": 6}));
+    assert_eq!(
+        a["totals"],
+        json!({"billed_sessions": 3, "overage_sessions": 0, "turns": 6, "flow_runs": 0,
+               "flow_runs_by_outcome": {"failed": 0, "ok": 0, "refused": 0, "timeout": 0}})
+    );
     assert_eq!(a["days"][0]["day"], "2026-11-28");
     let empty = api.ok(api.get("/api/v1/bots/orders/analytics?from=2026-12-01", &alice).await).await;
     assert_eq!(empty["totals"]["billed_sessions"], 0);
@@ -515,7 +519,7 @@ async fn authors_create_test_publish_and_rotate_secrets_and_reports_equal_metric
     assert_eq!(u["remaining"].as_u64(), metric(&m, r#"botgate_tenant_remaining_sessions{tenant="contoso"}"#));
     assert_eq!(
         u["bots"],
-        json!([{"bot": "orders", "billed_sessions": 3, "overage_sessions": 0, "turns": 6}])
+        json!([{"bot": "orders", "billed_sessions": 3, "overage_sessions": 0, "turns": 6, "flow_runs": 0}])
     );
     assert_error(api.get("/api/v1/admin/usage?month=2026-13", &admin).await, 400, "BadRequest").await;
 

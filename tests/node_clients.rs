@@ -29,11 +29,17 @@ impl Drop for EchoBot {
 }
 
 fn start_echo_bot() -> EchoBot {
+    start_echo_bot_with(&[])
+}
+
+/// The echo bot with extra environment variables (a CA file for a gateway on TLS).
+fn start_echo_bot_with(env: &[(&str, &std::path::Path)]) -> EchoBot {
     let status = Command::new("bash").arg(node_dir().join("install.sh")).status().expect("bash");
     assert!(status.success(), "tests/node/install.sh failed");
     let mut child = Command::new("node")
         .arg(node_dir().join("echo-bot.js"))
         .env("PORT", "0")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -51,19 +57,18 @@ fn start_echo_bot() -> EchoBot {
 
 async fn drive(s: &TestServer, bot: &str, mode: &str) -> Value {
     let (token, _) = s.open_token(bot).await;
-    let out = tokio::process::Command::new("node")
+    run_client(&s.url("/v3/directline"), &token, mode, None).await
+}
+
+/// `directline-client.js` against `domain` with `token`; `ca`: a certificate file Node trusts.
+async fn run_client(domain: &str, token: &str, mode: &str, ca: Option<&std::path::Path>) -> Value {
+    let mut cmd = tokio::process::Command::new("node");
+    if let Some(ca) = ca {
+        cmd.env("NODE_EXTRA_CA_CERTS", ca);
+    }
+    let out = cmd
         .arg(node_dir().join("directline-client.js"))
-        .args([
-            "--domain",
-            &s.url("/v3/directline"),
-            "--token",
-            &token,
-            "--mode",
-            mode,
-            "--messages",
-            "3",
-            "--quiet",
-        ])
+        .args(["--domain", domain, "--token", token, "--mode", mode, "--messages", "3", "--quiet"])
         .output()
         .await
         .unwrap();
@@ -104,4 +109,34 @@ async fn official_directline_client_and_sdk_bot_through_botgate() {
     let m = s.metrics().await;
     assert_eq!(metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="up"}"#), Some(2), "{m}");
     assert_eq!(metric(&m, r#"botgate_turns_total{tenant="contoso",bot="up"}"#), Some(6));
+}
+
+/// The same client over `https://` and `wss://`: the gateway on TLS with a certificate made in
+/// the test, trusted by Node through `NODE_EXTRA_CA_CERTS`; the SDK bot calls back over HTTPS.
+#[tokio::test]
+async fn official_directline_client_over_https_and_wss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = common::tls::certificate(dir.path(), "gateway");
+    let echo = start_echo_bot_with(&[("NODE_EXTRA_CA_CERTS", &cert)]);
+    let endpoint = format!("http://127.0.0.1:{}/api/messages", echo.port);
+    let s = TestServer::with(|c| {
+        let toml = upstream_config_toml(&endpoint, "");
+        let extra = botgate::config::Config::from_str(&toml, "t").unwrap();
+        c.bots.extend(extra.bots);
+        c.upstream.timeout_secs = 15;
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key);
+    })
+    .await;
+    let domain = format!("https://localhost:{}/v3/directline", s.addr().port());
+    for mode in ["polling", "websocket"] {
+        let (status, t) = common::tls::get_tls(s.addr(), &der, "/api/v1/bots/up/directline/token").await;
+        assert_eq!(status, 200, "{t}");
+        let v = run_client(&domain, t["token"].as_str().unwrap(), mode, Some(&cert)).await;
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!((v["sent"].as_u64(), v["replies"].as_u64()), (Some(3), Some(3)), "{v}");
+        if mode == "websocket" {
+            assert!(v["websockets"].as_u64().unwrap() >= 1, "{v}");
+        }
+    }
 }

@@ -75,9 +75,10 @@ fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
         .filter_map(|l| l.split_once("calls=").and_then(|(_, r)| r.split(',').next()))
         .map(|n| n.parse::<u64>().unwrap())
         .sum();
-    // EVALSHA, HSETNX, HINCRBY for helpdesk sessions, its overage, sales sessions and the
-    // node's pool use, and HGET of what the node holds: 7, for 202 sessions.
-    assert_eq!(calls, 7, "{stats}");
+    // EVALSHA, HSETNX, HEXISTS and HINCRBY of the month's count (thresholds are judged on it),
+    // HINCRBY for helpdesk sessions, its overage, sales sessions and the node's pool use, and
+    // HGET of what the node holds: 9, for 202 sessions.
+    assert_eq!(calls, 9, "{stats}");
     store.record_sessions("n1.1.1", &batch).unwrap();
     assert_eq!(redis.billed_sessions(), 203);
     // A server that lost its scripts (a restart, SCRIPT FLUSH) gets the script again.
@@ -135,6 +136,7 @@ fn nodes_racing_to_seed_a_tenant_seed_it_once() {
             name: tenant.clone(),
             allow_ad_hoc_subscriptions: false,
             capacity_policy: botgate::config::CapacityPolicy::Reject,
+            capacity_alerts: None,
         };
         let audit = AuditEntry {
             seq: 0,
@@ -165,4 +167,50 @@ fn nodes_racing_to_seed_a_tenant_seed_it_once() {
         assert_eq!(seeded, 1, "round {round}");
         assert_eq!(redis.cli(&["LLEN", &format!("bg:{{{tenant}}}:audit")]), "1", "round {round}");
     }
+}
+
+/// The outbox on Redis: a store from before the month counts starts them from the usage hash
+/// (7 sessions, so the 8th of 10 reaches 80%); a retried batch raises nothing; claims lapse;
+/// settled events leave the due set and are pruned after 92 days, their dedupe keys with them.
+#[test]
+fn the_outbox_counts_claims_settles_and_prunes_on_redis() {
+    use botgate::store::Store;
+    use botgate::store::outbox::{CapacityWatch, OutboxEvent, Target};
+    let redis = RedisServer::start();
+    let store = botgate::store::redis::RedisStore::open(&redis.url()).unwrap();
+    redis.cli(&["HSET", "bg:{t}:usage", "b|2026-11-05|sessions", "7", "b|2026-10-30|sessions", "50"]);
+    let month = botgate::metering::pool::parse_month("2026-11").unwrap();
+    let at = botgate::metering::pool::month_start_ms(month) + 5 * 86_400_000;
+    let rec = |id: &str| botgate::store::SessionRecord {
+        id: id.into(),
+        tenant: "t".into(),
+        bot: "b".into(),
+        began_ms: at,
+        overage: false,
+        node: String::new(),
+    };
+    let w = CapacityWatch { tenant: "t".into(), month, capacity: 10, thresholds: vec![80, 100] };
+    store.record_watched("b1", &[rec("s8")], std::slice::from_ref(&w), at).unwrap();
+    let ev = store.events("t", 10).unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(ev[0].event.payload.contains("\"used\":8"), "{}", ev[0].event.payload);
+    assert!(ev[0].event.payload.contains("\"threshold_percent\":80"));
+    store.record_watched("b1", &[rec("s8")], std::slice::from_ref(&w), at).unwrap();
+    store.record_watched("b2", &[rec("s9")], std::slice::from_ref(&w), at).unwrap();
+    assert_eq!(store.events("t", 10).unwrap().len(), 1, "a retried batch and the 9th raise nothing");
+
+    let c = store.claim_due(at, 500, 10).unwrap();
+    assert_eq!(c.len(), 1);
+    assert!(store.claim_due(at + 100, 500, 10).unwrap().is_empty(), "claimed");
+    assert_eq!(store.claim_due(at + 500, 500, 10).unwrap().len(), 1, "the claim lapsed");
+    let t =
+        Target { endpoint: "ep".into(), attempts: 1, next_ms: at + 9_000, outcome: Some("delivered".into()) };
+    store.settle(&c[0].event, &[t], &[], 10).unwrap();
+    assert!(store.claim_due(at + 20_000, 500, 10).unwrap().is_empty());
+    assert_eq!(store.events("t", 10).unwrap()[0].due_ms, None);
+    assert!(store.claim_due(at + 93 * 86_400_000, 500, 10).unwrap().is_empty());
+    assert!(store.events("t", 10).unwrap().is_empty(), "pruned");
+    // Raising by the same key works again once pruned; before, it is refused.
+    let e = OutboxEvent::new("t", "test", "test/x".into(), at, serde_json::json!({}));
+    assert_eq!(store.raise(&[e.clone(), e]).unwrap(), 1);
 }

@@ -145,16 +145,32 @@ pub struct NewBot {
 
 fn validate(app: &AppState, def: &BotConfig) -> Result<(), ApiError> {
     def.validate("bot").map_err(|e| {
-        ApiError::bad_request(format!("`{}`: {}.", e.key.trim_start_matches("bot."), e.problem))
+        let key = e.key.trim_start_matches("bot.");
+        let message = format!("`{key}`: {}.", e.problem);
+        // A topic's flow (or its fallback reply) has a code of its own, for authoring tools.
+        if key.contains(".flow") || key.ends_with(".fallback_reply") {
+            ApiError::new(StatusCode::BAD_REQUEST, "InvalidFlow", message)
+        } else {
+            ApiError::bad_request(message)
+        }
     })?;
-    if def.kind == BotKind::Upstream
-        && let Err(why) = app.channel().upstream.policy().check_url(&def.endpoint)
-    {
-        return Err(ApiError::new(
+    let policy = app.channel().outbound.policy();
+    let not_allowed = |key: &str, why: String| {
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "EndpointNotAllowed",
-            format!("`endpoint`: the gateway cannot call it: {why}."),
-        ));
+            format!("`{key}`: the gateway cannot call it: {why}."),
+        )
+    };
+    if def.kind == BotKind::Upstream
+        && let Err(why) = policy.check_url(&def.endpoint)
+    {
+        return Err(not_allowed("endpoint", why));
+    }
+    for (key, url) in def.flow_urls("bot") {
+        if let Err(why) = policy.check_url(url) {
+            return Err(not_allowed(key.trim_start_matches("bot."), why));
+        }
     }
     Ok(())
 }

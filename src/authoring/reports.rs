@@ -102,8 +102,8 @@ fn parse_day(s: &Option<String>, what: &str) -> Result<Option<NaiveDate>, ApiErr
         .transpose()
 }
 
-/// `GET /api/v1/bots/{botId}/analytics?from=YYYY-MM-DD&to=YYYY-MM-DD`: billed sessions, overage
-/// and turns per day, and totals (both ends inclusive; default: everything).
+/// `GET /api/v1/bots/{botId}/analytics?from=YYYY-MM-DD&to=YYYY-MM-DD`: billed sessions, overage,
+/// turns and topic flow runs per day, and totals (both ends inclusive; default: everything).
 #[utoipa::path(get, path = "/api/v1/bots/{bot_id}/analytics", tag = "usage", params(("bot_id" = String, Path, description = "The bot id"), Range), responses((status = 200, description = "Sessions, overage and turns per day with data, and totals", body = serde_json::Value)))]
 pub async fn analytics(
     State(app): State<AppState>,
@@ -117,6 +117,7 @@ pub async fn analytics(
     let rows = usage(&app).await?;
     let mut days = Vec::new();
     let (mut sessions, mut overage, mut turns) = (0, 0, 0);
+    let mut flows = [0u64; 4];
     for u in rows.iter().filter(|u| u.tenant == bot.tenant && u.bot == bot.id) {
         let Ok(d) = u.day.parse::<NaiveDate>() else { continue };
         if from.is_some_and(|f| d < f) || to.is_some_and(|t| d > t) {
@@ -125,14 +126,24 @@ pub async fn analytics(
         sessions += u.sessions;
         overage += u.overage;
         turns += u.turns;
-        days.push(json!({"day": u.day, "billed_sessions": u.sessions, "overage_sessions": u.overage, "turns": u.turns}));
+        for (f, n) in flows.iter_mut().zip(u.flows) {
+            *f += n;
+        }
+        let flow_runs: u64 = u.flows.iter().sum();
+        days.push(json!({"day": u.day, "billed_sessions": u.sessions, "overage_sessions": u.overage, "turns": u.turns, "flow_runs": flow_runs}));
     }
     Ok(Json(json!({
         "bot": bot.id,
         "from": r.from,
         "to": r.to,
         "days": days,
-        "totals": {"billed_sessions": sessions, "overage_sessions": overage, "turns": turns},
+        "totals": {
+            "billed_sessions": sessions,
+            "overage_sessions": overage,
+            "turns": turns,
+            "flow_runs": flows.iter().sum::<u64>(),
+            "flow_runs_by_outcome": {"ok": flows[0], "failed": flows[1], "timeout": flows[2], "refused": flows[3]},
+        },
     }))
     .into_response())
 }
@@ -162,12 +173,13 @@ pub async fn tenant_usage(
     let tenant = &p.identity.tenant;
     take_report(&app, &p.identity)?;
     let rows = usage(&app).await?;
-    let mut bots: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    let mut bots: BTreeMap<&str, (u64, u64, u64, u64)> = BTreeMap::new();
     for u in rows.iter().filter(|u| &u.tenant == tenant && u.day.starts_with(&label)) {
         let e = bots.entry(&u.bot).or_default();
         e.0 += u.sessions;
         e.1 += u.overage;
         e.2 += u.turns;
+        e.3 += u.flows.iter().sum::<u64>();
     }
     let sessions: u64 = bots.values().map(|b| b.0).sum();
     let overage: u64 = bots.values().map(|b| b.1).sum();
@@ -215,11 +227,12 @@ pub async fn tenant_usage(
         forecast,
         bots: bots
             .iter()
-            .map(|(bot, (s, o, t))| BotMonth {
+            .map(|(bot, (s, o, t, f))| BotMonth {
                 bot: bot.to_string(),
                 billed_sessions: *s,
                 overage_sessions: *o,
                 turns: *t,
+                flow_runs: *f,
             })
             .collect(),
     })
@@ -271,6 +284,8 @@ pub struct BotMonth {
     billed_sessions: u64,
     overage_sessions: u64,
     turns: u64,
+    /// Topic flow runs, every outcome (billed to nobody).
+    flow_runs: u64,
 }
 
 /// Daily series over a range: `days[i]` is the day of each series' `i`th value.

@@ -1,7 +1,9 @@
 //! Built-in bots: topics with trigger phrases and replies, answered by the gateway itself.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use super::flow::{Flow, TopicFlow};
 use crate::config::{SystemTopic, TopicConfig, TopicKind};
 
 /// One topic, with its trigger phrases normalized once at load.
@@ -15,6 +17,9 @@ pub struct Topic {
     pub system: Option<SystemTopic>,
     /// The replies, in order.
     pub replies: Vec<String>,
+    /// The flow that fills the replies, if the topic has one (shared: a run outlives the request
+    /// that triggered it).
+    pub flow: Option<Arc<TopicFlow>>,
     /// Normalized phrases, each wrapped in spaces for whole-word matching.
     triggers: Vec<String>,
 }
@@ -48,6 +53,13 @@ impl BuiltinBot {
                 kind: t.kind,
                 system: t.system,
                 replies: t.replies.clone(),
+                flow: t.flow.as_ref().map(|f| {
+                    Arc::new(TopicFlow {
+                        flow: Flow::new(f),
+                        replies: t.replies.clone(),
+                        fallback_reply: t.fallback_reply.clone().unwrap_or_default(),
+                    })
+                }),
                 triggers: t.triggers.iter().map(|p| normalize(p)).collect(),
             })
             .collect();

@@ -1,7 +1,8 @@
 //! The bots behind the channel: the registry of published bots, built-in bots (topics from
-//! configuration) and upstream bots (Bot Framework messaging endpoints).
+//! configuration, their flows) and upstream bots (Bot Framework messaging endpoints).
 
 pub mod builtin;
+pub mod flow;
 pub mod secrets;
 pub mod upstream;
 

@@ -6,19 +6,15 @@
 //! back while the gateway's POST is still open; the handlers for those callbacks are in
 //! `channel::connector`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
-use crate::outbound::{Policy, PolicyResolver, literal_ip};
+use crate::outbound::{OutboundClient, Policy};
 
 /// One upstream bot.
 pub struct UpstreamBot {
@@ -44,38 +40,22 @@ impl UpstreamBot {
     }
 }
 
-/// The pooled HTTP client for calls to bots, under the outbound policy; cloning is shallow.
+/// Calls to upstream bots, over the one outbound client; cloning is shallow.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector<PolicyResolver>, Full<Bytes>>,
-    policy: Arc<Policy>,
+    outbound: OutboundClient,
     timeout: Duration,
-    max_answer_bytes: usize,
 }
 
 impl UpstreamClient {
-    /// A client with the given per-call timeout and connect timeout, calling only where
-    /// `policy` allows and reading at most `max_answer_bytes` of an answer.
-    pub fn new(
-        timeout: Duration,
-        connect_timeout: Duration,
-        policy: Policy,
-        max_answer_bytes: usize,
-    ) -> Self {
-        let policy = Arc::new(policy);
-        let mut connector = HttpConnector::new_with_resolver(PolicyResolver::new(policy.clone()));
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(connector);
-        Self { client, policy, timeout, max_answer_bytes }
+    /// Calls over `outbound`, each bounded by `timeout`.
+    pub fn new(outbound: OutboundClient, timeout: Duration) -> Self {
+        Self { outbound, timeout }
     }
 
     /// The policy this client calls under.
     pub fn policy(&self) -> &Policy {
-        &self.policy
+        self.outbound.policy()
     }
 
     /// Delivers one activity (JSON) to the bot and waits for its answer, callbacks included.
@@ -93,24 +73,12 @@ impl UpstreamClient {
                 bot.limiter.acquire().await.map_err(|_| bot_error(bot_id, "the bot is shutting down"))?;
             let uri: Uri =
                 bot.endpoint.parse().map_err(|_| bot_error(bot_id, "the endpoint is not a valid URL"))?;
-            // An address in the URL is not resolved, so it is judged here; names are judged by
-            // the resolver, at every connection.
-            if let Some(ip) = uri.host().and_then(literal_ip)
-                && let Err(denied) = self.policy.check(ip)
-            {
-                return Err(bot_error(bot_id, denied.explain()));
-            }
             let req = Request::post(uri)
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(body))
                 .map_err(|e| bot_error(bot_id, &e.to_string()))?;
-            let res = self.client.request(req).await.map_err(|e| bot_error(bot_id, &e.to_string()))?;
-            let status = res.status();
-            let bytes = http_body_util::Limited::new(res.into_body(), self.max_answer_bytes)
-                .collect()
-                .await
-                .map_err(|e| bot_error(bot_id, &e.to_string()))?
-                .to_bytes();
+            let (status, bytes) =
+                self.outbound.send(req).await.map_err(|e| bot_error(bot_id, &e.to_string()))?;
             // Redirects are not followed: a 3xx fails like any other non-success.
             if !status.is_success() {
                 return Err(bot_error(bot_id, &format!("the bot answered {status}")));

@@ -24,6 +24,7 @@ use crate::conversation::registry::{Caps, Conversations, CreateError};
 use crate::conversation::{Conversation, Page, Retention};
 use crate::error::ApiError;
 use crate::metering::Metering;
+use crate::outbound::OutboundClient;
 use token::{Claims, TokenSigner};
 
 /// The channel's state; shared through `AppState`.
@@ -34,6 +35,9 @@ pub struct Channel {
     pub bots: BotRegistry,
     /// The conversations.
     pub conversations: Conversations,
+    /// The one client of every outbound call (upstream bots use it through `upstream`; topic
+    /// flows call it directly).
+    pub outbound: OutboundClient,
     /// Calls to upstream bots.
     pub upstream: UpstreamClient,
     /// Billed-session metering.
@@ -56,6 +60,8 @@ pub struct Channel {
     pub service_base: String,
     /// The configured public URL, if any (decides ws:// or wss:// stream URLs).
     pub public_url: String,
+    /// Whether the listeners serve TLS (`wss://` stream URLs when no public URL is set).
+    pub tls: bool,
     /// Open-bot tokens per client address, if configured.
     pub client_rate: Option<client_rate::ClientRate>,
     /// This node's id when several nodes share Redis: it prefixes the ids of the conversations
@@ -80,10 +86,16 @@ impl Channel {
             bots.insert(Arc::new(bot));
         }
         let service_base = if config.server.public_url.is_empty() {
-            format!("http://{public_addr}")
+            let scheme = if config.server.tls_cert.is_some() { "https" } else { "http" };
+            format!("{scheme}://{public_addr}")
         } else {
             config.server.public_url.trim_end_matches('/').to_string()
         };
+        let outbound = OutboundClient::new(
+            Duration::from_millis(config.upstream.connect_timeout_ms),
+            crate::outbound::Policy::from_config(&config.outbound),
+            config.outbound.max_response_bytes,
+        );
         Self {
             signer,
             bots,
@@ -97,11 +109,10 @@ impl Channel {
                 config.channel.idle_timeout_secs as i64 * 1000,
             ),
             upstream: UpstreamClient::new(
+                outbound.clone(),
                 Duration::from_secs(config.upstream.timeout_secs),
-                Duration::from_millis(config.upstream.connect_timeout_ms),
-                crate::outbound::Policy::from_config(&config.outbound),
-                config.outbound.max_response_bytes,
             ),
+            outbound,
             metering,
             clock,
             token_ttl_secs: config.channel.token_ttl_secs as i64,
@@ -118,6 +129,7 @@ impl Channel {
             stream_write_timeout: Duration::from_millis(config.channel.stream_write_timeout_ms),
             service_base,
             public_url: config.server.public_url.clone(),
+            tls: config.server.tls_cert.is_some(),
             client_rate: (config.channel.open_token_rate_per_minute > 0).then(|| {
                 client_rate::ClientRate::new(
                     config.channel.open_token_rate_per_minute,
@@ -235,7 +247,7 @@ impl Channel {
     ) -> String {
         let (scheme, host) = if self.public_url.is_empty() {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-            ("ws", host.to_string())
+            (if self.tls { "wss" } else { "ws" }, host.to_string())
         } else if let Some(rest) = self.public_url.strip_prefix("https://") {
             ("wss", rest.trim_end_matches('/').to_string())
         } else {

@@ -2,7 +2,7 @@
 //!
 //! Credential check (signature, no I/O) → conversation handle (sharded map) → parse → classify
 //! → meter (429 before the bot sees anything) → append the user's activity (echoed on the
-//! stream) → dispatch to the bot → append replies → answer `{"id"}`.
+//! stream) → dispatch to the bot (or run the topic's flow) → append replies → answer `{"id"}`.
 
 use std::sync::Arc;
 
@@ -17,6 +17,7 @@ use super::auth::Credential;
 use super::directline::open_conversation;
 use crate::bots::Engine;
 use crate::bots::builtin::Topic;
+use crate::bots::flow;
 use crate::config::TopicKind;
 use crate::conversation::Conversation;
 use crate::error::ApiError;
@@ -161,10 +162,9 @@ async fn message(
     };
     match topic {
         Some(t) => {
-            reply_with_topic(app, conv, t, Some(&appended.id), appended.ts);
-            if t.ends_conversation() {
-                end_by_bot(app, conv, &appended.id, appended.ts);
-            }
+            // Only a topic with a flow needs the conversation's values.
+            let input = t.flow.as_ref().map(|_| flow_input(conv, &a, activity::text(&a)));
+            answer_topic(app, conv, t, input, Some(&appended.id), appended.ts).await?;
         }
         None => {
             a.insert("id".into(), Value::String(appended.id.clone()));
@@ -214,7 +214,8 @@ async fn greet_event(
             if let Some(g) = b.greeting()
                 && conv.mark_greeted()
             {
-                reply_with_topic(app, conv, g, Some(&id), 0);
+                let input = g.flow.as_ref().map(|_| flow_input(conv, &a, ""));
+                answer_topic(app, conv, g, input, Some(&id), 0).await?;
             }
         }
         Engine::Upstream(_) => forward(app, conv, a).await?,
@@ -222,16 +223,68 @@ async fn greet_event(
     Ok(id)
 }
 
-fn reply_with_topic(
+/// The values a flow's body may use: the user's text, ids of the conversation, user and bot.
+fn flow_input(conv: &Conversation, a: &Map<String, Value>, text: &str) -> flow::Input {
+    let user = a.get("from").and_then(|f| f.get("id")).and_then(Value::as_str).unwrap_or("");
+    flow::Input {
+        text: text.to_string(),
+        conversation_id: conv.id.to_string(),
+        user_id: user.to_string(),
+        bot_id: conv.bot.id.clone(),
+    }
+}
+
+/// Answers with a topic: its replies, or, for a topic with a flow, the replies its answer fills
+/// (its fallback reply when the flow fails); then ends the conversation if the topic does.
+/// `input` is given for a topic with a flow.
+async fn answer_topic(
+    app: &AppState,
+    conv: &Arc<Conversation>,
+    topic: &Topic,
+    input: Option<flow::Input>,
+    reply_to: Option<&str>,
+    not_before: i64,
+) -> Result<(), ApiError> {
+    let ends = topic.ends_conversation();
+    let (Some(tf), Some(input)) = (&topic.flow, input) else {
+        append_replies(app, conv, &topic.replies, reply_to, not_before);
+        if ends && let Some(reply_to) = reply_to {
+            end_by_bot(app, conv, reply_to, not_before);
+        }
+        return Ok(());
+    };
+    // The flow runs in a task of its own, holding no lock: a hung endpoint delays only this
+    // reply (by at most the flow's timeout), and a client that hangs up after sending does not
+    // lose the answer to a turn that was already metered.
+    let (app, conv, tf) = (app.clone(), conv.clone(), tf.clone());
+    let reply_to = reply_to.map(str::to_string);
+    tokio::spawn(async move {
+        let (outcome, replies) = tf.answer(&app.channel().outbound, &input).await;
+        // Counted per bot and billed to nobody: the turn that triggered the flow was metered
+        // before it ran. One map lookup for the counters is nothing beside the HTTP call.
+        app.metering().counters(&conv.bot.tenant, &conv.bot.id).add_flow_run(outcome);
+        append_replies(&app, &conv, &replies, reply_to.as_deref(), not_before);
+        if ends && let Some(reply_to) = &reply_to {
+            end_by_bot(&app, &conv, reply_to, not_before);
+        }
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "A topic flow's task failed.");
+        ApiError::internal()
+    })
+}
+
+fn append_replies(
     app: &AppState,
     conv: &Conversation,
-    topic: &Topic,
+    replies: &[String],
     reply_to: Option<&str>,
     not_before: i64,
 ) {
     let bot = conv.bot.clone();
     let conv_id = conv.id.clone();
-    for text in &topic.replies {
+    for text in replies {
         conv.append(app.clock().now_ms(), not_before, |id, ts| {
             bot_message(&bot, id, ts, &conv_id, text, reply_to)
         });
@@ -246,7 +299,14 @@ pub async fn on_start(app: &AppState, conv: &Arc<Conversation>, user: Option<&st
             if let Some(g) = b.greeting()
                 && conv.mark_greeted()
             {
-                reply_with_topic(app, conv, g, None, 0);
+                let input = g.flow.as_ref().map(|_| flow::Input {
+                    conversation_id: conv.id.to_string(),
+                    user_id: user.unwrap_or_default().to_string(),
+                    bot_id: conv.bot.id.clone(),
+                    ..flow::Input::default()
+                });
+                // Only a failed task errs, and it is logged.
+                let _ = answer_topic(app, conv, g, input, None, 0).await;
             }
         }
         Engine::Upstream(_) => {

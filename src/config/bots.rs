@@ -1,5 +1,7 @@
 //! `[[bots]]`: bots known at start-up, built in (topics) or upstream (a Bot Framework endpoint).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{Invalid, invalid, validate_id};
@@ -53,8 +55,64 @@ pub struct TopicConfig {
     /// and punctuation. Default none.
     #[serde(default)]
     pub triggers: Vec<String>,
-    /// The bot's answers, sent in order. At least one.
+    /// The bot's answers, sent in order. At least one. With a `flow`, `{{name}}` placeholders
+    /// are filled from the flow's JSON answer (`{{order.status}}` reads a nested field).
     pub replies: Vec<String>,
+    /// An HTTP action whose answer fills the replies. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<FlowConfig>,
+    /// The reply sent instead of `replies` when the flow fails (timeout, refused, non-2xx,
+    /// non-JSON, too large, or a placeholder its answer lacks). Required with a `flow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reply: Option<String>,
+}
+
+/// The HTTP method of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum FlowMethod {
+    /// POST, the default.
+    #[default]
+    Post,
+    /// PUT.
+    Put,
+    /// PATCH.
+    Patch,
+    /// GET: no body is sent.
+    Get,
+}
+
+/// Flow timeouts: the default, and the most a flow may ask for (a hung endpoint slows only its
+/// own reply, and by at most this).
+pub const DEFAULT_FLOW_TIMEOUT_MS: u64 = 3000;
+/// The longest flow timeout.
+pub const MAX_FLOW_TIMEOUT_MS: u64 = 10_000;
+
+fn default_flow_timeout_ms() -> u64 {
+    DEFAULT_FLOW_TIMEOUT_MS
+}
+
+/// A topic's flow: an HTTP call through the gateway's outbound client and policy.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowConfig {
+    /// The `http://` URL called; the outbound policy must allow it. Required.
+    pub url: String,
+    /// `POST`, `PUT`, `PATCH` or `GET`. Default `POST`.
+    #[serde(default)]
+    pub method: FlowMethod,
+    /// The whole call's time limit, ms, 1 to 10000. Default 3000.
+    #[serde(default = "default_flow_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The JSON body; `{{text}}`, `{{conversation_id}}`, `{{user_id}}`, `{{bot_id}}` and
+    /// `{{variable}}` in its strings are filled (always as JSON strings). Default: an object of
+    /// the four built-in values. Not allowed with `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub body: Option<serde_json::Value>,
+    /// Constant values the body may use, by name (letters, digits, `_`). Default none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variables: BTreeMap<String, String>,
 }
 
 /// `[[bots]]`: one bot.
@@ -188,9 +246,82 @@ pub(crate) fn validate_topics(key: &str, topics: &[TopicConfig]) -> Result<(), I
         if t.triggers.iter().any(|p| p.trim().is_empty()) {
             return Err(invalid(format!("{tk}.triggers"), "trigger phrases must not be empty"));
         }
+        match (&t.flow, &t.fallback_reply) {
+            (Some(flow), fallback) => {
+                if fallback.as_deref().is_none_or(|f| f.trim().is_empty()) {
+                    return Err(invalid(
+                        format!("{tk}.fallback_reply"),
+                        "a topic with a flow needs a non-empty fallback_reply, sent when the flow fails",
+                    ));
+                }
+                validate_flow(&format!("{tk}.flow"), flow)?;
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    format!("{tk}.fallback_reply"),
+                    "only a topic with a flow has a fallback_reply",
+                ));
+            }
+            (None, None) => {}
+        }
     }
     if fallbacks != 1 {
         return Err(invalid(format!("{key}.topics"), "a built-in bot needs exactly one fallback topic"));
     }
     Ok(())
+}
+
+/// Checks a flow's shape (the outbound policy is checked by the caller, which has it).
+fn validate_flow(key: &str, f: &FlowConfig) -> Result<(), Invalid> {
+    let uri =
+        f.url.parse::<http::Uri>().ok().filter(|u| u.scheme_str() == Some("http") && u.host().is_some());
+    if uri.is_none() {
+        return Err(invalid(format!("{key}.url"), "needs an http:// URL with a host"));
+    }
+    if f.timeout_ms == 0 || f.timeout_ms > MAX_FLOW_TIMEOUT_MS {
+        return Err(invalid(format!("{key}.timeout_ms"), format!("must be 1 to {MAX_FLOW_TIMEOUT_MS} ms")));
+    }
+    for name in f.variables.keys() {
+        let word = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !word {
+            return Err(invalid(
+                format!("{key}.variables"),
+                format!("`{name}` is not a variable name (1 to 64 of A-Z a-z 0-9 _)"),
+            ));
+        }
+        if crate::bots::flow::BUILTIN_VALUES.contains(&name.as_str()) {
+            return Err(invalid(
+                format!("{key}.variables"),
+                format!("`{name}` is a built-in value; name the variable otherwise"),
+            ));
+        }
+    }
+    let Some(body) = &f.body else { return Ok(()) };
+    if f.method == FlowMethod::Get {
+        return Err(invalid(format!("{key}.body"), "a GET flow sends no body"));
+    }
+    let mut names = Vec::new();
+    crate::bots::flow::body_placeholders(body, &mut names);
+    for name in names {
+        if !crate::bots::flow::BUILTIN_VALUES.contains(&name.as_str()) && !f.variables.contains_key(&name) {
+            return Err(invalid(
+                format!("{key}.body"),
+                format!(
+                    "`{{{{{name}}}}}` is neither a built-in value (text, conversation_id, user_id, bot_id) nor one of the flow's variables"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl BotConfig {
+    /// The flow URLs of its topics, with their keys under `key` (`bots[0].topics[2].flow.url`).
+    pub fn flow_urls<'a>(&'a self, key: &'a str) -> impl Iterator<Item = (String, &'a str)> + 'a {
+        self.topics.iter().enumerate().filter_map(move |(i, t)| {
+            t.flow.as_ref().map(|f| (format!("{key}.topics[{i}].flow.url"), f.url.as_str()))
+        })
+    }
 }

@@ -4,6 +4,7 @@
 //! and what is wrong. `config/default.toml` is compiled into the binary as the embedded default.
 
 mod bots;
+pub mod notifications;
 mod sections;
 mod tenants;
 
@@ -11,11 +12,15 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use bots::{BotConfig, BotKind, SystemTopic, TopicConfig, TopicKind};
+pub use bots::{
+    BotConfig, BotKind, DEFAULT_FLOW_TIMEOUT_MS, FlowConfig, FlowMethod, MAX_FLOW_TIMEOUT_MS, SystemTopic,
+    TopicConfig, TopicKind,
+};
+pub use notifications::{NotificationsConfig, OperatorEndpoint};
 pub use sections::{
-    ChannelConfig, ClusterConfig, IdentityConfig, LicensingConfig, MeteringConfig, MetricsConfig,
-    OperatorConfig, OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend, StoreConfig,
-    UpstreamConfig,
+    ChannelConfig, ClusterConfig, IdentityConfig, IssuerConfig, LicensingConfig, MeteringConfig,
+    MetricsConfig, OperatorConfig, OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend,
+    StoreConfig, TENANT_PLACEHOLDER, UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 
@@ -62,6 +67,9 @@ pub struct Config {
     /// The platform operator's credentials.
     #[serde(default)]
     pub operator: OperatorConfig,
+    /// Signed webhooks to admins and the operator.
+    #[serde(default)]
+    pub notifications: NotificationsConfig,
     /// Tenants known at start-up, seeded into the store once (the operator API creates more).
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -152,10 +160,11 @@ impl Config {
         let policy = crate::outbound::Policy::from_config(&self.outbound);
         self.metering.validate()?;
         self.metrics.validate()?;
-        self.identity.validate()?;
+        self.identity.validate(&policy)?;
         self.licensing.validate()?;
         self.cluster.validate()?;
         self.operator.validate()?;
+        self.notifications.validate(&policy)?;
         let mut tenant_ids = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             t.validate(&format!("tenants[{i}]"))?;
@@ -183,6 +192,11 @@ impl Config {
                 && let Err(why) = policy.check_url(&b.endpoint)
             {
                 return Err(invalid(format!("{key}.endpoint"), format!("the gateway cannot call it: {why}")));
+            }
+            for (url_key, url) in b.flow_urls(&key) {
+                if let Err(why) = policy.check_url(url) {
+                    return Err(invalid(url_key, format!("the gateway cannot call it: {why}")));
+                }
             }
         }
         Ok(())

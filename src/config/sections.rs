@@ -53,6 +53,13 @@ pub struct ServerConfig {
     /// meaning `http://<bound public address>`. WebSocket `streamUrl`s follow the request's Host.
     #[serde(default)]
     pub public_url: String,
+    /// A PEM certificate chain: with `tls_key`, both listeners serve TLS (HTTP/2 or HTTP/1.1 by
+    /// ALPN); SIGHUP reloads both files. Default: none (plain HTTP).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1). Default: none.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
     /// Longest time one HTTP request may take before it is answered 504, in seconds. Default 30.
     /// WebSocket streams are not limited by it.
     #[serde(default = "default_request_timeout_secs")]
@@ -103,6 +110,8 @@ impl Default for ServerConfig {
             listen: default_listen(),
             admin_listen: default_admin_listen(),
             public_url: String::new(),
+            tls_cert: None,
+            tls_key: None,
             request_timeout_secs: default_request_timeout_secs(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
             max_body_bytes: default_max_body_bytes(),
@@ -118,6 +127,11 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     pub(super) fn validate(&self) -> Result<(), Invalid> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(invalid("server.tls_key", "is required with server.tls_cert")),
+            (None, Some(_)) => return Err(invalid("server.tls_cert", "is required with server.tls_key")),
+            _ => {}
+        }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(invalid(
                 "server.admin_listen",
@@ -654,6 +668,12 @@ fn default_leeway_secs() -> u64 {
 fn default_cache_capacity() -> usize {
     10_000
 }
+fn default_jwks_fetch_timeout_ms() -> u64 {
+    5000
+}
+fn default_jwks_refetch_cooldown_secs() -> u64 {
+    30
+}
 fn default_trial_days() -> u32 {
     60
 }
@@ -682,6 +702,23 @@ pub struct IdentityConfig {
     /// A JWKS file (`{"keys":[...]}`) with the RS256/ES256 public keys. Default none.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (`http://` only: outbound calls speak no TLS; use an egress proxy) fetched through the outbound
+    /// client and policy, and refreshed on its `Cache-Control: max-age`. Default none.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// An OpenID provider's issuer URL (`http://` only): its discovery document
+    /// (`<issuer>/.well-known/openid-configuration`) names the JWKS to fetch; the document's
+    /// `issuer` must be this value, and so must `issuer` above. Default none.
+    #[serde(default)]
+    pub oidc_issuer: Option<String>,
+    /// One fetch of a remote key source (discovery and JWKS together), in milliseconds; also
+    /// the longest a request with an unknown key id waits for keys. Default 5000.
+    #[serde(default = "default_jwks_fetch_timeout_ms")]
+    pub jwks_fetch_timeout_ms: u64,
+    /// A token naming an unknown key id fetches the remote keys again at most once per this
+    /// many seconds (a failed fetch is retried after it too). Default 30.
+    #[serde(default = "default_jwks_refetch_cooldown_secs")]
+    pub jwks_refetch_cooldown_secs: u64,
     /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
     #[serde(default = "default_leeway_secs")]
     pub leeway_secs: u64,
@@ -689,6 +726,110 @@ pub struct IdentityConfig {
     /// skip the signature check. Default 10000.
     #[serde(default = "default_cache_capacity")]
     pub cache_capacity: usize,
+    /// Further accepted issuers (`[[identity.issuers]]`), each with its own audience and key
+    /// source; a token is checked against the one its `iss` names. The issuer above is the first
+    /// and needs no entry. Default none.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// The placeholder of a multi-tenant issuer: one path segment of `[A-Za-z0-9-]`, which must
+/// equal the token's `tid` claim.
+pub const TENANT_PLACEHOLDER: &str = "{tid}";
+
+/// `[[identity.issuers]]`: one more accepted issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The `iss` claim its tokens carry; `{tid}` (at most once) stands for one path segment of
+    /// `[A-Za-z0-9-]` that must equal the token's `tid` claim
+    /// (`https://login.microsoftonline.com/{tid}/v2.0`). Required.
+    pub issuer: String,
+    /// The required `aud` claim of its tokens. Required.
+    pub audience: String,
+    /// Accepted algorithms: `RS256`, `ES256`. Default both.
+    #[serde(default = "default_issuer_algorithms")]
+    pub algorithms: Vec<String>,
+    /// A JWKS file with its public keys. Default none.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (`http://` only), as `identity.jwks_url`. Default none.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Its OpenID provider's issuer URL (`http://` only), as `identity.oidc_issuer`: equal to
+    /// `issuer`, or for a `{tid}` issuer a concrete URL without `{tid}`. Default none.
+    #[serde(default)]
+    pub oidc_issuer: Option<String>,
+}
+
+fn default_issuer_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+
+impl IssuerConfig {
+    fn validate(
+        &self,
+        i: usize,
+        top: &IdentityConfig,
+        policy: &crate::outbound::Policy,
+    ) -> Result<(), Invalid> {
+        let key = |k: &str| format!("identity.issuers[{i}].{k}");
+        if self.issuer.is_empty() {
+            return Err(invalid(key("issuer"), "must not be empty"));
+        }
+        if self.issuer.matches(TENANT_PLACEHOLDER).count() > 1 {
+            return Err(invalid(key("issuer"), "may hold {tid} once only"));
+        }
+        if self.issuer == top.issuer || top.issuers[..i].iter().any(|o| o.issuer == self.issuer) {
+            return Err(invalid(
+                key("issuer"),
+                format!("`{}` is accepted by another entry already", self.issuer),
+            ));
+        }
+        if self.audience.is_empty() {
+            return Err(invalid(key("audience"), "must not be empty"));
+        }
+        if self.algorithms.is_empty() {
+            return Err(invalid(key("algorithms"), "name at least one of RS256, ES256"));
+        }
+        for (j, a) in self.algorithms.iter().enumerate() {
+            if !matches!(a.as_str(), "RS256" | "ES256") {
+                return Err(invalid(
+                    format!("identity.issuers[{i}].algorithms[{j}]"),
+                    format!("`{a}` is not one of RS256, ES256 (HS256 is for identity.algorithms only)"),
+                ));
+            }
+        }
+        if self.jwks_file.is_none() && self.jwks_url.is_none() && self.oidc_issuer.is_none() {
+            return Err(invalid(key("jwks_file"), "name a key source: jwks_file, jwks_url or oidc_issuer"));
+        }
+        for (k, url) in [("jwks_url", &self.jwks_url), ("oidc_issuer", &self.oidc_issuer)] {
+            if let Some(url) = url
+                && let Err(why) = policy.check_url(url)
+            {
+                return Err(invalid(key(k), format!("the gateway cannot fetch keys from it: {why}")));
+            }
+        }
+        if let Some(oidc) = &self.oidc_issuer {
+            if self.issuer.contains(TENANT_PLACEHOLDER) {
+                if oidc.contains(TENANT_PLACEHOLDER) || oidc.contains(['{', '}']) {
+                    return Err(invalid(
+                        key("oidc_issuer"),
+                        "must be a concrete URL without {tid}: discovery is done on it",
+                    ));
+                }
+            } else if *oidc != self.issuer {
+                return Err(invalid(
+                    key("oidc_issuer"),
+                    format!(
+                        "must equal its issuer (`{}`): the provider's tokens carry it as `iss`",
+                        self.issuer
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for IdentityConfig {
@@ -698,14 +839,24 @@ impl Default for IdentityConfig {
             audience: default_audience(),
             algorithms: default_algorithms(),
             jwks_file: None,
+            jwks_url: None,
+            oidc_issuer: None,
+            jwks_fetch_timeout_ms: default_jwks_fetch_timeout_ms(),
+            jwks_refetch_cooldown_secs: default_jwks_refetch_cooldown_secs(),
             leeway_secs: default_leeway_secs(),
             cache_capacity: default_cache_capacity(),
+            issuers: Vec::new(),
         }
     }
 }
 
 impl IdentityConfig {
-    pub(super) fn validate(&self) -> Result<(), Invalid> {
+    /// Whether the top-level issuer's keys come from the network (`jwks_url` or `oidc_issuer`).
+    pub fn has_remote_keys(&self) -> bool {
+        self.jwks_url.is_some() || self.oidc_issuer.is_some()
+    }
+
+    pub(super) fn validate(&self, policy: &crate::outbound::Policy) -> Result<(), Invalid> {
         if self.algorithms.is_empty() {
             return Err(invalid("identity.algorithms", "name at least one of HS256, RS256, ES256"));
         }
@@ -717,11 +868,37 @@ impl IdentityConfig {
                 ));
             }
         }
-        if self.algorithms.iter().any(|a| a != "HS256") && self.jwks_file.is_none() {
+        if self.algorithms.iter().any(|a| a != "HS256") && self.jwks_file.is_none() && !self.has_remote_keys()
+        {
             return Err(invalid(
                 "identity.jwks_file",
-                "RS256 and ES256 need a JWKS file with the public keys",
+                "RS256 and ES256 need a key source: jwks_file, jwks_url or oidc_issuer",
             ));
+        }
+        for (key, url) in [("identity.jwks_url", &self.jwks_url), ("identity.oidc_issuer", &self.oidc_issuer)]
+        {
+            if let Some(url) = url
+                && let Err(why) = policy.check_url(url)
+            {
+                return Err(invalid(key, format!("the gateway cannot fetch keys from it: {why}")));
+            }
+        }
+        if let Some(oidc) = &self.oidc_issuer
+            && *oidc != self.issuer
+        {
+            return Err(invalid(
+                "identity.oidc_issuer",
+                format!(
+                    "must equal identity.issuer (`{}`): the provider's tokens carry it as `iss`",
+                    self.issuer
+                ),
+            ));
+        }
+        if !(100..=30_000).contains(&self.jwks_fetch_timeout_ms) {
+            return Err(invalid("identity.jwks_fetch_timeout_ms", "must be from 100 to 30000"));
+        }
+        if self.jwks_refetch_cooldown_secs == 0 {
+            return Err(invalid("identity.jwks_refetch_cooldown_secs", "must be at least 1"));
         }
         if self.issuer.is_empty() {
             return Err(invalid("identity.issuer", "must not be empty"));
@@ -731,6 +908,9 @@ impl IdentityConfig {
         }
         if self.cache_capacity == 0 {
             return Err(invalid("identity.cache_capacity", "must be at least 1"));
+        }
+        for (i, entry) in self.issuers.iter().enumerate() {
+            entry.validate(i, self, policy)?;
         }
         Ok(())
     }

@@ -80,11 +80,18 @@ pub struct TenantConfig {
     /// licensed. Default none.
     #[serde(default)]
     pub licensed_groups: Vec<String>,
+    /// Percentages of the month's capacity at which `capacity.threshold` webhooks fire.
+    /// Default: `notifications.capacity_thresholds`.
+    #[serde(default)]
+    pub capacity_alerts: Option<Vec<u8>>,
 }
 
 impl TenantConfig {
     pub(super) fn validate(&self, key: &str) -> Result<(), Invalid> {
         validate_id(&format!("{key}.id"), &self.id)?;
+        if let Some(t) = &self.capacity_alerts {
+            super::notifications::check_thresholds(&format!("{key}.capacity_alerts"), t)?;
+        }
         for (i, s) in self.subscriptions.iter().enumerate() {
             if s.quantity == 0 {
                 return Err(invalid(format!("{key}.subscriptions[{i}].quantity"), "must be at least 1"));

@@ -1,7 +1,10 @@
-//! Bot authors' identity: JWT verification with a verified-token cache, and the development
-//! issuer of the embedded default.
+//! Bot authors' identity: JWT verification with a verified-token cache, the accepted issuers
+//! (exact or `{tid}` templates), the signing keys and their sources (file, JWKS URL, OpenID
+//! discovery), and the development issuer of the embedded default.
 
 pub mod dev_issuer;
+pub mod issuer;
+pub mod jwks;
 pub mod jwt;
 
 use serde::{Deserialize, Serialize};

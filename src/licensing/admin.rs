@@ -197,11 +197,15 @@ pub async fn trials(State(app): State<AppState>, Admin(p): Admin) -> Result<Resp
 #[utoipa::path(get, path = "/api/v1/admin/settings", tag = "admin", responses((status = 200, description = "The settings", body = serde_json::Value)))]
 pub async fn settings(State(app): State<AppState>, Admin(p): Admin) -> Result<Response, ApiError> {
     let t = view(&app, &p.identity.tenant)?;
-    Ok(Json(json!({
+    Ok(Json(settings_json(&app, &t)).into_response())
+}
+
+fn settings_json(app: &AppState, t: &TenantView) -> serde_json::Value {
+    json!({
         "allow_ad_hoc_subscriptions": t.record.allow_ad_hoc_subscriptions,
         "capacity_policy": t.record.capacity_policy,
-    }))
-    .into_response())
+        "capacity_alerts": t.record.capacity_alerts.as_ref().unwrap_or(&app.config().notifications.capacity_thresholds),
+    })
 }
 
 /// A settings change.
@@ -210,6 +214,21 @@ pub async fn settings(State(app): State<AppState>, Admin(p): Admin) -> Result<Re
 pub struct SettingsPatch {
     allow_ad_hoc_subscriptions: Option<bool>,
     capacity_policy: Option<CapacityPolicy>,
+    /// Percentages of the month's capacity that raise a `capacity.threshold` webhook (1 to 100,
+    /// at most 10); an empty list raises none.
+    #[serde(default, deserialize_with = "crate::error::percentages")]
+    #[schema(schema_with = alerts_schema)]
+    capacity_alerts: Option<Vec<u8>>,
+}
+
+/// Percentages 1 to 100, at most 10 of them.
+fn alerts_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType, Type};
+    ArrayBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+        .items(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)).maximum(Some(100)))
+        .max_items(Some(10))
+        .build()
 }
 
 /// `PATCH /api/v1/admin/settings`.
@@ -219,6 +238,9 @@ pub async fn patch_settings(
     Admin(p): Admin,
     JsonBody(body): JsonBody<SettingsPatch>,
 ) -> Result<Response, ApiError> {
+    if let Some(a) = &body.capacity_alerts {
+        crate::notify::api::check_alerts(a)?;
+    }
     let t = app
         .licensing()
         .update_settings(
@@ -226,13 +248,10 @@ pub async fn patch_settings(
             &p.identity.tenant,
             body.allow_ad_hoc_subscriptions,
             body.capacity_policy,
+            body.capacity_alerts,
         )
         .await?;
-    Ok(Json(json!({
-        "allow_ad_hoc_subscriptions": t.record.allow_ad_hoc_subscriptions,
-        "capacity_policy": t.record.capacity_policy,
-    }))
-    .into_response())
+    Ok(Json(settings_json(&app, &t)).into_response())
 }
 
 /// Paging through and filtering the audit log.

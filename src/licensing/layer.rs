@@ -86,7 +86,12 @@ where
         let licensing = self.licensing.clone();
         Box::pin(async move {
             let identity = match authenticate(&verifier, &req) {
-                Ok(id) => id,
+                Ok(Ok(id)) => id,
+                // Only now is the token copied: the request is not held across the wait.
+                Ok(Err(token)) => match verifier.verify_fetching(&token).await {
+                    Ok(id) => id,
+                    Err(e) => return Ok(jwt_refused(e).into_response()),
+                },
                 Err(e) => return Ok(e.into_response()),
             };
             let license = licensing.resolve(&identity).await;
@@ -97,14 +102,20 @@ where
     }
 }
 
-fn authenticate(verifier: &Verifier, req: &Request<Body>) -> Result<Arc<Identity>, ApiError> {
+/// The verified identity, or the token when it names a key id not held (the caller fetches the
+/// keys and tries again), or the refusal.
+fn authenticate(verifier: &Verifier, req: &Request<Body>) -> Result<Result<Arc<Identity>, String>, ApiError> {
     let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
         unauthorized("MissingToken", "Send `Authorization: Bearer <token>` with a token from your identity provider (or `botgate token`).")
     })?;
     let token = crate::identity::bearer_value(value).ok_or_else(|| {
         unauthorized("MalformedAuthorization", "The Authorization header must be `Bearer <token>`.")
     })?;
-    verifier.verify(token).map_err(jwt_refused)
+    match verifier.verify(token) {
+        Ok(id) => Ok(Ok(id)),
+        Err(JwtError::UnknownKey(_)) => Ok(Err(token.to_string())),
+        Err(e) => Err(jwt_refused(e)),
+    }
 }
 
 /// The 401 answer for a JWT the verifier refused.
@@ -114,6 +125,7 @@ pub fn jwt_refused(e: JwtError) -> ApiError {
             unauthorized("TokenExpired", "Your token has expired. Sign in again to get a new one.")
         }
         JwtError::Invalid(why) => unauthorized("InvalidToken", format!("The token was refused: {why}.")),
+        e @ JwtError::UnknownKey(_) => unauthorized("InvalidToken", format!("The token was refused: {e}.")),
     }
 }
 

@@ -78,6 +78,7 @@ impl Licensing {
                 name: if t.name.is_empty() { t.id.clone() } else { t.name.clone() },
                 allow_ad_hoc_subscriptions: t.allow_ad_hoc_subscriptions,
                 capacity_policy: t.capacity_policy,
+                capacity_alerts: t.capacity_alerts.clone(),
             };
             let entry = |action: &str, target: &str, after: Option<String>| AuditEntry {
                 seq: 0,
@@ -186,6 +187,7 @@ impl Licensing {
                 trial_capacity: m.trial_capacity,
                 trials: t.trials.values().map(|tr| (tr.started_ms, tr.expires_ms)).collect(),
                 policy: t.record.capacity_policy,
+                alerts: t.record.capacity_alerts.clone(),
             },
         );
     }
@@ -552,6 +554,7 @@ impl Licensing {
         tenant: &str,
         allow_ad_hoc: Option<bool>,
         policy: Option<CapacityPolicy>,
+        alerts: Option<Vec<u8>>,
     ) -> Result<Arc<TenantView>, ApiError> {
         self.commit(tenant, actor, |t| {
             let before = t.record.clone();
@@ -560,6 +563,11 @@ impl Licensing {
             }
             if let Some(p) = policy {
                 t.record.capacity_policy = p;
+            }
+            if let Some(mut a) = alerts {
+                a.sort_unstable();
+                a.dedup();
+                t.record.capacity_alerts = Some(a);
             }
             if t.record == before {
                 return Ok((vec![], vec![]));

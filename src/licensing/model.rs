@@ -25,6 +25,8 @@ pub struct TenantView {
     pub seats: BTreeMap<String, String>,
     /// Trials by user.
     pub trials: HashMap<String, TrialRecord>,
+    /// Webhook endpoints by id.
+    pub endpoints: BTreeMap<String, crate::store::control::EndpointRecord>,
 }
 
 /// The whole snapshot, replaced as a unit (arc-swap) on every write; tenants are shared
@@ -80,6 +82,7 @@ impl TenantView {
             groups: BTreeSet::new(),
             seats: BTreeMap::new(),
             trials: HashMap::new(),
+            endpoints: BTreeMap::new(),
         }
     }
 
@@ -130,6 +133,11 @@ impl Snapshot {
         for tr in &d.trials {
             if let Some(t) = tenants.get_mut(&tr.tenant) {
                 t.trials.insert(tr.user.clone(), tr.clone());
+            }
+        }
+        for e in &d.endpoints {
+            if let Some(t) = tenants.get_mut(&e.tenant) {
+                t.endpoints.insert(e.id.clone(), e.clone());
             }
         }
         Self { tenants: tenants.into_iter().map(|(k, v)| (k, Arc::new(v))).collect() }

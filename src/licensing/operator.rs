@@ -73,7 +73,8 @@ impl FromRequestParts<AppState> for Operator {
             )
         })?;
         if credential.bytes().filter(|&b| b == b'.').count() == 2 {
-            return jwt_operator(app, credential);
+            let token = credential.to_string();
+            return jwt_operator(app, &token).await;
         }
         let hash = key_hash(credential);
         let known = cfg.api_key_sha256.iter().fold(false, |found, h| {
@@ -90,7 +91,7 @@ impl FromRequestParts<AppState> for Operator {
     }
 }
 
-fn jwt_operator(app: &AppState, token: &str) -> Result<Operator, ApiError> {
+async fn jwt_operator(app: &AppState, token: &str) -> Result<Operator, ApiError> {
     if !app.config().operator.jwt_role {
         return Err(refused(
             StatusCode::UNAUTHORIZED,
@@ -98,7 +99,7 @@ fn jwt_operator(app: &AppState, token: &str) -> Result<Operator, ApiError> {
             "Operator JWTs are not accepted here (operator.jwt_role is false); send an operator key.",
         ));
     }
-    let identity = app.verifier().verify(token).map_err(super::layer::jwt_refused)?;
+    let identity = app.verifier().verify_fetching(token).await.map_err(super::layer::jwt_refused)?;
     if !identity.roles.iter().any(|r| r == OPERATOR_ROLE) {
         return Err(refused(
             StatusCode::FORBIDDEN,
@@ -193,6 +194,7 @@ pub async fn create_tenant(
         name,
         allow_ad_hoc_subscriptions: body.allow_ad_hoc_subscriptions,
         capacity_policy: body.capacity_policy,
+        capacity_alerts: None,
     };
     let view = app.licensing().create_tenant(&op.actor, record).await?;
     Ok((StatusCode::CREATED, Json(summary(&app, &view, true))).into_response())

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::bots::flow::Outcome;
 use crate::clock::Millis;
 
 use super::pool::TenantPool;
@@ -25,6 +26,8 @@ pub struct BotCounters {
     turns: AtomicU64,
     rejected_capacity: AtomicU64,
     rejected_rate: AtomicU64,
+    /// Topic flow runs by outcome, indexed as [`Outcome::ALL`]; billed to nobody.
+    flows: [AtomicU64; 4],
     rate: RateLimit,
 }
 
@@ -41,6 +44,15 @@ pub struct CounterSnapshot {
     pub rejected_capacity: u64,
     /// Messages refused by the rate limit.
     pub rejected_rate: u64,
+    /// Topic flow runs by outcome, indexed as [`Outcome::ALL`].
+    pub flows: [u64; 4],
+}
+
+impl CounterSnapshot {
+    /// Topic flow runs, every outcome.
+    pub fn flow_runs(&self) -> u64 {
+        self.flows.iter().sum()
+    }
 }
 
 impl BotCounters {
@@ -61,6 +73,7 @@ impl BotCounters {
             turns: AtomicU64::new(start.turns),
             rejected_capacity: AtomicU64::new(start.rejected_capacity),
             rejected_rate: AtomicU64::new(start.rejected_rate),
+            flows: start.flows.map(AtomicU64::new),
             rate: RateLimit::new(per_minute),
         }
     }
@@ -80,6 +93,10 @@ impl BotCounters {
     pub(super) fn add_rejected_rate(&self) {
         self.rejected_rate.fetch_add(1, Ordering::Relaxed);
     }
+    /// Counts one topic flow run.
+    pub fn add_flow_run(&self, outcome: Outcome) {
+        self.flows[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
     pub(super) fn rate(&self) -> &RateLimit {
         &self.rate
     }
@@ -92,6 +109,7 @@ impl BotCounters {
             turns: self.turns.load(Ordering::Relaxed),
             rejected_capacity: self.rejected_capacity.load(Ordering::Relaxed),
             rejected_rate: self.rejected_rate.load(Ordering::Relaxed),
+            flows: std::array::from_fn(|i| self.flows[i].load(Ordering::Relaxed)),
         }
     }
 }

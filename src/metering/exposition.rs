@@ -12,6 +12,7 @@ use std::fmt::Write;
 
 use super::Metering;
 use super::counters::CounterSnapshot;
+use crate::bots::flow::Outcome;
 use crate::telemetry::registry::ScrapeWriter;
 
 /// The label value bots beyond the series cap fold into.
@@ -73,8 +74,32 @@ impl ScrapeWriter for UsageCollector {
             "Messages refused before the bot saw them, per bot and reason.",
         );
         for r in &rows {
-            line(out, "botgate_sessions_rejected_total", r, Some("capacity"), r.s.rejected_capacity);
-            line(out, "botgate_sessions_rejected_total", r, Some("rate_limit"), r.s.rejected_rate);
+            line(
+                out,
+                "botgate_sessions_rejected_total",
+                r,
+                Some(("reason", "capacity")),
+                r.s.rejected_capacity,
+            );
+            line(
+                out,
+                "botgate_sessions_rejected_total",
+                r,
+                Some(("reason", "rate_limit")),
+                r.s.rejected_rate,
+            );
+        }
+        family(
+            out,
+            "botgate_flow_runs_total",
+            "counter",
+            "Topic flow runs, per bot and outcome (billed to nobody); bots that never ran one have no series.",
+        );
+        for r in rows.iter().filter(|r| r.s.flow_runs() > 0) {
+            for outcome in Outcome::ALL {
+                let v = r.s.flows[outcome as usize];
+                line(out, "botgate_flow_runs_total", r, Some(("outcome", outcome.label())), v);
+            }
         }
         let month = self.metering.current_month();
         let mut pools = self.metering.pools();
@@ -162,6 +187,9 @@ fn fold(mut rows: Vec<Row<'_>>, max: usize) -> Vec<Row<'_>> {
         o.turns += r.s.turns;
         o.rejected_capacity += r.s.rejected_capacity;
         o.rejected_rate += r.s.rejected_rate;
+        for (o, f) in o.flows.iter_mut().zip(r.s.flows) {
+            *o += f;
+        }
     }
     rows.extend(other.into_iter().map(|(tenant, s)| Row { tenant, bot: OTHER_BOT, s }));
     rows
@@ -171,15 +199,19 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn line(out: &mut String, name: &str, r: &Row<'_>, reason: Option<&str>, v: u64) {
+/// One series of a per-bot family, with an optional extra label (`reason`, `outcome`: fixed
+/// words, not escaped).
+fn line(out: &mut String, name: &str, r: &Row<'_>, label: Option<(&str, &str)>, v: u64) {
     out.push_str(name);
     out.push_str("{tenant=\"");
     let _ = write!(out, "{}", Escaped(r.tenant));
     out.push_str("\",bot=\"");
     let _ = write!(out, "{}", Escaped(r.bot));
-    if let Some(reason) = reason {
-        out.push_str("\",reason=\"");
-        out.push_str(reason);
+    if let Some((label, value)) = label {
+        out.push_str("\",");
+        out.push_str(label);
+        out.push_str("=\"");
+        out.push_str(value);
     }
     out.push_str("\"} ");
     out.push_str(itoa::Buffer::new().format(v));
@@ -208,7 +240,11 @@ mod tests {
     use super::*;
 
     fn row<'a>(tenant: &'a str, bot: &'a str, billed: u64) -> Row<'a> {
-        Row { tenant, bot, s: CounterSnapshot { billed, turns: billed * 2, ..Default::default() } }
+        Row {
+            tenant,
+            bot,
+            s: CounterSnapshot { billed, turns: billed * 2, flows: [0, billed, 0, 0], ..Default::default() },
+        }
     }
 
     #[test]
@@ -219,6 +255,8 @@ mod tests {
         assert!(folded.len() <= 4, "{}", folded.len());
         let total: u64 = folded.iter().map(|r| r.s.billed).sum();
         assert_eq!(total, 20);
+        let flows: u64 = folded.iter().map(|r| r.s.flows[1]).sum();
+        assert_eq!(flows, 20, "flow runs fold into _other like the rest");
         assert_eq!(folded[0].bot, "e");
         let t_total: u64 = folded.iter().filter(|r| r.tenant == "t").map(|r| r.s.billed).sum();
         assert_eq!(t_total, 9);

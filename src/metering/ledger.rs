@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::Refund;
-use crate::store::{SessionRecord, SharedStore, StoreError};
+use super::pool::{MonthIndex, month_of};
+use crate::store::outbox::CapacityWatch;
+use crate::store::{SessionRecord, SharedStore, Store, StoreError};
 
 /// Most sessions recorded in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -31,6 +33,47 @@ type Ack = oneshot::Sender<Result<(), String>>;
 /// the answer.
 type Pending = (SessionRecord, Instant, Ack, Option<Refund>);
 
+/// The capacity thresholds of a tenant's month, as the writer hands them to the store with each
+/// batch (see [`crate::store::Store::record_watched`]).
+#[derive(Clone)]
+pub struct Watch(pub Arc<WatchFn>);
+
+/// What a [`Watch`] asks: the thresholds of a tenant's month, if the tenant is known.
+pub type WatchFn = dyn Fn(&str, MonthIndex) -> Option<CapacityWatch> + Send + Sync;
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch(..)")
+    }
+}
+
+impl Watch {
+    /// The watches of each tenant and month in `batch`.
+    fn of(&self, batch: &[SessionRecord]) -> Vec<CapacityWatch> {
+        let mut seen: Vec<(&str, MonthIndex)> = Vec::new();
+        for s in batch {
+            let k = (s.tenant.as_str(), month_of(s.began_ms));
+            if !seen.contains(&k) {
+                seen.push(k);
+            }
+        }
+        seen.into_iter().filter_map(|(t, m)| (self.0)(t, m)).collect()
+    }
+}
+
+/// Records `batch` in `store` with the capacity watches of `watch`; events raised carry the
+/// latest start in the batch as their time.
+fn record(
+    store: &dyn Store,
+    watch: Option<&Watch>,
+    batch_id: &str,
+    batch: &[SessionRecord],
+) -> Result<(), StoreError> {
+    let watches = watch.map(|w| w.of(batch)).unwrap_or_default();
+    let now = batch.iter().map(|s| s.began_ms).max().unwrap_or(0);
+    store.record_watched(batch_id, batch, &watches, now)
+}
+
 /// How the writer batches.
 #[derive(Debug, Clone)]
 pub struct LedgerOptions {
@@ -44,6 +87,8 @@ pub struct LedgerOptions {
     /// The ledger is busy, and lingers, after a write of at least this many sessions: under
     /// light load a session never waits for others that are not coming.
     pub linger_after: usize,
+    /// The capacity thresholds the store judges each batch against; none: no capacity events.
+    pub watch: Option<Watch>,
 }
 
 /// A handle to the ledger's writer thread; cloning is shallow.
@@ -103,7 +148,7 @@ fn run(
                 // With a spool, replay what it holds about once a second.
                 let item = rx.recv_timeout(Duration::from_secs(1));
                 if replayed.elapsed() >= Duration::from_secs(1) {
-                    replay(&*store, &**spool);
+                    replay(&*store, &**spool, options.watch.as_ref());
                     replayed = Instant::now();
                 }
                 match item {
@@ -134,7 +179,7 @@ fn run(
         }
         seq += 1;
         let batch_id = format!("{}.{seq}", options.batch_prefix);
-        let result = store.record_sessions(&batch_id, &batch).or_else(|e: StoreError| match &spool {
+        let result = record(&*store, options.watch.as_ref(), &batch_id, &batch).or_else(|e: StoreError| match &spool {
             Some(spool) => {
                 tracing::warn!(error = %e, sessions = batch.len(), "The store refused billed sessions; spooling them locally.");
                 spooled.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -163,12 +208,12 @@ fn run(
 
 /// Moves spooled batches to the store, oldest first, each whole under its own id; stops at the
 /// first failure.
-fn replay(store: &dyn crate::store::Store, spool: &dyn crate::store::Store) {
+fn replay(store: &dyn Store, spool: &dyn Store, watch: Option<&Watch>) {
     let Ok(pending) = spool.spooled(REPLAY_BATCHES) else { return };
     let mut done = Vec::new();
     let mut sessions = 0;
     for b in &pending {
-        match store.record_sessions(&b.id, &b.sessions) {
+        match record(store, watch, &b.id, &b.sessions) {
             Ok(()) => {
                 done.push(b.id.clone());
                 sessions += b.sessions.len();
@@ -220,6 +265,7 @@ mod tests {
             batch_prefix: "n1.7".into(),
             linger: Duration::from_millis(500),
             linger_after: 0,
+            watch: None,
         };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         // Ten sessions queued one after another, each in its own task: with a 500 ms linger the
@@ -243,7 +289,12 @@ mod tests {
     async fn without_a_linger_a_lone_session_is_written_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-        let options = LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::ZERO, linger_after: 0 };
+        let options = LedgerOptions {
+            batch_prefix: "n1.7".into(),
+            linger: Duration::ZERO,
+            linger_after: 0,
+            watch: None,
+        };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         for i in 0..3 {
             ledger.record(rec(&format!("s{i}")), None).await.unwrap();
@@ -257,8 +308,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         // A long linger that applies only after a write of at least 5 sessions.
-        let options =
-            LedgerOptions { batch_prefix: "n1.7".into(), linger: Duration::from_secs(600), linger_after: 5 };
+        let options = LedgerOptions {
+            batch_prefix: "n1.7".into(),
+            linger: Duration::from_secs(600),
+            linger_after: 5,
+            watch: None,
+        };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         // Not busy: lone sessions are written at once, not after 600 s.
         let three = async {

@@ -22,9 +22,10 @@ use http::StatusCode;
 use crate::clock::SharedClock;
 use crate::config::{CapacityPolicy, Config, MeteringConfig, TenantConfig};
 use crate::error::ApiError;
+use crate::store::outbox::CapacityWatch;
 use crate::store::{DailyUsage, SessionRecord, SharedStore, UsageDelta};
 use counters::{BotCounters, CounterSnapshot};
-use ledger::{Ledger, LedgerOptions};
+use ledger::{Ledger, LedgerOptions, Watch};
 use pool::{CapacityPlan, Draw, MonthIndex, TenantPool, month_of, month_start_ms};
 use session::{Decision, SessionRules, SessionState};
 
@@ -247,7 +248,8 @@ struct Inner {
     /// Per (tenant, bot): a bot is its tenant and id together, so the same id in another tenant
     /// (after the first deleted it) is another bot with its own counters and pool.
     bots: DashMap<BotKey, Arc<BotCounters>>,
-    pools: DashMap<String, Arc<TenantPool>>,
+    /// Shared with the ledger's writer, which reads each batch's capacity thresholds from them.
+    pools: Arc<DashMap<String, Arc<TenantPool>>>,
     /// Counters as of the last flush of the non-billing counters to the store.
     flushed: Mutex<HashMap<BotKey, CounterSnapshot>>,
     /// Totals rebuilt from the store per bot (before any bot of that id registers).
@@ -281,6 +283,9 @@ impl Metering {
             s.turns += u.turns;
             s.rejected_capacity += u.rejected_capacity;
             s.rejected_rate += u.rejected_rate;
+            for (s, u) in s.flows.iter_mut().zip(u.flows) {
+                *s += u;
+            }
             if day_month(&u.day) == Some(month) {
                 *used_this_month.entry(u.tenant.clone()).or_default() += u.sessions - u.overage;
             }
@@ -295,6 +300,20 @@ impl Metering {
             clock.now_ms(),
             rand::random::<u32>()
         );
+        let pools: Arc<DashMap<String, Arc<TenantPool>>> = Arc::default();
+        let watch = config.notifications.enabled.then(|| {
+            let pools = pools.clone();
+            let defaults = config.notifications.capacity_thresholds.clone();
+            Watch(Arc::new(move |tenant: &str, month| {
+                let pool = pools.get(tenant)?.clone();
+                Some(CapacityWatch {
+                    tenant: tenant.to_string(),
+                    month,
+                    capacity: pool.capacity(month),
+                    thresholds: pool.alerts().unwrap_or_else(|| defaults.clone()),
+                })
+            }))
+        });
         let inner = Inner {
             rules: SessionRules {
                 idle_ms: m.session_idle_secs as i64 * 1000,
@@ -314,13 +333,14 @@ impl Metering {
                         None => 0,
                     }),
                     linger_after: LINGER_AFTER,
+                    watch,
                 },
             )?,
             store,
             cluster,
             degraded,
             bots: DashMap::new(),
-            pools: DashMap::new(),
+            pools,
             flushed: Mutex::new(HashMap::new()),
             rebuilt: Mutex::new(rebuilt.clone()),
         };
@@ -707,7 +727,7 @@ impl Metering {
         month_of(self.inner.clock.now_ms())
     }
 
-    /// Writes the non-billing counters (turns, refusals) accumulated since the last flush to the
+    /// Writes the non-billing counters (turns, refusals, flow runs) accumulated since the last flush to the
     /// store, under today's date. Billed sessions are already in the ledger.
     pub fn flush(&self) -> Result<(), crate::store::StoreError> {
         let day = crate::store::sqlite::day_of(self.inner.clock.now_ms());
@@ -724,6 +744,7 @@ impl Metering {
                 turns: now.turns.saturating_sub(before.turns),
                 rejected_capacity: now.rejected_capacity.saturating_sub(before.rejected_capacity),
                 rejected_rate: now.rejected_rate.saturating_sub(before.rejected_rate),
+                flows: std::array::from_fn(|i| now.flows[i].saturating_sub(before.flows[i])),
             };
             if d != UsageDelta::default() {
                 deltas.push((b.tenant.clone(), b.bot.clone(), day.clone(), d));
@@ -758,6 +779,7 @@ pub fn plan_of(t: &TenantConfig, m: &MeteringConfig) -> CapacityPlan {
         trial_capacity: m.trial_capacity,
         trials: Vec::new(),
         policy: t.capacity_policy,
+        alerts: t.capacity_alerts.clone(),
     }
 }
 
@@ -843,6 +865,40 @@ mod tests {
         }
         fn shared_key(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, crate::store::StoreError> {
             self.inner.shared_key(name, fresh)
+        }
+        fn raise(&self, e: &[crate::store::outbox::OutboxEvent]) -> Result<usize, crate::store::StoreError> {
+            self.inner.raise(e)
+        }
+        fn claim_due(
+            &self,
+            now: i64,
+            lease: i64,
+            limit: usize,
+        ) -> Result<Vec<crate::store::outbox::Claimed>, crate::store::StoreError> {
+            self.inner.claim_due(now, lease, limit)
+        }
+        fn settle(
+            &self,
+            e: &crate::store::outbox::OutboxEvent,
+            t: &[crate::store::outbox::Target],
+            a: &[crate::store::outbox::Attempt],
+            keep: usize,
+        ) -> Result<(), crate::store::StoreError> {
+            self.inner.settle(e, t, a, keep)
+        }
+        fn attempts(
+            &self,
+            t: &str,
+            limit: usize,
+        ) -> Result<Vec<crate::store::outbox::Attempt>, crate::store::StoreError> {
+            self.inner.attempts(t, limit)
+        }
+        fn events(
+            &self,
+            t: &str,
+            limit: usize,
+        ) -> Result<Vec<crate::store::outbox::EventState>, crate::store::StoreError> {
+            self.inner.events(t, limit)
         }
         fn close(&self) -> Result<(), crate::store::StoreError> {
             self.inner.close()

@@ -60,6 +60,9 @@ pub struct CapacityPlan {
     pub trials: Vec<(Millis, Millis)>,
     /// What to do when the month's capacity is used up.
     pub policy: CapacityPolicy,
+    /// Percentages of a month's capacity that raise `capacity.threshold`; `None`: the
+    /// configured default.
+    pub alerts: Option<Vec<u8>>,
 }
 
 impl CapacityPlan {
@@ -364,6 +367,11 @@ impl TenantPool {
         self.plan.load().policy
     }
 
+    /// The tenant's own capacity alert percentages, if it set them.
+    pub fn alerts(&self) -> Option<Vec<u8>> {
+        self.plan.load().alerts.clone()
+    }
+
     /// The capacity of month `m`, cached for the current month so a draw does no date math.
     pub fn capacity(&self, m: MonthIndex) -> u64 {
         // Relaxed on the hit path: a cached entry is only ever a capacity of the current plan
@@ -453,6 +461,7 @@ mod tests {
             trial_capacity: 1000,
             trials: vec![(month_start_ms(parse_month("2025-12").unwrap()), i64::MAX)],
             policy: CapacityPolicy::Reject,
+            alerts: None,
         }
     }
 

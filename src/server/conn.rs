@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::response::Response;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::{IntCounterVec, IntGauge};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -116,6 +116,7 @@ pub async fn serve<S>(
     limits: ConnLimits,
     metrics: ConnMetrics,
     mut stop: watch::Receiver<bool>,
+    tls: Option<Arc<super::tls::Tls>>,
 ) where
     S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>
         + Clone
@@ -128,6 +129,9 @@ pub async fn serve<S>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(None).max_header_size(limits.max_header_bytes);
     let builder = Arc::new(builder);
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    let h2 = Arc::new(h2);
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -154,11 +158,52 @@ pub async fn serve<S>(
         let _ = tcp.set_nodelay(true);
         metrics.open.inc();
         let watch = Arc::new(Watch::new(limits));
-        let io = WatchedIo { inner: tcp, watch: watch.clone(), _permit: permit, open: metrics.open.clone() };
-        let conn = builder
-            .serve_connection(TokioIo::new(io), ConnService { app: app.clone(), watch: watch.clone(), peer })
-            .with_upgrades();
-        conns.spawn(drive(conn, watch, metrics.closed.clone(), stop.clone()));
+        let service = ConnService { app: app.clone(), watch: watch.clone(), peer };
+        let (closed, stop) = (metrics.closed.clone(), stop.clone());
+        let Some(tls) = &tls else {
+            let io = WatchedIo {
+                inner: Stream::Plain(tcp),
+                watch: watch.clone(),
+                _permit: permit,
+                open: metrics.open.clone(),
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+            conns.spawn(drive(conn, watch, closed, stop));
+            continue;
+        };
+        let (acceptor, open) = (tls.acceptor().clone(), metrics.open.clone());
+        let (builder, h2) = (builder.clone(), h2.clone());
+        conns.spawn(async move {
+            // The handshake is part of the first request's head: it has the header timeout.
+            let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    open.dec();
+                    closed.with_label_values(&["tls_handshake"]).inc();
+                    tracing::debug!(error = %e, "A TLS handshake failed.");
+                    return;
+                }
+                Err(_) => {
+                    open.dec();
+                    closed.with_label_values(&[Expiry::HeaderTimeout.as_str()]).inc();
+                    return;
+                }
+            };
+            let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io =
+                WatchedIo { inner: Stream::Tls(Box::new(tls)), watch: watch.clone(), _permit: permit, open };
+            if is_h2 {
+                drive(h2.serve_connection(TokioIo::new(io), service), watch, closed, stop).await;
+            } else {
+                drive(
+                    builder.serve_connection(TokioIo::new(io), service).with_upgrades(),
+                    watch,
+                    closed,
+                    stop,
+                )
+                .await;
+            }
+        });
     }
     while conns.join_next().await.is_some() {}
 }
@@ -207,6 +252,20 @@ trait GracefulShutdown {
 
 impl<S> GracefulShutdown
     for hyper::server::conn::http1::UpgradeableConnection<TokioIo<WatchedIo>, ConnService<S>>
+where
+    S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<S> GracefulShutdown
+    for hyper::server::conn::http2::Connection<TokioIo<WatchedIo>, ConnService<S>, TokioExecutor>
 where
     S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>
         + Clone
@@ -354,10 +413,26 @@ fn ms(d: Duration) -> u64 {
 /// The socket, telling its watch of reads, holding its connection permit (an upgraded WebSocket
 /// keeps it until the socket closes) and the open-connections gauge.
 struct WatchedIo {
-    inner: TcpStream,
+    inner: Stream,
     watch: Arc<Watch>,
     _permit: OwnedSemaphorePermit,
     open: IntGauge,
+}
+
+/// A connection's bytes: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// `$body` with `$io` bound to the stream inside, whichever it is.
+macro_rules! on_stream {
+    ($stream:expr, $io:ident => $body:expr) => {
+        match $stream {
+            Stream::Plain($io) => $body,
+            Stream::Tls($io) => $body,
+        }
+    };
 }
 
 impl Drop for WatchedIo {
@@ -373,7 +448,7 @@ impl AsyncRead for WatchedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = on_stream!(&mut self.inner, io => Pin::new(io).poll_read(cx, buf));
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.watch.on_read(Instant::now());
         }
@@ -383,23 +458,23 @@ impl AsyncRead for WatchedIo {
 
 impl AsyncWrite for WatchedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        on_stream!(&mut self.inner, io => Pin::new(io).poll_write(cx, buf))
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        on_stream!(&mut self.inner, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        on_stream!(&self.inner, io => io.is_write_vectored())
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        on_stream!(&mut self.inner, io => Pin::new(io).poll_flush(cx))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        on_stream!(&mut self.inner, io => Pin::new(io).poll_shutdown(cx))
     }
 }
 
@@ -444,6 +519,15 @@ where
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         self.watch.on_request();
+        // HTTP/2 carries the host as `:authority`; the handlers (stream URLs among them) read
+        // `Host`.
+        if req.version() == http::Version::HTTP_2
+            && !req.headers().contains_key(http::header::HOST)
+            && let Some(host) =
+                req.uri().authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
         if wants_peer(req.uri().path()) {
             req.extensions_mut().insert(Peer(self.peer));
         }

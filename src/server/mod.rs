@@ -1,8 +1,10 @@
 //! Listeners, the one function that builds the middleware stack, and graceful shutdown.
 
 pub mod conn;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -66,6 +68,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
     let admin_addr =
         admin.local_addr().map_err(|source| StartError::Bind { addr: config.server.admin_listen, source })?;
 
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key).map_err(StartError::Tls)?)),
+        _ => None,
+    };
     let state = AppState::open(config, clock, public_addr).await?;
     let public_app = public_router(&state)?;
     let admin_app = admin_router(&state);
@@ -79,11 +85,24 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
 
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
+    tokio::spawn(crate::notify::run(state.clone(), stop_rx.clone()));
+    if let Some(tls) = &tls {
+        // Registered before the listeners serve: a SIGHUP from then on reloads, never kills.
+        #[cfg(unix)]
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hup) => {
+                tokio::spawn(reload_tls_on_sighup(tls.clone(), hup, stop_rx.clone()));
+            }
+            Err(e) => tracing::error!(error = %e, "Cannot listen for SIGHUP; TLS files are not reloaded."),
+        }
+    }
     let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
     let task_state = state.clone();
     let task = tokio::spawn(async move {
-        let serve_public = conn::serve(public, public_app, public_limits, public_metrics, stop_rx.clone());
-        let serve_admin = conn::serve(admin, admin_app, admin_limits, admin_metrics, stop_rx.clone());
+        let serve_public =
+            conn::serve(public, public_app, public_limits, public_metrics, stop_rx.clone(), tls.clone());
+        let serve_admin =
+            conn::serve(admin, admin_app, admin_limits, admin_metrics, stop_rx.clone(), tls.clone());
         let both = async { tokio::join!(serve_public, serve_admin) };
         tokio::pin!(both);
         let mut stop_rx = stop_rx;
@@ -101,15 +120,22 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
     Ok(Running { public_addr, admin_addr, state, stop, task })
 }
 
-/// Sweeps expired conversations from memory and flushes the non-billing usage counters, on
-/// timers, until shutdown (which flushes once more).
+/// Sweeps expired conversations from memory, flushes the non-billing usage counters and starts
+/// due fetches of the identity provider's keys, on timers, until shutdown (which flushes once
+/// more).
 async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
     let mut sweep = tokio::time::interval(Duration::from_secs(state.config().channel.sweep_interval_secs));
     let mut flush = tokio::time::interval(FLUSH_INTERVAL);
     let ttl = Duration::from_secs(state.config().cluster.lease_ttl_secs);
     let mut heartbeat = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+    // Whether a key source is due is judged on the server's clock; this only looks often.
+    let mut keys = tokio::time::interval(Duration::from_secs(1));
+    let remote_keys = state.verifier().has_remote_keys();
     loop {
         tokio::select! {
+            _ = keys.tick(), if remote_keys => {
+                state.verifier().key_sets().filter(|k| k.has_remote()).for_each(|k| k.start_due_refresh());
+            }
             _ = heartbeat.tick(), if state.metering().leases().is_some() => {
                 crate::cluster::heartbeat(&state).await;
             }
@@ -128,6 +154,30 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) {
                     Ok(Err(e)) => tracing::warn!(error = %e, "Flushing usage counters failed; will retry."),
                     Err(e) => tracing::warn!(error = %e, "Flushing usage counters panicked."),
                     Ok(Ok(())) => {}
+                }
+            }
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
+/// Reloads the certificate and key on every SIGHUP until shutdown; a pair that does not load
+/// leaves the old one serving.
+#[cfg(unix)]
+async fn reload_tls_on_sighup(
+    tls: Arc<tls::Tls>,
+    mut hup: tokio::signal::unix::Signal,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                match tls.reload() {
+                    Ok(()) => tracing::info!("Reloaded the TLS certificate and key."),
+                    Err(e) => tracing::error!(error = %e, "Reloading the TLS certificate failed; the previous one keeps serving."),
                 }
             }
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,

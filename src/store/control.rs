@@ -15,6 +15,10 @@ pub struct TenantRecord {
     pub allow_ad_hoc_subscriptions: bool,
     /// `reject` or `allow_overage`.
     pub capacity_policy: crate::config::CapacityPolicy,
+    /// Percentages of the month's capacity that raise `capacity.threshold`; `None`: the
+    /// configured default.
+    #[serde(default)]
+    pub capacity_alerts: Option<Vec<u8>>,
 }
 
 /// A purchase.
@@ -79,6 +83,38 @@ pub struct BotRecord {
     pub tenant: String,
     /// The whole bot definition as JSON (the authoring API's shape).
     pub json: String,
+}
+
+/// A tenant's webhook endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// Its id (`ep_` and random hex).
+    pub id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The `http://` URL events are posted to.
+    pub url: String,
+    /// What the admin wrote about it.
+    #[serde(default)]
+    pub description: String,
+    /// The event types it receives; empty: every type.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// The signing secret (`whsec_...`), shown once when made.
+    pub secret: String,
+    /// The secret it replaced, still signing beside it until `previous_until_ms`.
+    #[serde(default)]
+    pub previous_secret: Option<String>,
+    /// When the previous secret stops signing (ms).
+    #[serde(default)]
+    pub previous_until_ms: i64,
+    /// Whether events are delivered to it.
+    pub enabled: bool,
+    /// Why it was disabled, when delivery disabled it.
+    #[serde(default)]
+    pub disabled_reason: Option<String>,
+    /// When it was made (ms).
+    pub created_ms: i64,
 }
 
 /// One audit entry: who did what to what, when, and the state before and after.
@@ -159,6 +195,15 @@ pub enum Mutation {
         /// The bot id.
         id: String,
     },
+    /// Insert or replace a webhook endpoint.
+    PutEndpoint(EndpointRecord),
+    /// Delete a webhook endpoint.
+    DeleteEndpoint {
+        /// The tenant.
+        tenant: String,
+        /// The endpoint id.
+        id: String,
+    },
 }
 
 /// Everything the control plane holds, as loaded at start.
@@ -176,4 +221,6 @@ pub struct ControlData {
     pub trials: Vec<TrialRecord>,
     /// Bots.
     pub bots: Vec<BotRecord>,
+    /// Webhook endpoints, by id.
+    pub endpoints: Vec<EndpointRecord>,
 }

@@ -89,4 +89,50 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE billed_sessions ADD COLUMN batch TEXT NOT NULL DEFAULT '';
     UPDATE billed_sessions SET batch = 'row:' || id;
     "#,
+    // 5: notifications: a tenant's capacity alert thresholds, each month's session count (the
+    // thresholds are judged on it in the ledger's transaction; filled from the ledger), the
+    // outbox with its dedupe keys, the delivery log, and webhook endpoints.
+    r#"
+    ALTER TABLE tenants ADD COLUMN capacity_alerts TEXT;
+    CREATE TABLE month_sessions (
+        tenant   TEXT NOT NULL,
+        month    TEXT NOT NULL,     -- YYYY-MM (UTC)
+        sessions INTEGER NOT NULL,
+        overage  INTEGER NOT NULL,
+        PRIMARY KEY (tenant, month)
+    ) WITHOUT ROWID;
+    INSERT INTO month_sessions (tenant, month, sessions, overage)
+        SELECT tenant, substr(day, 1, 7), COUNT(*), SUM(overage) FROM billed_sessions
+        GROUP BY tenant, substr(day, 1, 7);
+    CREATE TABLE outbox (
+        id         TEXT PRIMARY KEY,
+        tenant     TEXT NOT NULL,
+        kind       TEXT NOT NULL,
+        dedupe     TEXT NOT NULL UNIQUE,
+        payload    TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        due_ms     INTEGER,         -- NULL once every delivery has an outcome
+        targets    TEXT             -- JSON; NULL before the first delivery pass
+    ) WITHOUT ROWID;
+    CREATE INDEX outbox_due ON outbox (due_ms) WHERE due_ms IS NOT NULL;
+    CREATE INDEX outbox_by_tenant ON outbox (tenant, created_ms);
+    CREATE TABLE webhook_attempts (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant TEXT NOT NULL,
+        json   TEXT NOT NULL
+    );
+    CREATE INDEX webhook_attempts_by_tenant ON webhook_attempts (tenant, seq);
+    CREATE TABLE webhook_endpoints (
+        id     TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        json   TEXT NOT NULL
+    ) WITHOUT ROWID;
+    "#,
+    // 6: topic flow runs per day, by outcome (billed to nobody; flushed with the turns).
+    r#"
+    ALTER TABLE daily_usage ADD COLUMN flow_ok INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_usage ADD COLUMN flow_failed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_usage ADD COLUMN flow_timeout INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_usage ADD COLUMN flow_refused INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];

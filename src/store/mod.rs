@@ -7,11 +7,15 @@
 
 pub mod control;
 mod migrations;
+pub mod outbox;
 pub mod redis;
 pub mod redis_lease;
+mod redis_outbox;
 pub mod sqlite;
+mod sqlite_outbox;
 
 use control::{AuditEntry, ControlData, Mutation};
+use outbox::{Attempt, CapacityWatch, Claimed, EventState, OutboxEvent, Target};
 
 use std::sync::Arc;
 
@@ -116,6 +120,8 @@ pub struct DailyUsage {
     pub rejected_capacity: u64,
     /// Messages refused that day for the rate limit.
     pub rejected_rate: u64,
+    /// Topic flow runs that day by outcome: ok, failed, timeout, refused.
+    pub flows: [u64; 4],
 }
 
 /// Counter increments to add to the store's daily usage (not billing-critical: flushed on a
@@ -128,6 +134,8 @@ pub struct UsageDelta {
     pub rejected_capacity: u64,
     /// Rate-limit refusals.
     pub rejected_rate: u64,
+    /// Topic flow runs by outcome: ok, failed, timeout, refused.
+    pub flows: [u64; 4],
 }
 
 /// The durable state of botgate.
@@ -140,6 +148,47 @@ pub trait Store: Send + Sync + 'static {
     /// id once (a batch is retried or replayed whole, under its id, never regrouped). Returns only
     /// when the batch is durable.
     fn record_sessions(&self, batch_id: &str, sessions: &[SessionRecord]) -> Result<(), StoreError>;
+
+    /// Records a batch as [`record_sessions`](Self::record_sessions) does and, in the same
+    /// transaction or script, raises the capacity events it reaches: for each of `watches`, a
+    /// `capacity.threshold` per percentage whose mark the month's count (every node's sessions)
+    /// reached, and `capacity.overage_started` when an overage session is among them, each once
+    /// per dedupe key. A replayed batch records and raises nothing.
+    fn record_watched(
+        &self,
+        batch_id: &str,
+        sessions: &[SessionRecord],
+        watches: &[CapacityWatch],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let _ = (watches, now_ms);
+        self.record_sessions(batch_id, sessions)
+    }
+
+    /// Raises the events whose dedupe keys are new, each due for delivery at once; returns how
+    /// many were new.
+    fn raise(&self, events: &[OutboxEvent]) -> Result<usize, StoreError>;
+
+    /// Claims up to `limit` events due at `now_ms`, for `lease_ms`: until then no other call
+    /// (on any node) claims them, and after it they are due again (a claimer that died leaves
+    /// them to the next).
+    fn claim_due(&self, now_ms: i64, lease_ms: i64, limit: usize) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Writes a claimed event's deliveries after a pass, and the attempts it made; it is due
+    /// next at its earliest unsettled delivery. The tenant's log keeps its newest `keep`.
+    fn settle(
+        &self,
+        event: &OutboxEvent,
+        targets: &[Target],
+        attempts: &[Attempt],
+        keep: usize,
+    ) -> Result<(), StoreError>;
+
+    /// A tenant's delivery attempts, newest first, at most `limit`.
+    fn attempts(&self, tenant: &str, limit: usize) -> Result<Vec<Attempt>, StoreError>;
+
+    /// A tenant's events, newest first, at most `limit`, with their deliveries.
+    fn events(&self, tenant: &str, limit: usize) -> Result<Vec<EventState>, StoreError>;
 
     /// Adds non-billing counters for (tenant, bot, day).
     fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError>;

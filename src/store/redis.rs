@@ -20,9 +20,10 @@ use std::time::Duration;
 use redis::{Connection, RedisResult};
 
 use super::control::{
-    AuditEntry, BotRecord, ControlData, Mutation, Principal, SeatRecord, SubscriptionRecord, TenantRecord,
-    TrialRecord,
+    AuditEntry, BotRecord, ControlData, EndpointRecord, Mutation, Principal, SeatRecord, SubscriptionRecord,
+    TenantRecord, TrialRecord,
 };
+use super::outbox::{Attempt, CapacityWatch, Claimed, EventState, OutboxEvent, Target};
 use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta};
 use crate::store::sqlite::day_of;
 
@@ -40,31 +41,13 @@ pub fn key(t: &str, name: &str) -> String {
     format!("bg:{{{t}}}:{name}")
 }
 
-/// Records one ledger batch of one tenant and month, only if the batch is new: `KEYS[1]` the
-/// sessions hash, `KEYS[2]` the usage hash, `KEYS[3]` the month's pool; `ARGV[1]` node,
-/// `ARGV[2]` the batch field, `ARGV[3]` its sessions (a line each: `id|bot|began_ms|overage`),
-/// `ARGV[4]` how many drew from the pool (counted as used by the node), then pairs of usage
-/// field and increment. Returns 1 if the batch was new, 0 if it was already recorded.
+/// Records one ledger batch of one tenant and month, only if the batch is new, and raises the
+/// capacity events it reaches (see [`super::redis_outbox::RECORD`] for its keys and arguments).
+/// Returns 1 if the batch was new, 0 if it was already recorded.
 ///
 /// Its cost is fixed per batch, not per session: `HSETNX`, one `HINCRBY` per bot and day (two
-/// with overage) and one for the pool, whatever the batch holds.
-const RECORD: &str = r#"
-if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3]) == 0 then return 0 end
-for i = 5, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
-end
-if ARGV[4] ~= '0' and ARGV[1] ~= '' then
-  local used = redis.call('HINCRBY', KEYS[3], 'used:' .. ARGV[1], ARGV[4])
-  local held = tonumber(redis.call('HGET', KEYS[3], 'held:' .. ARGV[1]) or '0')
-  if used > held then
-    -- Sessions whose units were reclaimed before they were recorded (a partitioned node's
-    -- spool): the node held them after all, and what is granted next accounts for them.
-    redis.call('HINCRBY', KEYS[3], 'granted', used - held)
-    redis.call('HSET', KEYS[3], 'held:' .. ARGV[1], used)
-  end
-end
-return 1
-"#;
+/// with overage), one for the pool and one for the month's count, whatever the batch holds.
+const RECORD: &str = super::redis_outbox::RECORD;
 
 /// The Redis store.
 pub struct RedisStore {
@@ -158,8 +141,10 @@ impl RedisStore {
     }
 }
 
-/// One tenant's keys as read: tenant, subscriptions, assignments, seats, trials, bots.
-type TenantKeys = (Option<String>, Vec<String>, Vec<String>, Vec<(String, String)>, Vec<String>, Vec<String>);
+/// One tenant's keys as read: tenant, subscriptions, assignments, seats, trials, bots, webhook
+/// endpoints.
+type TenantKeys =
+    (Option<String>, Vec<String>, Vec<String>, Vec<(String, String)>, Vec<String>, Vec<String>, Vec<String>);
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
@@ -178,6 +163,16 @@ impl Store for RedisStore {
     }
 
     fn record_sessions(&self, batch_id: &str, batch: &[SessionRecord]) -> Result<(), StoreError> {
+        self.record_watched(batch_id, batch, &[], 0)
+    }
+
+    fn record_watched(
+        &self,
+        batch_id: &str,
+        batch: &[SessionRecord],
+        watches: &[CapacityWatch],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -199,6 +194,7 @@ impl Store for RedisStore {
                 let mut packed = String::with_capacity(sessions.len() * 48);
                 let mut usage: std::collections::BTreeMap<String, u64> = Default::default();
                 let mut drawn = 0u64;
+                let mut overage = 0u64;
                 for s in sessions {
                     use std::fmt::Write;
                     let _ = writeln!(packed, "{}|{}|{}|{}", s.id, s.bot, s.began_ms, u8::from(s.overage));
@@ -206,20 +202,28 @@ impl Store for RedisStore {
                     *usage.entry(format!("{}|{day}|sessions", s.bot)).or_default() += 1;
                     if s.overage {
                         *usage.entry(format!("{}|{day}|overage", s.bot)).or_default() += 1;
+                        overage += 1;
                     } else {
                         drawn += 1;
                     }
                 }
                 let mut c = redis::cmd("EVALSHA");
                 c.arg(self.record.get_hash())
-                    .arg(3)
+                    .arg(7)
                     .arg(key(tenant, "sessions"))
                     .arg(key(tenant, "usage"))
-                    .arg(super::redis_lease::pool_key(tenant, *month))
-                    .arg(node)
+                    .arg(super::redis_lease::pool_key(tenant, *month));
+                super::redis_outbox::outbox_keys(&mut c, tenant);
+                c.arg(node)
                     .arg(format!("{batch_id}/{}", crate::metering::pool::month_label(*month)))
                     .arg(packed)
-                    .arg(drawn);
+                    .arg(drawn)
+                    .arg(crate::metering::pool::month_label(*month))
+                    .arg(sessions.len())
+                    .arg(overage)
+                    .arg(now_ms);
+                let watch = watches.iter().find(|w| w.tenant == *tenant && w.month == *month);
+                super::redis_outbox::watch_args(&mut c, watch, now_ms);
                 for (field, n) in usage {
                     c.arg(field).arg(n);
                 }
@@ -245,6 +249,43 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    fn raise(&self, events: &[OutboxEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        self.with_conn(|c| super::redis_outbox::raise(c, events))
+    }
+
+    fn claim_due(&self, now_ms: i64, lease_ms: i64, limit: usize) -> Result<Vec<Claimed>, StoreError> {
+        let raw = self.with_conn(|c| {
+            let tenants = self.tenants(c)?;
+            super::redis_outbox::claim(c, &tenants, now_ms, lease_ms, limit)
+        })?;
+        super::redis_outbox::parse_claimed(raw).map_err(|e| bad_data(&self.url, "outbox event", e))
+    }
+
+    fn settle(
+        &self,
+        event: &OutboxEvent,
+        targets: &[Target],
+        attempts: &[Attempt],
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        self.with_conn(|c| super::redis_outbox::settle(c, event, targets, attempts, keep))
+    }
+
+    fn attempts(&self, tenant: &str, limit: usize) -> Result<Vec<Attempt>, StoreError> {
+        let raw = self.with_conn(|c| super::redis_outbox::attempts(c, tenant, limit))?;
+        raw.iter()
+            .map(|j| serde_json::from_str(j).map_err(|e| bad_data(&self.url, "delivery attempt", e)))
+            .collect()
+    }
+
+    fn events(&self, tenant: &str, limit: usize) -> Result<Vec<EventState>, StoreError> {
+        let raw = self.with_conn(|c| super::redis_outbox::events(c, tenant))?;
+        super::redis_outbox::parse_events(raw, limit).map_err(|e| bad_data(&self.url, "outbox event", e))
+    }
+
     fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError> {
         if deltas.is_empty() {
             return Ok(());
@@ -253,7 +294,16 @@ impl Store for RedisStore {
             let mut pipe = redis::pipe();
             for (tenant, bot, day, d) in deltas {
                 let k = key(tenant, "usage");
-                for (name, v) in [("turns", d.turns), ("rc", d.rejected_capacity), ("rr", d.rejected_rate)] {
+                let counts = [
+                    ("turns", d.turns),
+                    ("rc", d.rejected_capacity),
+                    ("rr", d.rejected_rate),
+                    ("fok", d.flows[0]),
+                    ("ffail", d.flows[1]),
+                    ("ftime", d.flows[2]),
+                    ("fref", d.flows[3]),
+                ];
+                for (name, v) in counts {
                     if v > 0 {
                         pipe.cmd("HINCRBY").arg(&k).arg(format!("{bot}|{day}|{name}")).arg(v).ignore();
                     }
@@ -290,6 +340,7 @@ impl Store for RedisStore {
                         turns: 0,
                         rejected_capacity: 0,
                         rejected_rate: 0,
+                        flows: [0; 4],
                     }
                 });
                 match name {
@@ -298,6 +349,10 @@ impl Store for RedisStore {
                     "turns" => u.turns += v,
                     "rc" => u.rejected_capacity += v,
                     "rr" => u.rejected_rate += v,
+                    "fok" => u.flows[0] += v,
+                    "ffail" => u.flows[1] += v,
+                    "ftime" => u.flows[2] += v,
+                    "fref" => u.flows[3] += v,
                     _ => {}
                 }
             }
@@ -336,6 +391,8 @@ impl Store for RedisStore {
                     .arg(key(&t, "trials"))
                     .cmd("HVALS")
                     .arg(key(&t, "bots"))
+                    .cmd("HVALS")
+                    .arg(key(&t, "endpoints"))
                     .query(c)?;
                 out.push((t, keys));
             }
@@ -343,7 +400,7 @@ impl Store for RedisStore {
         })?;
         let url = &self.url;
         let mut d = ControlData::default();
-        for (t, (tenant, subs, assign, seats, trials, bots)) in raw {
+        for (t, (tenant, subs, assign, seats, trials, bots, endpoints)) in raw {
             if let Some(tj) = tenant {
                 d.tenants
                     .push(serde_json::from_str::<TenantRecord>(&tj).map_err(|e| bad_data(url, "tenant", e))?);
@@ -369,7 +426,14 @@ impl Store for RedisStore {
             for b in bots {
                 d.bots.push(serde_json::from_str::<BotRecord>(&b).map_err(|e| bad_data(url, "bot", e))?);
             }
+            for e in endpoints {
+                d.endpoints.push(
+                    serde_json::from_str::<EndpointRecord>(&e)
+                        .map_err(|e| bad_data(url, "webhook endpoint", e))?,
+                );
+            }
         }
+        d.endpoints.sort_by(|a, b| a.id.cmp(&b.id));
         d.subscriptions.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
         d.assignments.sort();
         d.bots.sort_by(|a, b| a.id.cmp(&b.id));
@@ -559,6 +623,14 @@ fn apply_on(
                 pipe.cmd("HDEL").arg(key(&t, "bots")).arg(id).ignore();
                 pipe.cmd("HDEL").arg(BOT_INDEX).arg(id).ignore();
                 touched.insert(t);
+            }
+            Mutation::PutEndpoint(e) => {
+                pipe.cmd("HSET").arg(key(&e.tenant, "endpoints")).arg(&e.id).arg(json(e)).ignore();
+                touched.insert(e.tenant.clone());
+            }
+            Mutation::DeleteEndpoint { tenant, id } => {
+                pipe.cmd("HDEL").arg(key(tenant, "endpoints")).arg(id).ignore();
+                touched.insert(tenant.clone());
             }
         }
     }

@@ -12,9 +12,11 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::control::{
-    AuditEntry, BotRecord, ControlData, Mutation, SeatRecord, SubscriptionRecord, TenantRecord, TrialRecord,
+    AuditEntry, BotRecord, ControlData, EndpointRecord, Mutation, SeatRecord, SubscriptionRecord,
+    TenantRecord, TrialRecord,
 };
 use super::migrations::MIGRATIONS;
+use super::outbox::{Attempt, CapacityWatch, Claimed, EventState, OutboxEvent, Target};
 use super::{DailyUsage, SessionRecord, SpooledBatch, Store, StoreError, UsageDelta};
 
 pub use crate::config::SqliteSync as Sync;
@@ -129,6 +131,11 @@ fn from_text<T: serde::de::DeserializeOwned>(s: &str) -> rusqlite::Result<T> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
+/// A JSON column that does not parse (or a value that does not serialize), as SQLite's error.
+pub(super) fn json_err(e: serde_json::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+}
+
 fn date(s: &str) -> rusqlite::Result<chrono::NaiveDate> {
     s.parse()
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
@@ -145,31 +152,61 @@ impl Store for SqliteStore {
     }
 
     fn record_sessions(&self, batch_id: &str, batch: &[SessionRecord]) -> Result<(), StoreError> {
+        self.record_watched(batch_id, batch, &[], 0)
+    }
+
+    fn record_watched(
+        &self,
+        batch_id: &str,
+        batch: &[SessionRecord],
+        watches: &[CapacityWatch],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
         self.with_conn(|c| {
             let tx = c.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO billed_sessions (id, tenant, bot, day, began_ms, overage, node, batch)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                for s in batch {
-                    stmt.execute(params![
-                        s.id,
-                        s.tenant,
-                        s.bot,
-                        day_of(s.began_ms),
-                        s.began_ms,
-                        s.overage,
-                        s.node,
-                        batch_id
-                    ])?;
-                }
-            }
+            super::sqlite_outbox::record(&tx, batch_id, batch, watches, now_ms)?;
             tx.commit()
         })
+    }
+
+    fn raise(&self, events: &[OutboxEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        self.with_conn(|c| {
+            let tx = c.transaction()?;
+            let mut n = 0;
+            for e in events {
+                n += usize::from(super::sqlite_outbox::raise_one(&tx, e)?);
+            }
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    fn claim_due(&self, now_ms: i64, lease_ms: i64, limit: usize) -> Result<Vec<Claimed>, StoreError> {
+        self.with_conn(|c| super::sqlite_outbox::claim(c, now_ms, lease_ms, limit))
+    }
+
+    fn settle(
+        &self,
+        event: &OutboxEvent,
+        targets: &[Target],
+        attempts: &[Attempt],
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        self.with_conn(|c| super::sqlite_outbox::settle(c, event, targets, attempts, keep))
+    }
+
+    fn attempts(&self, tenant: &str, limit: usize) -> Result<Vec<Attempt>, StoreError> {
+        self.with_reader(|c| super::sqlite_outbox::attempts(c, tenant, limit))
+    }
+
+    fn events(&self, tenant: &str, limit: usize) -> Result<Vec<EventState>, StoreError> {
+        self.with_reader(|c| super::sqlite_outbox::events(c, tenant, limit))
     }
 
     fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError> {
@@ -180,12 +217,17 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT INTO daily_usage (tenant, bot, day, turns, rejected_capacity, rejected_rate)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                    "INSERT INTO daily_usage (tenant, bot, day, turns, rejected_capacity, rejected_rate,
+                                              flow_ok, flow_failed, flow_timeout, flow_refused)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                      ON CONFLICT (tenant, bot, day) DO UPDATE SET
                        turns = turns + excluded.turns,
                        rejected_capacity = rejected_capacity + excluded.rejected_capacity,
-                       rejected_rate = rejected_rate + excluded.rejected_rate",
+                       rejected_rate = rejected_rate + excluded.rejected_rate,
+                       flow_ok = flow_ok + excluded.flow_ok,
+                       flow_failed = flow_failed + excluded.flow_failed,
+                       flow_timeout = flow_timeout + excluded.flow_timeout,
+                       flow_refused = flow_refused + excluded.flow_refused",
                 )?;
                 for (tenant, bot, day, d) in deltas {
                     stmt.execute(params![
@@ -194,7 +236,11 @@ impl Store for SqliteStore {
                         day,
                         d.turns as i64,
                         d.rejected_capacity as i64,
-                        d.rejected_rate as i64
+                        d.rejected_rate as i64,
+                        d.flows[0] as i64,
+                        d.flows[1] as i64,
+                        d.flows[2] as i64,
+                        d.flows[3] as i64
                     ])?;
                 }
             }
@@ -205,12 +251,14 @@ impl Store for SqliteStore {
     fn load_usage(&self) -> Result<Vec<DailyUsage>, StoreError> {
         self.with_reader(|c| {
             let mut stmt = c.prepare(
-                "SELECT tenant, bot, day, SUM(sessions), SUM(overage), SUM(turns), SUM(rc), SUM(rr) FROM (
+                "SELECT tenant, bot, day, SUM(sessions), SUM(overage), SUM(turns), SUM(rc), SUM(rr),
+                        SUM(fo), SUM(ff), SUM(ft), SUM(fr) FROM (
                    SELECT tenant, bot, day, COUNT(*) AS sessions, SUM(overage) AS overage,
-                          0 AS turns, 0 AS rc, 0 AS rr
+                          0 AS turns, 0 AS rc, 0 AS rr, 0 AS fo, 0 AS ff, 0 AS ft, 0 AS fr
                      FROM billed_sessions GROUP BY tenant, bot, day
                    UNION ALL
-                   SELECT tenant, bot, day, 0, 0, turns, rejected_capacity, rejected_rate FROM daily_usage
+                   SELECT tenant, bot, day, 0, 0, turns, rejected_capacity, rejected_rate,
+                          flow_ok, flow_failed, flow_timeout, flow_refused FROM daily_usage
                  ) GROUP BY tenant, bot, day ORDER BY tenant, bot, day",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -223,6 +271,12 @@ impl Store for SqliteStore {
                     turns: r.get::<_, i64>(5)? as u64,
                     rejected_capacity: r.get::<_, i64>(6)? as u64,
                     rejected_rate: r.get::<_, i64>(7)? as u64,
+                    flows: [
+                        r.get::<_, i64>(8)? as u64,
+                        r.get::<_, i64>(9)? as u64,
+                        r.get::<_, i64>(10)? as u64,
+                        r.get::<_, i64>(11)? as u64,
+                    ],
                 })
             })?;
             rows.collect()
@@ -241,7 +295,7 @@ impl Store for SqliteStore {
         self.with_conn(|c| {
             let mut d = ControlData::default();
             let mut st = c.prepare(
-                "SELECT id, name, allow_ad_hoc_subscriptions, capacity_policy FROM tenants ORDER BY id",
+                "SELECT id, name, allow_ad_hoc_subscriptions, capacity_policy, capacity_alerts FROM tenants ORDER BY id",
             )?;
             d.tenants = st
                 .query_map([], |r| {
@@ -250,6 +304,10 @@ impl Store for SqliteStore {
                         name: r.get(1)?,
                         allow_ad_hoc_subscriptions: r.get(2)?,
                         capacity_policy: from_text(&r.get::<_, String>(3)?)?,
+                        capacity_alerts: r
+                            .get::<_, Option<String>>(4)?
+                            .map(|j| serde_json::from_str(&j).map_err(json_err))
+                            .transpose()?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -292,6 +350,11 @@ impl Store for SqliteStore {
             d.bots = st
                 .query_map([], |r| Ok(BotRecord { id: r.get(0)?, tenant: r.get(1)?, json: r.get(2)? }))?
                 .collect::<Result<_, _>>()?;
+            let mut st = c.prepare("SELECT json FROM webhook_endpoints ORDER BY id")?;
+            d.endpoints = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .map(|j| serde_json::from_str::<EndpointRecord>(&j?).map_err(json_err))
+                .collect::<Result<_, _>>()?;
             Ok(d)
         })
     }
@@ -302,9 +365,15 @@ impl Store for SqliteStore {
             for m in mutations {
                 match m {
                     Mutation::PutTenant(t) => tx.execute(
-                        "INSERT OR REPLACE INTO tenants (id, name, allow_ad_hoc_subscriptions, capacity_policy)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![t.id, t.name, t.allow_ad_hoc_subscriptions, to_text(&t.capacity_policy)],
+                        "INSERT OR REPLACE INTO tenants (id, name, allow_ad_hoc_subscriptions, capacity_policy, capacity_alerts)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![
+                            t.id,
+                            t.name,
+                            t.allow_ad_hoc_subscriptions,
+                            to_text(&t.capacity_policy),
+                            t.capacity_alerts.as_ref().map(|a| serde_json::json!(a).to_string())
+                        ],
                     )?,
                     Mutation::PutSubscription(s) => tx.execute(
                         "INSERT OR REPLACE INTO subscriptions (id, tenant, kind, quantity, start, end)
@@ -348,6 +417,14 @@ impl Store for SqliteStore {
                         params![b.id, b.tenant, b.json],
                     )?,
                     Mutation::DeleteBot { id } => tx.execute("DELETE FROM bots WHERE id = ?1", params![id])?,
+                    Mutation::PutEndpoint(e) => tx.execute(
+                        "INSERT OR REPLACE INTO webhook_endpoints (id, tenant, json) VALUES (?1, ?2, ?3)",
+                        params![e.id, e.tenant, serde_json::to_string(e).map_err(json_err)?],
+                    )?,
+                    Mutation::DeleteEndpoint { tenant, id } => tx.execute(
+                        "DELETE FROM webhook_endpoints WHERE id = ?1 AND tenant = ?2",
+                        params![id, tenant],
+                    )?,
                 };
             }
             for a in audit {
@@ -572,12 +649,13 @@ mod tests {
     fn usage_adds_up() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(dir.path()).unwrap();
-        let d = UsageDelta { turns: 3, rejected_capacity: 1, rejected_rate: 0 };
+        let d = UsageDelta { turns: 3, rejected_capacity: 1, rejected_rate: 0, flows: [2, 1, 0, 1] };
         let key = ("t".to_string(), "b".to_string(), "2026-11-28".to_string());
         s.add_usage(&[(key.0.clone(), key.1.clone(), key.2.clone(), d.clone())]).unwrap();
         s.add_usage(&[(key.0, key.1, key.2, d)]).unwrap();
         let u = s.load_usage().unwrap();
         assert_eq!((u[0].turns, u[0].rejected_capacity, u[0].sessions), (6, 2, 0));
+        assert_eq!(u[0].flows, [4, 2, 0, 2], "flow runs add up per outcome");
     }
 
     #[test]
@@ -589,6 +667,7 @@ mod tests {
             name: "T".into(),
             allow_ad_hoc_subscriptions: true,
             capacity_policy: crate::config::CapacityPolicy::AllowOverage,
+            capacity_alerts: Some(vec![50, 90]),
         };
         let sub = SubscriptionRecord {
             id: "s1".into(),

@@ -2,6 +2,9 @@
 //! the real binary), and talk HTTP to it.
 #![allow(dead_code)]
 
+pub mod receiver;
+pub mod tls;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;

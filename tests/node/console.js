@@ -9,7 +9,12 @@
 // Usage:
 //   node console.js --gateway http://127.0.0.1:P --tenant contoso --user root --from D --to D
 //        --assign USER --other-tenant T [--author USER --author-bot BOT] [--new-tenant T]
-//        [--screenshot FILE] [--timeout-ms MS]
+//        [--webhook-url URL] [--screenshot FILE] [--timeout-ms MS]
+//
+// With --webhook-url (a receiver of tests/python/webhook_receiver.py), the admin adds that
+// endpoint through the page's form, hands the secret the page shows to the receiver (its
+// /_control), sends a test event with the row's button and refreshes until the delivery log
+// shows the delivery.
 //
 // stdout: exactly one JSON line
 //   success: {"ok":true,"first":{...},"assigned":[...],"other":{...}} (exit 0)
@@ -91,6 +96,30 @@ async function main() {
         await p.locator('#users').getByText(args.assign, { exact: true }).waitFor();
         const assigned = await p.evaluate(() => window.botgateConsole.seats.users);
 
+        // A webhook endpoint added through the page, a test event sent, its delivery logged.
+        let webhooks = null;
+        if (args.webhookUrl) {
+            await p.fill('#new-webhook-url', args.webhookUrl);
+            await p.click('#new-webhook button[type=submit]');
+            await p.waitForFunction((u) => window.botgateConsole.webhooks && window.botgateConsole.webhooks.endpoints.some((e) => e.url === u), args.webhookUrl);
+            const shown = await p.locator('#webhook-secret').innerText();
+            const secret = shown.slice(shown.indexOf('whsec_'));
+            const control = args.webhookUrl.replace(/\/hook$/, '/_control');
+            const res = await fetch(control, { method: 'POST', body: JSON.stringify({ secret }) });
+            if (!res.ok) throw new Error(`receiver control: ${res.status}`);
+            await p.locator('#webhooks tr', { hasText: args.webhookUrl }).getByRole('button', { name: 'Send test' }).click();
+            const deadline = Date.now() + args.timeoutMs;
+            for (;;) {
+                await p.click('#webhooks-refresh');
+                const n = await p.evaluate(() => window.botgateConsole.webhooks.deliveries.length);
+                if (n > 0) break;
+                if (Date.now() > deadline) throw new Error('no delivery in the console log');
+                await p.waitForTimeout(100);
+            }
+            webhooks = await p.evaluate(() => ({ ...window.botgateConsole.webhooks, text: document.getElementById('webhook-deliveries').innerText }));
+            webhooks.secret = secret;
+        }
+
         // Another tenant's admin, in the same tab after signing out.
         await p.click('#sign-out');
         await devSignIn(p, args.otherTenant, args.user);
@@ -127,7 +156,7 @@ async function main() {
             operator = await p.evaluate(() => ({ tenants: window.botgateConsole.tenants }));
         }
         if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join('; ')}`);
-        process.stdout.write(JSON.stringify({ ok: true, first, assigned, other, author, operator, errors: pageErrors }) + '\n');
+        process.stdout.write(JSON.stringify({ ok: true, first, assigned, webhooks, other, author, operator, errors: pageErrors }) + '\n');
     } finally {
         await browser.close();
     }
