@@ -5,7 +5,7 @@ use axum::Router;
 use axum::routing::{MethodRouter, get, post, put};
 
 use crate::authoring::{bots, me, reports};
-use crate::channel::{connector, directline, stream, turn};
+use crate::channel::{connector, directline, stream, turn, upload};
 use crate::console;
 use crate::licensing::layer::AuthorLayer;
 use crate::licensing::{admin, operator};
@@ -24,7 +24,8 @@ pub fn public(state: &AppState) -> (Router<AppState>, Vec<&'static str>) {
             "/v3/directline/conversations/{id}/activities",
             post(turn::post_activity).get(directline::get_activities),
         ),
-        ("/v3/directline/conversations/{id}/upload", post(directline::upload)),
+        ("/v3/directline/conversations/{id}/upload", post(upload::upload)),
+        ("/v3/directline/attachments/{conversation}/{key}", get(upload::file)),
         ("/v3/directline/conversations/{id}/stream", get(stream::stream)),
         // The website channel's token endpoint for open bots.
         ("/api/v1/bots/{bot_id}/directline/token", get(directline::open_bot_token)),

@@ -159,7 +159,14 @@ impl AppState {
                 .map_err(|e| StartError::Metering(e.to_string()))?
                 .map_err(|e| StartError::Metering(e.to_string()))?
         };
-        let mut channel = Channel::new(&config, signer, metering.clone(), clock.clone(), public_addr);
+        let files = crate::conversation::files::FileStore::open(&config.channel, &config.store.data_dir)
+            .map_err(|e| {
+                StartError::Control(format!(
+                    "cannot prepare the uploads folder in {}: {e}",
+                    config.store.data_dir.display()
+                ))
+            })?;
+        let mut channel = Channel::new(&config, signer, metering.clone(), clock.clone(), public_addr, files);
         if redis.is_some() {
             channel.node = Some(node_id.clone());
         }
@@ -263,6 +270,10 @@ impl AppState {
             state.inner.config.metrics.max_bot_series,
             Box::new(move || weak.upgrade().map_or(0, |i| i.channel.conversations.len() as u64)),
         )));
+        state
+            .inner
+            .metrics
+            .add_writer(Box::new(crate::conversation::files::FileMetrics(state.inner.channel.files.clone())));
         if let Some(c) = state.cluster().cloned() {
             tokio::task::spawn_blocking(move || c.register_blocking())
                 .await

@@ -141,6 +141,8 @@ pub struct NewBot {
     #[serde(default)]
     secured_access: bool,
     allowed_origins: Option<Vec<String>>,
+    /// A built-in bot's reply to files (`{{names}}`, `{{count}}`).
+    attachment_reply: Option<String>,
 }
 
 fn validate(app: &AppState, def: &BotConfig) -> Result<(), ApiError> {
@@ -197,6 +199,7 @@ pub async fn create(
         endpoint: body.endpoint,
         topics: body.topics,
         owner: None,
+        attachment_reply: body.attachment_reply,
     };
     validate(&app, &def)?;
     // Held until the bot is in the registry: a concurrent create of the same id gets 409.
@@ -244,6 +247,8 @@ pub struct BotPatch {
     topics: Option<Vec<TopicConfig>>,
     secured_access: Option<bool>,
     allowed_origins: Option<Vec<String>>,
+    /// A built-in bot's reply to files (`{{names}}`, `{{count}}`).
+    attachment_reply: Option<String>,
 }
 
 /// `PATCH /api/v1/bots/{botId}`: edits the definition, secured access and origins.
@@ -267,6 +272,9 @@ pub async fn patch(
     }
     if let Some(o) = body.allowed_origins {
         def.allowed_origins = o;
+    }
+    if let Some(r) = body.attachment_reply {
+        def.attachment_reply = Some(r);
     }
     validate(&app, &def)?;
     let key = old.connector_key().map_or_else(|| secrets::random_id(24), str::to_string);

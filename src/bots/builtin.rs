@@ -41,6 +41,8 @@ pub struct BuiltinBot {
     /// is matched with one map lookup per word, instead of a substring search per phrase (that
     /// search was 3% of a message's instructions).
     index: HashMap<String, Vec<(usize, Vec<String>, usize)>>,
+    /// The reply to a message that carries files (`{{names}}`, `{{count}}`).
+    attachment_reply: String,
 }
 
 impl BuiltinBot {
@@ -75,7 +77,23 @@ impl BuiltinBot {
                 }
             }
         }
-        Self { topics, greeting, fallback, index }
+        let attachment_reply = crate::config::DEFAULT_ATTACHMENT_REPLY.to_string();
+        Self { topics, greeting, fallback, index, attachment_reply }
+    }
+
+    /// The bot with its own reply to files, if it names one.
+    pub fn with_attachment_reply(mut self, reply: Option<&str>) -> Self {
+        if let Some(r) = reply {
+            self.attachment_reply = r.to_string();
+        }
+        self
+    }
+
+    /// The acknowledgement of files named `names`.
+    pub fn attachment_reply(&self, names: &[&str]) -> String {
+        self.attachment_reply
+            .replace("{{names}}", &names.join(", "))
+            .replace("{{count}}", &names.len().to_string())
     }
 
     /// The topics.

@@ -41,9 +41,33 @@ pub struct BotControl {
     /// Bytes of activities its conversations hold (every version of the bot: the control
     /// block outlives edits), against `channel.max_retained_bytes_per_bot`.
     retained: AtomicUsize,
+    /// Bytes of uploaded files its conversations hold, against
+    /// `channel.max_upload_bytes_per_bot`.
+    uploaded: AtomicUsize,
 }
 
 impl BotControl {
+    /// Takes `size` bytes of the bot's upload budget of `max`; false (and nothing taken) when
+    /// they do not fit.
+    pub fn hold_upload(&self, size: usize, max: usize) -> bool {
+        // Relaxed: a standalone counter compared against a budget.
+        self.uploaded
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held + size <= max).then_some(held + size)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `size` bytes of the upload budget.
+    pub fn free_upload(&self, size: usize) {
+        self.uploaded.fetch_sub(size, Ordering::Relaxed);
+    }
+
+    /// Bytes of uploaded files its conversations hold.
+    pub fn uploaded(&self) -> usize {
+        self.uploaded.load(Ordering::Relaxed)
+    }
+
     /// Counts bytes its conversations took (`added`) and let go (`freed`).
     pub fn retain(&self, added: usize, freed: usize) {
         // Relaxed: a standalone gauge compared against a budget; nothing is published with it.
@@ -167,7 +191,9 @@ impl Bot {
         owner: Option<String>,
     ) -> Self {
         let engine = match c.kind {
-            BotKind::Builtin => Engine::Builtin(builtin::BuiltinBot::new(&c.topics)),
+            BotKind::Builtin => Engine::Builtin(
+                builtin::BuiltinBot::new(&c.topics).with_attachment_reply(c.attachment_reply.as_deref()),
+            ),
             BotKind::Upstream => {
                 Engine::Upstream(upstream::UpstreamBot::new(&c.endpoint, connector_key, max_in_flight))
             }

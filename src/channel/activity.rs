@@ -99,6 +99,23 @@ pub fn text(a: &Map<String, Value>) -> &str {
     a.get("text").and_then(Value::as_str).unwrap_or("")
 }
 
+/// The names of the activity's attachments (a file's name, else its content type), or `None`
+/// when it has none.
+pub fn attachment_names(a: &Map<String, Value>) -> Option<Vec<&str>> {
+    let list = a.get("attachments")?.as_array().filter(|l| !l.is_empty())?;
+    Some(
+        list.iter()
+            .map(|x| {
+                x.get("name")
+                    .and_then(Value::as_str)
+                    .filter(|n| !n.is_empty())
+                    .or_else(|| x.get("contentType").and_then(Value::as_str))
+                    .unwrap_or("a file")
+            })
+            .collect(),
+    )
+}
+
 /// The activity's `name` (events).
 pub fn name(a: &Map<String, Value>) -> &str {
     a.get("name").and_then(Value::as_str).unwrap_or("")

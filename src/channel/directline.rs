@@ -348,17 +348,3 @@ pub async fn get_activities(
     let (body, _) = conv.activities_since(watermark, ch.page);
     Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
-
-/// `POST /v3/directline/conversations/{id}/upload`: not supported yet.
-pub async fn upload(
-    State(app): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    open_conversation(app.channel(), &headers, &id)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "NotSupported",
-        "Attachment upload is not supported by this gateway; send attachments by URL in an activity.",
-    ))
-}

@@ -10,6 +10,7 @@ pub mod directline;
 pub mod stream;
 pub mod token;
 pub mod turn;
+pub mod upload;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use crate::bots::upstream::UpstreamClient;
 use crate::bots::{Bot, BotRegistry, secrets};
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::conversation::files::FileStore;
 use crate::conversation::registry::{Caps, Conversations, CreateError};
 use crate::conversation::{Conversation, Page, Retention};
 use crate::error::ApiError;
@@ -35,6 +37,8 @@ pub struct Channel {
     pub bots: BotRegistry,
     /// The conversations.
     pub conversations: Conversations,
+    /// The files uploaded into them.
+    pub files: Arc<FileStore>,
     /// The one client of every outbound call (upstream bots use it through `upstream`; topic
     /// flows call it directly).
     pub outbound: OutboundClient,
@@ -77,6 +81,7 @@ impl Channel {
         metering: Metering,
         clock: SharedClock,
         public_addr: std::net::SocketAddr,
+        files: FileStore,
     ) -> Self {
         let bots = BotRegistry::default();
         for b in &config.bots {
@@ -108,6 +113,7 @@ impl Channel {
                 },
                 config.channel.idle_timeout_secs as i64 * 1000,
             ),
+            files: Arc::new(files),
             upstream: UpstreamClient::new(
                 outbound.clone(),
                 Duration::from_secs(config.upstream.timeout_secs),

@@ -71,6 +71,11 @@ pub enum TokenError {
     Expired,
 }
 
+/// Random bytes of a file key.
+const FILE_NONCE: usize = 16;
+/// HMAC bytes of a file key.
+const FILE_TAG: usize = 12;
+
 /// Signs and verifies tokens; cloning is cheap (the keyed MAC state is copied, not re-keyed).
 #[derive(Clone)]
 pub struct TokenSigner {
@@ -108,6 +113,38 @@ impl TokenSigner {
         out.push('.');
         B64.encode_string(tag, &mut out);
         out
+    }
+
+    /// A file URL's key that proves this gateway made it for `conversation`: 16 random bytes,
+    /// then 12 bytes of an HMAC over them and the conversation id, in base64url (38
+    /// characters). Any node can tell a made-up key before it looks for the file.
+    pub fn file_key(&self, conversation: &str) -> String {
+        let nonce: [u8; FILE_NONCE] = rand::random();
+        let mut raw = [0u8; FILE_NONCE + FILE_TAG];
+        raw[..FILE_NONCE].copy_from_slice(&nonce);
+        raw[FILE_NONCE..]
+            .copy_from_slice(&self.file_mac(conversation, &nonce).finalize().into_bytes()[..FILE_TAG]);
+        B64.encode(raw)
+    }
+
+    /// Whether `key` is a file key this gateway made for `conversation` (constant time).
+    pub fn check_file_key(&self, conversation: &str, key: &str) -> bool {
+        let Ok(raw) = B64.decode(key) else { return false };
+        raw.len() == FILE_NONCE + FILE_TAG
+            && self
+                .file_mac(conversation, &raw[..FILE_NONCE])
+                .verify_truncated_left(&raw[FILE_NONCE..])
+                .is_ok()
+    }
+
+    fn file_mac(&self, conversation: &str, nonce: &[u8]) -> Hmac<Sha256> {
+        let mut mac = self.mac.clone();
+        // Domain-separated from token payloads, which are JSON objects.
+        mac.update(b"upload\0");
+        mac.update(conversation.as_bytes());
+        mac.update(b"\0");
+        mac.update(nonce);
+        mac
     }
 
     /// Checks a token's signature and expiry against `now_secs`.

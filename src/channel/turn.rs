@@ -36,6 +36,15 @@ pub async fn post_activity(
     let (parts, body) = req.into_parts();
     let (cred, conv) = open_conversation(ch, &parts.headers, &id)?;
     let body = read_body(body).await?;
+    check_accepting(ch, &conv)?;
+    let a = activity::parse(&body)?;
+    let id = take(&app, &cred, &conv, a).await?;
+    Ok(id_answer(&id))
+}
+
+/// Whether the conversation takes activities: not ended, and its bot's conversations within
+/// their byte budget.
+pub fn check_accepting(ch: &crate::channel::Channel, conv: &Conversation) -> Result<(), ApiError> {
     if conv.ended() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -51,19 +60,30 @@ pub async fn post_activity(
         )
         .with_retry_after(30));
     }
-    let mut a = activity::parse(&body)?;
-    let token_user = match &cred {
+    Ok(())
+}
+
+/// A user's activity (posted, or made by an upload) through the turn path: the user's identity,
+/// the test-chat and rate checks, then by type: metered and answered, echoed, or forwarded.
+/// Returns the activity's id.
+pub async fn take(
+    app: &AppState,
+    cred: &Credential,
+    conv: &Arc<Conversation>,
+    mut a: Map<String, Value>,
+) -> Result<String, ApiError> {
+    let token_user = match cred {
         Credential::Token(c) => c.user.as_deref(),
         Credential::Secret { .. } => None,
     };
     activity::set_user(&mut a, token_user)?;
     let kind = activity::kind(&a);
-    if let Credential::Token(c) = &cred
+    if let Credential::Token(c) = cred
         && c.test_chat
     {
         // A test chat is never billed, but it is no free channel: its author must still hold a
         // license, and what it sends counts against the bot's rate limit.
-        super::directline::check_test_chat(&app, &conv.bot, c)?;
+        super::directline::check_test_chat(app, &conv.bot, c)?;
         if !matches!(kind, "typing" | "endOfConversation") {
             app.metering().on_test_chat(&conv.bot.tenant, &conv.bot.id)?;
         }
@@ -73,27 +93,27 @@ pub async fn post_activity(
         app.metering().on_user_event(&conv.meter)?;
     }
     let id = match kind {
-        "message" => message(&app, &conv, a).await?,
-        "event" if activity::name(&a) == "startConversation" => greet_event(&app, &conv, a).await?,
-        "conversationUpdate" => greet_event(&app, &conv, a).await?,
+        "message" => message(app, conv, a).await?,
+        "event" if activity::name(&a) == "startConversation" => greet_event(app, conv, a).await?,
+        "conversationUpdate" => greet_event(app, conv, a).await?,
         "endOfConversation" => {
-            let id = append_user(&app, &conv, &mut a);
+            let id = append_user(app, conv, &mut a);
             conv.meter.end_session();
             conv.end();
-            forward(&app, &conv, a).await?;
+            forward(app, conv, a).await?;
             id
         }
         // Typing and other activities are echoed; an upstream bot receives events and invokes.
         // Typing beyond one a second is acknowledged and dropped.
-        "typing" if conv.take_typing(app.clock().now_ms()) => append_user(&app, &conv, &mut a),
+        "typing" if conv.take_typing(app.clock().now_ms()) => append_user(app, conv, &mut a),
         "typing" => format!("{}|typing", conv.id),
         _ => {
-            let id = append_user(&app, &conv, &mut a);
-            forward(&app, &conv, a).await?;
+            let id = append_user(app, conv, &mut a);
+            forward(app, conv, a).await?;
             id
         }
     };
-    Ok(id_answer(&id))
+    Ok(id)
 }
 
 /// Reads a request body (already bounded by the body-limit layer).
@@ -142,8 +162,13 @@ async fn message(
         Engine::Builtin(b) => Some(b.classify(activity::text(&a))),
         Engine::Upstream(_) => None,
     };
+    // A built-in bot acknowledges files; a message with files is a user turn.
+    let files = match &conv.bot.engine {
+        Engine::Builtin(b) => activity::attachment_names(&a).map(|names| b.attachment_reply(&names)),
+        Engine::Upstream(_) => None,
+    };
     // Built-in bots begin a billed session on a user topic; upstream bots on any user message.
-    let user_topic = topic.is_none_or(|t| t.kind == TopicKind::User);
+    let user_topic = files.is_some() || topic.is_none_or(|t| t.kind == TopicKind::User);
     let turn = ch.metering.begin_turn(&conv.id, &conv.meter, user_topic).await?;
     // A built-in bot always takes the turn: the session is recorded now. An upstream bot's is
     // recorded once the bot accepted the turn.
@@ -160,6 +185,13 @@ async fn message(
         let conv_id = conv.id.clone();
         conv.append(now, 0, |id, ts| activity::stamp(&mut a, id, ts, &conv_id))
     };
+    if let Some(reply) = files {
+        append_replies(app, conv, std::slice::from_ref(&reply), Some(&appended.id), appended.ts);
+        // Files without words need no topic.
+        if activity::text(&a).trim().is_empty() {
+            return Ok(appended.id);
+        }
+    }
     match topic {
         Some(t) => {
             // Only a topic with a flow needs the conversation's values.

@@ -55,6 +55,11 @@ fn conversation_of(app: &AppState, req: &Request) -> Option<String> {
             let claims = app.channel().signer.verify(token, app.clock().now_secs()).ok()?;
             Some(claims.conversation)
         }
+        // A file's URL carries no credential: its key's HMAC proves the gateway made it.
+        (Some("v3"), Some("directline"), Some("attachments"), Some(id)) => {
+            let key = seg.next()?;
+            app.channel().signer.check_file_key(id, key).then(|| id.to_string())
+        }
         (Some("connector"), Some(_key), Some("v3"), Some("conversations")) => seg.next().map(str::to_string),
         _ => None,
     }

@@ -153,7 +153,15 @@ pub struct BotConfig {
     /// the creator owns the bot.
     #[serde(default, skip_serializing)]
     pub owner: Option<String>,
+    /// For `builtin`: the reply to a message that carries files, with `{{names}}` (the files'
+    /// names, comma-separated) and `{{count}}` filled in. Default
+    /// `Thank you, I received {{names}}.` (see [`DEFAULT_ATTACHMENT_REPLY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment_reply: Option<String>,
 }
+
+/// A built-in bot's reply to files, unless it names its own.
+pub const DEFAULT_ATTACHMENT_REPLY: &str = "Thank you, I received {{names}}.";
 
 fn default_true() -> bool {
     true
@@ -201,6 +209,17 @@ impl BotConfig {
                     return Err(invalid(format!("{key}.endpoint"), "a built-in bot has no endpoint"));
                 }
                 validate_topics(key, &self.topics)?;
+            }
+        }
+        if let Some(r) = &self.attachment_reply {
+            if self.kind == BotKind::Upstream {
+                return Err(invalid(
+                    format!("{key}.attachment_reply"),
+                    "an upstream bot answers files itself",
+                ));
+            }
+            if r.trim().is_empty() || r.len() > 2000 {
+                return Err(invalid(format!("{key}.attachment_reply"), "must be 1 to 2000 characters"));
             }
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! and what is wrong. `config/default.toml` is compiled into the binary as the embedded default.
 
 mod bots;
+mod channel;
 pub mod notifications;
 mod sections;
 mod tenants;
@@ -13,14 +14,15 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use bots::{
-    BotConfig, BotKind, DEFAULT_FLOW_TIMEOUT_MS, FlowConfig, FlowMethod, MAX_FLOW_TIMEOUT_MS, SystemTopic,
-    TopicConfig, TopicKind,
+    BotConfig, BotKind, DEFAULT_ATTACHMENT_REPLY, DEFAULT_FLOW_TIMEOUT_MS, FlowConfig, FlowMethod,
+    MAX_FLOW_TIMEOUT_MS, SystemTopic, TopicConfig, TopicKind,
 };
+pub use channel::{ChannelConfig, UploadStorage};
 pub use notifications::{NotificationsConfig, OperatorEndpoint};
 pub use sections::{
-    ChannelConfig, ClusterConfig, IdentityConfig, IssuerConfig, LicensingConfig, MeteringConfig,
-    MetricsConfig, OperatorConfig, OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend,
-    StoreConfig, TENANT_PLACEHOLDER, UpstreamConfig,
+    ClusterConfig, IdentityConfig, IssuerConfig, LicensingConfig, MeteringConfig, MetricsConfig,
+    OperatorConfig, OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend, StoreConfig,
+    TENANT_PLACEHOLDER, UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 

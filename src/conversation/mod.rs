@@ -1,6 +1,7 @@
 //! Conversation state: the ordered activity log with its watermark, expiry, and the
 //! per-conversation handles resolved when the conversation started.
 
+pub mod files;
 pub mod registry;
 
 use std::collections::VecDeque;
@@ -40,6 +41,8 @@ pub struct Conversation {
     verified: arc_swap::ArcSwapOption<VerifiedToken>,
     /// For a test chat, the author's user key it counts against (`claims.user`).
     pub test_author: Option<Box<str>>,
+    /// The files uploaded into it; they leave memory (and disk) with it.
+    pub files: files::Files,
 }
 
 /// A token and the claims its signature proved.
@@ -130,6 +133,7 @@ impl Conversation {
             notify: Notify::new(),
             verified: arc_swap::ArcSwapOption::empty(),
             test_author: None,
+            files: files::Files::default(),
         }
     }
 

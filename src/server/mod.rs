@@ -1,5 +1,6 @@
 //! Listeners, the one function that builds the middleware stack, and graceful shutdown.
 
+pub mod body_limit;
 pub mod conn;
 pub mod tls;
 
@@ -16,7 +17,6 @@ use http::{HeaderName, StatusCode, header};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
@@ -306,9 +306,13 @@ pub fn public_router(state: &AppState) -> Result<PublicService, StartError> {
         ))
         // The timeout builds its 504 from an empty body of the inner type: make it axum's.
         .map_response(|res: Response<_>| res.map(axum::body::Body::new))
-        // Body limit: refuses oversized bodies before any handler buffers them (413).
-        .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
-        .service(router);
+        // Body limit: refuses oversized bodies before any handler buffers them (413); uploads
+        // have their own.
+        .service(body_limit::BodyLimits::new(
+            router,
+            server.max_body_bytes,
+            state.config().channel.max_upload_bytes,
+        ));
     Ok(PublicService::new(stack))
 }
 
