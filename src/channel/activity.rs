@@ -99,21 +99,23 @@ pub fn text(a: &Map<String, Value>) -> &str {
     a.get("text").and_then(Value::as_str).unwrap_or("")
 }
 
-/// The names of the activity's attachments (a file's name, else its content type), or `None`
-/// when it has none.
+/// The names of the files the activity carries (attachments with a `contentUrl`: a file's name,
+/// else its content type), or `None` when it carries none. Cards are not files.
 pub fn attachment_names(a: &Map<String, Value>) -> Option<Vec<&str>> {
-    let list = a.get("attachments")?.as_array().filter(|l| !l.is_empty())?;
-    Some(
-        list.iter()
-            .map(|x| {
-                x.get("name")
-                    .and_then(Value::as_str)
-                    .filter(|n| !n.is_empty())
-                    .or_else(|| x.get("contentType").and_then(Value::as_str))
-                    .unwrap_or("a file")
-            })
-            .collect(),
-    )
+    let names: Vec<&str> = a
+        .get("attachments")?
+        .as_array()?
+        .iter()
+        .filter(|x| x.get("contentUrl").is_some_and(Value::is_string))
+        .map(|x| {
+            x.get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .or_else(|| x.get("contentType").and_then(Value::as_str))
+                .unwrap_or("a file")
+        })
+        .collect();
+    (!names.is_empty()).then_some(names)
 }
 
 /// The activity's `name` (events).

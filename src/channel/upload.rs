@@ -137,8 +137,13 @@ async fn store(
         }));
         keys.push(key.into());
     }
+    // DirectLineJS lists the files in the activity part as attachments without a URL or content
+    // (their names and types): the uploaded files take their place. Cards and links stay.
     match a.entry("attachments").or_insert_with(|| Value::Array(Vec::new())) {
-        Value::Array(list) => list.extend(attachments),
+        Value::Array(list) => {
+            list.retain(|x| x.get("contentUrl").is_some_and(Value::is_string) || x.get("content").is_some());
+            list.extend(attachments);
+        }
         other => *other = Value::Array(attachments),
     }
     Ok(keys)

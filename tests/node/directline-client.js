@@ -6,7 +6,12 @@
 // Usage:
 //   node directline-client.js --domain http://127.0.0.1:1234/v3/directline
 //        (--token <token> | --secret <secret>) [--mode polling|websocket]
-//        [--messages N] [--timeout-ms MS] [--user ID] [--quiet]
+//        [--messages N] [--timeout-ms MS] [--user ID] [--attach FILE:TYPE]... [--quiet]
+//
+// With --attach, every message carries those files as attachments: the client serves them on
+// a local port, and DirectLineJS fetches them and uploads them (multipart) to the gateway. The
+// echo bot fetches each attachment's contentUrl from the gateway and names its size and
+// SHA-256 in its reply, which must match the file's.
 //
 // stdout: exactly one JSON line
 //   success: {"ok":true,"mode":"...","sent":N,"echoed":N,"replies":N,"websockets":K}  (exit 0)
@@ -15,7 +20,8 @@
 'use strict';
 
 const USAGE = `usage: node directline-client.js --domain <url> (--token <t> | --secret <s>)
-       [--mode polling|websocket] [--messages N] [--timeout-ms MS] [--user ID] [--quiet]
+       [--mode polling|websocket] [--messages N] [--timeout-ms MS] [--user ID]
+       [--attach FILE:TYPE]... [--quiet]
   --domain      Direct Line base URL, e.g. http://127.0.0.1:1234/v3/directline
   --token       Direct Line token (conversation-scoped or not)
   --secret      Direct Line secret (used as the bearer instead of a token)
@@ -23,6 +29,7 @@ const USAGE = `usage: node directline-client.js --domain <url> (--token <t> | --
   --messages    number of messages to send, each awaited (default 3)
   --timeout-ms  overall deadline (default 20000)
   --user        from.id of the user's activities (default dl_user1)
+  --attach      a file and its content type to attach to every message (repeatable)
   --quiet       no trace on stderr
 stdout: one JSON line, {"ok":true,...} (exit 0) or {"ok":false,"error":...} (exit 1)`;
 
@@ -62,7 +69,7 @@ process.on('unhandledRejection', (err) => fail(`unhandled rejection: ${err && er
 
 // ---------------------------------------------------------------- arguments
 function parseArgs(argv) {
-    const opts = { mode: 'polling', messages: 3, timeoutMs: 20000, user: 'dl_user1' };
+    const opts = { mode: 'polling', messages: 3, timeoutMs: 20000, user: 'dl_user1', attach: [] };
     const valueFlags = {
         '--domain': 'domain',
         '--token': 'token',
@@ -78,6 +85,12 @@ function parseArgs(argv) {
             opts.help = true;
         } else if (arg === '--quiet') {
             opts.quiet = true;
+        } else if (arg === '--attach') {
+            if (i + 1 >= argv.length) throw new Error('missing value for --attach');
+            const v = argv[++i];
+            const at = v.lastIndexOf(':');
+            if (at <= 0) throw new Error(`--attach takes FILE:TYPE, got ${v}`);
+            opts.attach.push({ path: v.slice(0, at), contentType: v.slice(at + 1) });
         } else if (Object.prototype.hasOwnProperty.call(valueFlags, arg)) {
             if (i + 1 >= argv.length) throw new Error(`missing value for ${arg}`);
             opts[valueFlags[arg]] = argv[++i];
@@ -138,12 +151,60 @@ class TracingXHR extends XHR2 {
         this.addEventListener('loadend', () => trace('HTTP', this._dlTrace, '->', this.status));
         return super.open(method, url, ...rest);
     }
+
+    // A browser's XMLHttpRequest sends a FormData body as multipart/form-data; xhr2 sends only
+    // strings and buffers. Node's own encoder (undici's Response) makes the same body a browser
+    // would, boundary header included.
+    send(data) {
+        if (typeof FormData !== 'undefined' && data instanceof FormData) {
+            const encoded = new Response(data);
+            encoded.arrayBuffer().then((buf) => {
+                this.setRequestHeader('Content-Type', encoded.headers.get('content-type'));
+                super.send(Buffer.from(buf));
+            }, (e) => fail(`encoding a form failed: ${e}`));
+            return undefined;
+        }
+        return super.send(data);
+    }
 }
 
 global.XMLHttpRequest = TracingXHR;
 global.WebSocket = CountingWebSocket;
 
 const { DirectLine, ConnectionStatus } = require('botframework-directlinejs');
+
+// ------------------------------------------------------------------ files to attach
+const fs = require('fs');
+const path = require('path');
+const files = opts.attach.map((f) => {
+    const bytes = fs.readFileSync(f.path);
+    const sha = require('crypto').createHash('sha256').update(bytes).digest('hex');
+    return { name: path.basename(f.path), contentType: f.contentType, bytes, sha };
+});
+// What the echo bot must say it fetched: each file's name, size and SHA-256, in any order
+// (DirectLineJS appends the files to its form as their fetches complete).
+const filesSeen = files.map((f) => `${f.name} ${f.bytes.length} ${f.sha}`).sort().join(', ');
+function isEchoOf(text, sent) {
+    if (typeof text !== 'string') return false;
+    if (!files.length) return text === `Echo: ${sent}`;
+    const m = /^Echo: (.*) \[(.*)\]$/.exec(text);
+    return !!m && m[1] === sent && m[2].split(', ').sort().join(', ') === filesSeen;
+}
+let filesBase = null;
+function serveFiles() {
+    if (!files.length) return Promise.resolve();
+    const server = require('http').createServer((req, res) => {
+        const i = Number((req.url || '').split('/')[2]);
+        if (!files[i]) { res.writeHead(404); return res.end(); }
+        res.writeHead(200, { 'content-type': files[i].contentType });
+        res.end(files[i].bytes);
+    });
+    return new Promise((resolve) => server.listen(0, '127.0.0.1', () => {
+        filesBase = `http://127.0.0.1:${server.address().port}`;
+        server.unref();
+        resolve();
+    }));
+}
 
 // ------------------------------------------------------------------ scenario
 const deadline = setTimeout(() => {
@@ -220,6 +281,11 @@ directLine.activity$.subscribe(
             if (activity.type !== 'message' || activity.text !== pending.text) {
                 return fail(`echoed user activity does not match what was sent: ${JSON.stringify(activity)}`);
             }
+            const uploaded = (activity.attachments || []).filter((a) => typeof a.contentUrl === 'string'
+                && a.contentUrl.startsWith(new URL(opts.domain).origin + '/v3/directline/attachments/'));
+            if (uploaded.length !== files.length) {
+                return fail(`echoed user activity has ${uploaded.length} uploaded files, not ${files.length}: ${JSON.stringify(activity)}`);
+            }
             if (pending.id !== undefined && activity.id !== pending.id) {
                 return fail(`echoed user activity id ${activity.id} != postActivity id ${pending.id}`);
             }
@@ -229,7 +295,7 @@ directLine.activity$.subscribe(
             echoed++;
             return progress();
         }
-        if (pending && activity.type === 'message' && activity.text === `Echo: ${pending.text}`) {
+        if (pending && activity.type === 'message' && isEchoOf(activity.text, pending.text)) {
             const fromId = activity.from && activity.from.id;
             if (!fromId || fromId === opts.user || fromId === pending.echoFrom) {
                 return fail(`bot reply has the user's from.id: ${JSON.stringify(activity)}`);
@@ -281,6 +347,7 @@ function succeed() {
         echoed,
         replies,
         websockets: websocketsCreated,
+        files: files.length,
     });
 }
 
@@ -291,6 +358,9 @@ function sendMessage(i) {
         text: `hello ${i}`,
         channelData: { clientActivityID: `c${i}` },
     };
+    if (files.length) {
+        activity.attachments = files.map((f, n) => ({ contentType: f.contentType, contentUrl: `${filesBase}/f/${n}`, name: f.name }));
+    }
     pending = { i, text: activity.text, clientActivityID: `c${i}`, id: undefined, echo: false, reply: false };
     const mine = pending;
     sent++;
@@ -315,5 +385,5 @@ function sendMessage(i) {
     );
 }
 
-sendMessage(1);
+serveFiles().then(() => sendMessage(1));
 void keepAlive;

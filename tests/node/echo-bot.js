@@ -10,11 +10,13 @@
 //   express/restify-like req.body / res.status / res.send / res.header it wants.
 // - Listens on 127.0.0.1:$PORT (default 0 = ephemeral) and prints exactly one
 //   stdout line once listening:  echo-bot listening port=<PORT>
-// - POST /api/messages: on a `message` activity replies `Echo: <text>`;
-//   all other activity types are ignored (no welcome message).
+// - POST /api/messages: on a `message` activity replies `Echo: <text>`, followed, when the
+//   message carries files, by ` [<name> <bytes> <sha256>, ...]` of each file fetched from its
+//   contentUrl; all other activity types are ignored (no welcome message).
 // - Exits cleanly (code 0) on SIGTERM / SIGINT.
 'use strict';
 
+const crypto = require('crypto');
 const http = require('http');
 const {
     CloudAdapter,
@@ -34,10 +36,29 @@ adapter.onTurnError = async (context, error) => {
     console.error(`echo-bot: turn error: ${error && error.stack ? error.stack : error}`);
 };
 
+// What the bot saw of each file it was sent: it fetches the attachment's contentUrl, as a bot
+// does, and names the file, its size and its SHA-256.
+async function describeFiles(attachments) {
+    const files = (attachments || []).filter((a) => typeof a.contentUrl === 'string');
+    const seen = [];
+    for (const a of files) {
+        const res = await fetch(a.contentUrl);
+        if (!res.ok) {
+            seen.push(`${a.name} fetch-failed-${res.status}`);
+            continue;
+        }
+        const bytes = Buffer.from(await res.arrayBuffer());
+        const sha = crypto.createHash('sha256').update(bytes).digest('hex');
+        seen.push(`${a.name} ${bytes.length} ${sha}`);
+    }
+    return seen.length ? ` [${seen.join(', ')}]` : '';
+}
+
 async function botLogic(context) {
     const activity = context.activity;
     if (activity.type === ActivityTypes.Message) {
-        await context.sendActivity(`Echo: ${activity.text == null ? '' : activity.text}`);
+        const files = await describeFiles(activity.attachments);
+        await context.sendActivity(`Echo: ${activity.text == null ? '' : activity.text}${files}`);
     }
     // Other activity types (conversationUpdate, typing, event, ...) are ignored.
 }
