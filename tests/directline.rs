@@ -372,7 +372,7 @@ async fn malformed_activities_upload_and_the_end_of_a_conversation() {
         .send()
         .await
         .unwrap();
-    assert_error(res, 501, "NotSupported").await;
+    assert_error(res, 400, "BadRequest").await;
 
     let id = s.say_ok(&token, &conv, "ok bye").await;
     let acts = s.poll(&token, &conv, Some("1")).await;
@@ -380,6 +380,17 @@ async fn malformed_activities_upload_and_the_end_of_a_conversation() {
     assert_eq!(acts.last().unwrap()["type"], "endOfConversation");
     assert_eq!(acts.last().unwrap()["replyToId"], id.as_str());
     assert_error(s.say(&token, &conv, "vpn").await, 404, "ConversationEnded").await;
+    // Files, too, are refused once the conversation ended.
+    let res = s
+        .http
+        .post(s.url(&format!("/v3/directline/conversations/{conv}/upload?userId=dl_user")))
+        .bearer_auth(&token)
+        .header("content-type", "text/plain")
+        .body("late")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 404, "ConversationEnded").await;
 }
 
 #[tokio::test]

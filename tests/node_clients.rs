@@ -5,55 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-
+use common::node::{node_dir, start_echo_bot, start_echo_bot_with};
 use common::*;
 use serde_json::Value;
-
-fn node_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
-}
-
-struct EchoBot {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for EchoBot {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_echo_bot() -> EchoBot {
-    start_echo_bot_with(&[])
-}
-
-/// The echo bot with extra environment variables (a CA file for a gateway on TLS).
-fn start_echo_bot_with(env: &[(&str, &std::path::Path)]) -> EchoBot {
-    let status = Command::new("bash").arg(node_dir().join("install.sh")).status().expect("bash");
-    assert!(status.success(), "tests/node/install.sh failed");
-    let mut child = Command::new("node")
-        .arg(node_dir().join("echo-bot.js"))
-        .env("PORT", "0")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port = line
-        .trim()
-        .strip_prefix("echo-bot listening port=")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .parse()
-        .unwrap();
-    EchoBot { child, port }
-}
 
 async fn drive(s: &TestServer, bot: &str, mode: &str) -> Value {
     let (token, _) = s.open_token(bot).await;

@@ -2,20 +2,17 @@
 //! Chromium, driven by npm `playwright-core`), against the real server: a page on another origin
 //! fetches a token from the bot's open token endpoint, renders Web Chat, and a user types two
 //! questions into its send box; the built-in bot's greeting and answers appear in Web Chat's
-//! transcript, in polling and in WebSocket mode. `scripts/test.sh` installs Chromium and
+//! transcript, in polling and in WebSocket mode. A user attaches a file through Web Chat's file
+//! input, and the SDK bot behind the gateway fetches it and answers with its SHA-256. `scripts/test.sh` installs Chromium and
 //! `tests/node/install.sh` the npm packages (pinned in `tests/node/package-lock.json`); this test
 //! runs the latter itself.
 
 mod common;
 
-use std::path::PathBuf;
-
+use common::node::{node_dir, start_echo_bot};
 use common::*;
 use serde_json::Value;
-
-fn node_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
-}
+use sha2::Digest;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -107,4 +104,51 @@ async fn web_chat_on_an_origin_the_bot_does_not_allow_gets_nothing() {
     assert_eq!(v["title"], "token failed 403", "the token request was refused: {v}");
     let m = s.metrics().await;
     assert_eq!(metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#), Some(0));
+}
+
+/// A file attached in Web Chat (its upload button's file input, `setInputFiles`) reaches an SDK
+/// bot: Web Chat uploads it, the bot fetches the attachment's `contentUrl` from the gateway and
+/// answers with its size and SHA-256, which Web Chat renders and which match the file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_attached_in_web_chat_reaches_the_sdk_bot_intact() {
+    let echo = start_echo_bot();
+    let endpoint = format!("http://127.0.0.1:{}/api/messages", echo.port);
+    let page_port = free_port();
+    let s = TestServer::with(|c| {
+        let toml = upstream_config_toml(&endpoint, "");
+        let mut extra = botgate::config::Config::from_str(&toml, "t").unwrap();
+        extra.bots[0].allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
+        c.bots.extend(extra.bots);
+        c.upstream.timeout_secs = 15;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("invoice.pdf");
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let sha = hex(&sha2::Sha256::digest(&bytes));
+    let out = tokio::process::Command::new("node")
+        .arg(node_dir().join("webchat.js"))
+        .args(["--gateway", s.url("").trim_end_matches('/'), "--bot", "up"])
+        .args(["--page-port", &page_port.to_string(), "--mode", "websocket"])
+        .args(["--say", "hello", "--expect", "Echo: hello"])
+        .args(["--upload", file.to_str().unwrap(), "--expect", &format!("invoice.pdf 200000 {sha}")])
+        .args(["--timeout-ms", "30000"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|_| panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{v}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((v["uploads"].as_u64(), v["uploadRequests"].as_u64()), (Some(1), Some(1)), "{v}");
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, r#"botgate_uploads_total{outcome="stored"}"#), Some(1), "{m}");
+    assert_eq!(metric(&m, "botgate_upload_bytes_stored"), Some(200_000));
+    assert_eq!(metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="up"}"#), Some(1));
+    assert_eq!(metric(&m, r#"botgate_turns_total{tenant="contoso",bot="up"}"#), Some(2));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -288,8 +288,8 @@ pub fn public_router(state: &AppState) -> Result<PublicService, StartError> {
             TraceLayer::new_for_http()
                 .make_span_with(DefaultMakeSpan::new().level(tracing::Level::DEBUG))
                 .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
-                // A 5xx is logged, with its cause, where it is made; a documented answer such
-                // as 501 for upload is no error of the gateway.
+                // A 5xx is logged, with its cause, where it is made (a 503 for a full cap is
+                // no error of the gateway).
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         // CORS: browsers (Web Chat) call from other origins; preflights are answered here

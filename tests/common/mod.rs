@@ -2,6 +2,7 @@
 //! the real binary), and talk HTTP to it.
 #![allow(dead_code)]
 
+pub mod node;
 pub mod receiver;
 pub mod tls;
 

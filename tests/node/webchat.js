@@ -7,8 +7,12 @@
 //
 // Usage:
 //   node webchat.js --gateway http://127.0.0.1:P --bot helpdesk --page-port N
-//        --mode polling|websocket --expect-greeting TEXT (--say TEXT --expect TEXT)...
-//        [--timeout-ms MS]
+//        --mode polling|websocket [--expect-greeting TEXT]
+//        ((--say TEXT | --upload FILE) --expect TEXT)... [--timeout-ms MS]
+//
+// `--upload FILE` attaches the file through Web Chat's upload button (its file input, with
+// playwright's setInputFiles, as a user picking a file), then sends it with the send box's
+// Enter; Web Chat uploads it to the gateway (multipart, by DirectLineJS).
 //
 // stdout: exactly one JSON line
 //   success: {"ok":true,"mode":"...","replies":N,"websockets":K,"polls":P,"origin":"..."} (exit 0)
@@ -23,7 +27,7 @@ const path = require('path');
 const { chromium } = require('playwright-core');
 
 function parseArgs(argv) {
-    const args = { says: [], expects: [], mode: 'polling', timeoutMs: 30000 };
+    const args = { steps: [], mode: 'polling', timeoutMs: 30000 };
     for (let i = 2; i < argv.length; i += 2) {
         const [k, v] = [argv[i], argv[i + 1]];
         if (v === undefined) throw new Error(`missing value for ${k}`);
@@ -33,14 +37,20 @@ function parseArgs(argv) {
             case '--page-port': args.pagePort = Number(v); break;
             case '--mode': args.mode = v; break;
             case '--expect-greeting': args.greeting = v; break;
-            case '--say': args.says.push(v); break;
-            case '--expect': args.expects.push(v); break;
+            case '--say': args.steps.push({ say: v }); break;
+            case '--upload': args.steps.push({ upload: v }); break;
+            case '--expect':
+                if (!args.steps.length || args.steps[args.steps.length - 1].expect !== undefined) {
+                    throw new Error('each --expect follows one --say or --upload');
+                }
+                args.steps[args.steps.length - 1].expect = v;
+                break;
             case '--timeout-ms': args.timeoutMs = Number(v); break;
             default: throw new Error(`unknown argument ${k}`);
         }
     }
-    if (!args.gateway || !args.bot || !args.pagePort || args.says.length !== args.expects.length) {
-        throw new Error('need --gateway, --bot, --page-port and as many --expect as --say');
+    if (!args.gateway || !args.bot || !args.pagePort || args.steps.some((st) => st.expect === undefined)) {
+        throw new Error('need --gateway, --bot, --page-port and an --expect after each --say or --upload');
     }
     if (args.mode !== 'polling' && args.mode !== 'websocket') throw new Error(`bad --mode ${args.mode}`);
     return args;
@@ -109,9 +119,11 @@ async function main() {
         const p = pageHandle;
         let websockets = 0;
         let polls = 0;
+        let uploadRequests = 0;
         p.on('websocket', ws => { if (ws.url().includes('/v3/directline/')) websockets += 1; });
         p.on('request', r => {
             if (r.method() === 'GET' && /\/v3\/directline\/conversations\/[^/]+\/activities/.test(r.url())) polls += 1;
+            if (r.method() === 'POST' && /\/v3\/directline\/conversations\/[^/]+\/upload\?/.test(r.url())) uploadRequests += 1;
         });
         p.on('console', m => process.stderr.write(`[page ${m.type()}] ${m.text()}\n`));
         p.on('pageerror', e => process.stderr.write(`[page error] ${e}\n`));
@@ -124,14 +136,21 @@ async function main() {
         await p.goto(origin + '/');
         if (args.greeting) await p.getByText(args.greeting, { exact: false }).first().waitFor();
         const input = p.locator('[data-id="webchat-sendbox-input"]');
-        for (let i = 0; i < args.says.length; i += 1) {
-            await input.fill(args.says[i]);
+        let uploads = 0;
+        for (const step of args.steps) {
+            if (step.upload) {
+                await p.locator('input[type="file"]').setInputFiles(step.upload);
+                uploads += 1;
+                await input.fill('');
+            } else {
+                await input.fill(step.say);
+            }
             await input.press('Enter');
             // The user's message, then the bot's reply, both rendered by Web Chat.
-            await p.getByText(args.expects[i], { exact: false }).first().waitFor();
+            await p.getByText(step.expect, { exact: false }).first().waitFor();
         }
         const text = await p.locator('#webchat').innerText().catch(() => '');
-        const result = { ok: true, mode: args.mode, replies: args.says.length, websockets, polls, origin, transcript: text };
+        const result = { ok: true, mode: args.mode, replies: args.steps.length, uploads, uploadRequests, websockets, polls, origin, transcript: text };
         if (args.mode === 'websocket' && websockets === 0) throw Object.assign(new Error('Web Chat opened no WebSocket'), { result });
         if (args.mode === 'polling' && (websockets !== 0 || polls === 0)) throw Object.assign(new Error(`polling mode: ${websockets} WebSockets, ${polls} polls`), { result });
         process.stdout.write(JSON.stringify(result) + '\n');
