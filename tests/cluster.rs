@@ -575,6 +575,9 @@ async fn strangers_asking_for_made_up_owners_cost_no_lookup_and_no_memory() {
         // A valid token, but for another conversation.
         let res = a.http.get(a.url(&path)).bearer_auth(&token).send().await.unwrap();
         assert_eq!(res.status(), 403);
+        // A file URL on a made-up owner with a made-up key.
+        let file = format!("/v3/directline/attachments/n{i}.abc/{}", "B".repeat(38));
+        assert_error(a.http.get(a.url(&file)).send().await.unwrap(), 404, "NotFound").await;
     }
     assert_eq!(gets(&redis), before, "no owner lookups");
     assert_eq!(a.state().cluster().unwrap().cached_owners(), 0);
@@ -684,4 +687,55 @@ async fn a_half_open_change_subscription_is_probed_and_replaced() {
     }
     let seen = seen.expect("node B never saw the license removal over its half-open subscription");
     println!("node B saw the change after {seen:?}");
+}
+
+/// Files live on the conversation's owner: an upload through another node is forwarded to it,
+/// and the file's URL, asked of a third node, is too; a made-up key is refused where it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_and_file_urls_reach_the_conversations_owner() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(TestServer::with(node(&url)).await);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (token, conv, _) = a.conversation("helpdesk").await;
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let res = b
+        .http
+        .post(b.url(&format!("/v3/directline/conversations/{conv}/upload?userId=dl_user")))
+        .bearer_auth(&token)
+        .header("content-type", "image/png")
+        .header("content-disposition", "attachment; filename=\"p.png\"")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let acts = b.poll(&token, &conv, None).await;
+    let file_url = acts["activities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|x| x["attachments"][0]["contentUrl"].as_str())
+        .unwrap()
+        .to_string();
+    // The owner stored it: its URL names the owner, and only the owner holds the bytes.
+    assert!(file_url.starts_with(&a.url("/v3/directline/attachments/")), "{file_url}");
+    let mut held = Vec::new();
+    for n in &nodes {
+        held.push(metric(&n.metrics().await, "botgate_upload_bytes_stored").unwrap());
+    }
+    assert_eq!(held, [100_000, 0, 0]);
+    let path = file_url.strip_prefix(&a.base).unwrap();
+    let got = c.http.get(c.url(path)).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.headers()["content-type"], "image/png");
+    assert_eq!(got.bytes().await.unwrap().as_ref(), &bytes[..]);
+    // A made-up key never leaves the node it reached.
+    let made_up = format!("/v3/directline/attachments/{conv}/{}", "A".repeat(38));
+    assert_error(c.http.get(c.url(&made_up)).send().await.unwrap(), 404, "NotFound").await;
+    let billed = a.metrics().await;
+    assert_eq!(metric(&billed, r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#), Some(1));
 }

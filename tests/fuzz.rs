@@ -1,7 +1,8 @@
 //! Property-based fuzzing of what strangers and operators feed the gateway: the activity parser
 //! and validator, the channel-token decoder, the JWT pre-checks and the config loader. Each
-//! input either parses or is refused with a 4xx and a stable code; nothing panics. The last
-//! property posts generated activities to the real server: never a 5xx.
+//! input either parses or is refused with a 4xx and a stable code; nothing panics. The last two
+//! properties post generated activities and generated upload forms to the real server: never a
+//! 5xx, and no uploaded byte held that the log does not point to.
 
 mod common;
 
@@ -221,4 +222,132 @@ fn generated_activities_through_the_server_never_get_a_5xx() {
             Ok(())
         })
         .unwrap();
+}
+
+/// One part of a generated upload form.
+fn form_part() -> impl Strategy<Value = (String, Option<String>, Option<String>, Vec<u8>)> {
+    let name = prop::sample::select(vec!["file", "activity", "other", "", "fi\"le"]).prop_map(String::from);
+    let ct = prop::option::of(
+        prop::sample::select(vec![
+            "text/plain",
+            "image/png",
+            "application/vnd.microsoft.activity",
+            "application/x-msdownload",
+            "image/png; charset=x",
+            "",
+        ])
+        .prop_map(String::from),
+    );
+    let file_name = prop::option::of(prop_oneof!["[a-z]{1,8}\\.png", ".{0,12}", Just("../../x".to_string())]);
+    let body = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300),
+        activity_value().prop_map(|v| v.to_string().into_bytes()),
+    ];
+    (name, ct, file_name, body)
+}
+
+/// A multipart body from parts, with `boundary`, then cut at `cut` bytes from the end.
+fn multipart_body(
+    boundary: &str,
+    parts: &[(String, Option<String>, Option<String>, Vec<u8>)],
+    cut: usize,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, ct, file_name, body) in parts {
+        out.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes(),
+        );
+        if let Some(f) = file_name {
+            out.extend_from_slice(format!("; filename=\"{f}\"").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if let Some(ct) = ct {
+            out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let keep = out.len().saturating_sub(cut);
+    out.truncate(keep);
+    out
+}
+
+/// Generated upload forms (odd names, types, file names, bodies, cut short, a wrong boundary)
+/// posted to the real server: each answer is 200 or a 4xx with a code, the node holds exactly
+/// the bytes of the files its log points to, and nothing once the conversation is gone.
+#[test]
+fn generated_upload_forms_through_the_server_never_get_a_5xx_or_leak() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let s = rt.block_on(common::TestServer::with(|c| c.metering.rate_limit_per_minute = 1_000_000));
+    let (token, conv, _) = rt.block_on(s.conversation("helpdesk"));
+    let url = s.url(&format!("/v3/directline/conversations/{conv}/upload?userId=dl_user"));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 160,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let strategy = (
+        prop::collection::vec(form_part(), 0..4),
+        prop_oneof![3 => Just(0usize), 1 => 0usize..40],
+        any::<bool>(),
+        "[A-Za-z0-9]{1,20}",
+    );
+    let (accepted, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    runner
+        .run(&strategy, |(parts, cut, wrong_boundary, boundary)| {
+            let body = multipart_body(&boundary, &parts, cut);
+            let header_boundary = if wrong_boundary { format!("{boundary}x") } else { boundary.clone() };
+            let (status, text) = rt.block_on(async {
+                let res = s
+                    .http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", format!("multipart/form-data; boundary={header_boundary}"))
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                (res.status(), res.text().await.unwrap())
+            });
+            prop_assert!(status == 200 || status.is_client_error(), "{status}: {text} for {parts:?}");
+            if status == 200 {
+                accepted.set(accepted.get() + 1);
+            } else {
+                refused.set(refused.get() + 1);
+                let e: Value = serde_json::from_str(&text).unwrap();
+                prop_assert!(e["error"]["code"].as_str().is_some_and(|c| !c.is_empty()), "{text}");
+            }
+            Ok(())
+        })
+        .unwrap();
+    // The generator reaches both sides.
+    assert!(
+        accepted.get() > 0 && refused.get() > 0,
+        "{} accepted, {} refused",
+        accepted.get(),
+        refused.get()
+    );
+    // The bytes held are exactly those of the files the conversation's log points to.
+    let (held, pointed) = rt.block_on(async {
+        let log = s.poll(&token, &conv, None).await;
+        let mut pointed = 0usize;
+        for a in log["activities"].as_array().unwrap() {
+            for att in a["attachments"].as_array().into_iter().flatten() {
+                if let Some(u) = att["contentUrl"].as_str() {
+                    pointed += s.http.get(u).send().await.unwrap().bytes().await.unwrap().len();
+                }
+            }
+        }
+        (common::metric(&s.metrics().await, "botgate_upload_bytes_stored").unwrap(), pointed)
+    });
+    assert_eq!(held, pointed as u64);
+    // Gone with the conversation.
+    let idle = s.state().config().channel.idle_timeout_secs as i64;
+    s.clock.advance_ms((idle + 1) * 1000);
+    s.state().sweep();
+    let held =
+        rt.block_on(async { common::metric(&s.metrics().await, "botgate_upload_bytes_stored").unwrap() });
+    assert_eq!(held, 0);
 }
