@@ -224,8 +224,10 @@ fn generated_activities_through_the_server_never_get_a_5xx() {
         .unwrap();
 }
 
-/// One part of a generated upload form.
-fn form_part() -> impl Strategy<Value = (String, Option<String>, Option<String>, Vec<u8>)> {
+/// One part of a generated upload form: its name, content type, file name and body.
+type FormPart = (String, Option<String>, Option<String>, Vec<u8>);
+
+fn form_part() -> impl Strategy<Value = FormPart> {
     let name = prop::sample::select(vec!["file", "activity", "other", "", "fi\"le"]).prop_map(String::from);
     let ct = prop::option::of(
         prop::sample::select(vec![
@@ -247,11 +249,7 @@ fn form_part() -> impl Strategy<Value = (String, Option<String>, Option<String>,
 }
 
 /// A multipart body from parts, with `boundary`, then cut at `cut` bytes from the end.
-fn multipart_body(
-    boundary: &str,
-    parts: &[(String, Option<String>, Option<String>, Vec<u8>)],
-    cut: usize,
-) -> Vec<u8> {
+fn multipart_body(boundary: &str, parts: &[FormPart], cut: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, ct, file_name, body) in parts {
         out.extend_from_slice(
