@@ -431,3 +431,38 @@ async fn attachment_replies_are_configurable_through_the_authoring_api() {
     let id = ok_id(raw(&s, &token, &conv, "c.png", "image/png", vec![3]).await).await;
     assert_eq!(replies_to(&s, &token, &conv, &id).await, ["Files: c.png"]);
 }
+
+/// Uploads read at once are capped (`channel.max_concurrent_uploads`): while one is being read,
+/// the next is 503 before its body is read; once it is stored, the next is taken.
+#[tokio::test]
+async fn uploads_read_at_once_are_capped() {
+    let s = TestServer::with(|c| c.channel.max_concurrent_uploads = 1).await;
+    let (token, conv, _) = s.conversation("helpdesk").await;
+    let mut slow = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let head = format!(
+        "POST /v3/directline/conversations/{conv}/upload?userId=dl_user HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&[b'a'; 10]).await.unwrap();
+    // The slow upload holds the one place as soon as its handler runs.
+    let mut refused = false;
+    for _ in 0..200 {
+        let res = raw(&s, &token, &conv, "b.txt", "text/plain", b"fast".to_vec()).await;
+        if res.status() == 503 {
+            assert_eq!(res.headers()["retry-after"], "5");
+            assert_error(res, 503, "Overloaded").await;
+            refused = true;
+            break;
+        }
+        // Taken before the slow one's handler ran: that is a stored file; try again.
+        assert_eq!(res.status(), 200);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(refused, "a second upload was refused while the first was read");
+    slow.write_all(&[b'a'; 990]).await.unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut answer)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    ok_id(raw(&s, &token, &conv, "c.txt", "text/plain", b"after".to_vec()).await).await;
+}

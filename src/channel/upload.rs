@@ -85,6 +85,14 @@ async fn take(
         Some(u) if !u.is_empty() && u.len() <= 256 => u,
         _ => return Err(ApiError::bad_request("The upload needs `userId` (the user's id) in its query.")),
     };
+    // Held until the files are stored or refused: what is read in memory at once is bounded.
+    let Some(reading) = ch.files.begin_upload() else {
+        return Err(ApiError::unavailable(
+            "Overloaded",
+            "The gateway is reading as many uploads as it allows at once. Try again shortly.",
+        )
+        .with_retry_after(5));
+    };
     let body = turn::read_body(body).await?;
     turn::check_accepting(ch, conv)?;
     let form = parse(headers, body, config).await?;
@@ -101,6 +109,7 @@ async fn take(
         a.insert("from".into(), json!({ "id": user_id }));
     }
     let keys = store(app, conv, form.files, &mut a).await?;
+    drop(reading);
     match turn::take(app, cred, conv, a).await {
         Ok(id) => Ok(id),
         Err(e) => {

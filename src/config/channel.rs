@@ -49,6 +49,9 @@ fn default_sweep_interval_secs() -> u64 {
 fn default_max_upload_bytes() -> usize {
     4 * 1024 * 1024
 }
+fn default_max_concurrent_uploads() -> usize {
+    32
+}
 fn default_max_upload_files() -> usize {
     10
 }
@@ -160,6 +163,10 @@ pub struct ChannelConfig {
     /// 413 `PayloadTooLarge`. Default 4194304 (4 MiB), the Direct Line service's limit.
     #[serde(default = "default_max_upload_bytes")]
     pub max_upload_bytes: usize,
+    /// Uploads this node reads at once (each holds up to `max_upload_bytes` in memory while it
+    /// is read); one more is 503 `Overloaded` before its body is read. Default 32.
+    #[serde(default = "default_max_concurrent_uploads")]
+    pub max_concurrent_uploads: usize,
     /// Most files in one upload; more is 400 `TooManyFiles`. Default 10.
     #[serde(default = "default_max_upload_files")]
     pub max_upload_files: usize,
@@ -219,6 +226,7 @@ impl Default for ChannelConfig {
             idle_timeout_secs: default_idle_timeout_secs(),
             sweep_interval_secs: default_sweep_interval_secs(),
             max_upload_bytes: default_max_upload_bytes(),
+            max_concurrent_uploads: default_max_concurrent_uploads(),
             max_upload_files: default_max_upload_files(),
             max_upload_bytes_per_conversation: default_max_upload_bytes_per_conversation(),
             max_upload_bytes_per_bot: default_max_upload_bytes_per_bot(),
@@ -278,6 +286,9 @@ impl ChannelConfig {
         }
         if self.max_upload_bytes < 1024 {
             return Err(invalid("channel.max_upload_bytes", "must be at least 1024"));
+        }
+        if self.max_concurrent_uploads == 0 {
+            return Err(invalid("channel.max_concurrent_uploads", "must be at least 1"));
         }
         if self.max_upload_files == 0 {
             return Err(invalid("channel.max_upload_files", "must be at least 1"));

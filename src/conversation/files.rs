@@ -23,6 +23,8 @@ pub struct FileStore {
     per_conversation: usize,
     /// Uploads taken and refused (for `/metrics`).
     uploads: [AtomicU64; 2],
+    /// Uploads being read now, at most `channel.max_concurrent_uploads`.
+    reading: tokio::sync::Semaphore,
 }
 
 /// Why a file was not stored.
@@ -160,7 +162,14 @@ impl FileStore {
             per_bot: config.max_upload_bytes_per_bot,
             per_conversation: config.max_upload_bytes_per_conversation,
             uploads: [AtomicU64::new(0), AtomicU64::new(0)],
+            reading: tokio::sync::Semaphore::new(config.max_concurrent_uploads),
         })
+    }
+
+    /// A place to read one upload, if one is free: the bytes in flight are at most
+    /// `channel.max_concurrent_uploads` × `channel.max_upload_bytes`.
+    pub fn begin_upload(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.reading.try_acquire().ok()
     }
 
     /// Counts an upload request that was taken (`ok`) or refused.
