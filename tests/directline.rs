@@ -749,6 +749,18 @@ async fn generated_tokens_bind_a_dl_user_and_their_trusted_origins() {
     assert_eq!(res.status(), 200);
     let fresh = res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
     assert_error(say("https://evil.example", &fresh).await.unwrap(), 403, "OriginNotAllowed").await;
+    // An upload is bound the same way: the origin is checked, the user id replaced.
+    let upload = |origin: &str, user: &str| {
+        s.http
+            .post(s.url(&format!("/v3/directline/conversations/{conv}/upload?userId={user}")))
+            .bearer_auth(&fresh)
+            .header("Origin", origin)
+            .header("content-type", "text/plain")
+            .body("a file")
+            .send()
+    };
+    assert_error(upload("https://evil.example", "dl_alice").await.unwrap(), 403, "OriginNotAllowed").await;
+    assert_eq!(upload(shop, "mallory").await.unwrap().status(), 200);
     let acts: Value = s
         .http
         .get(s.url(&format!("/v3/directline/conversations/{conv}/activities")))
@@ -767,5 +779,5 @@ async fn generated_tokens_bind_a_dl_user_and_their_trusted_origins() {
         .filter(|a| a["from"]["role"] == "user")
         .map(|a| &a["from"]["id"])
         .collect();
-    assert_eq!(users, [&json!("dl_alice")], "the bound user replaces `mallory`");
+    assert_eq!(users, [&json!("dl_alice"), &json!("dl_alice")], "the bound user replaces `mallory`");
 }
