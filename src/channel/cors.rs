@@ -24,6 +24,13 @@ const EXPOSE_HEADERS: &str = "x-request-id, retry-after";
 /// How long browsers may cache a preflight, seconds.
 const MAX_AGE: &str = "600";
 
+/// The headers of a real (not preflight) response to a browser request from `origin`.
+pub fn allow(h: &mut http::HeaderMap, origin: HeaderValue) {
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSE_HEADERS));
+    h.append(header::VARY, HeaderValue::from_static("origin"));
+}
+
 /// Builds [`Cors`] services.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CorsLayer;
@@ -70,10 +77,7 @@ where
         };
         let mut res = std::task::ready!(fut.poll(cx))?;
         if let Some(origin) = this.origin.take() {
-            let h = res.headers_mut();
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSE_HEADERS));
-            h.append(header::VARY, HeaderValue::from_static("origin"));
+            allow(res.headers_mut(), origin);
         }
         Poll::Ready(Ok(res))
     }

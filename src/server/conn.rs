@@ -112,7 +112,7 @@ impl ConnMetrics {
 /// (upgraded WebSockets are the stream's to close).
 pub async fn serve<S>(
     listener: TcpListener,
-    app: S,
+    (app, hot): (S, Option<Arc<super::hot::HotPath>>),
     limits: ConnLimits,
     metrics: ConnMetrics,
     mut stop: watch::Receiver<bool>,
@@ -158,7 +158,7 @@ pub async fn serve<S>(
         let _ = tcp.set_nodelay(true);
         metrics.open.inc();
         let watch = Arc::new(Watch::new(limits));
-        let service = ConnService { app: app.clone(), watch: watch.clone(), peer };
+        let service = ConnService { app: app.clone(), hot: hot.clone(), watch: watch.clone(), peer };
         let (closed, stop) = (metrics.closed.clone(), stop.clone());
         let Some(tls) = &tls else {
             let io = WatchedIo {
@@ -482,6 +482,8 @@ impl AsyncWrite for WatchedIo {
 #[derive(Clone)]
 struct ConnService<S> {
     app: S,
+    /// The message path's own service (public listener only).
+    hot: Option<Arc<super::hot::HotPath>>,
     watch: Arc<Watch>,
     peer: std::net::SocketAddr,
 }
@@ -532,6 +534,16 @@ where
             req.extensions_mut().insert(Peer(self.peer));
         }
         let guard = InFlight(self.watch.clone());
+        if let Some(hot) = &self.hot
+            && hot.takes(&req)
+        {
+            let hot = hot.clone();
+            return Box::pin(async move {
+                let res = hot.serve(req).await;
+                drop(guard);
+                res
+            });
+        }
         let fut = tower::ServiceExt::oneshot(self.app.clone(), req.map(axum::body::Body::new));
         Box::pin(async move {
             let res = fut.await;

@@ -2,6 +2,7 @@
 
 pub mod body_limit;
 pub mod conn;
+pub mod hot;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -28,7 +29,7 @@ use crate::state::{AppState, StartError};
 use crate::telemetry::http_metrics::HttpMetricsLayer;
 use crate::telemetry::request_id::MakeRequestCounter;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A started server: its bound addresses, its state, and the handle that stops it.
 pub struct Running {
@@ -73,7 +74,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
         _ => None,
     };
     let state = AppState::open(config, clock, public_addr).await?;
-    let public_app = public_router(&state)?;
+    let (public_app, hot) = public_service(&state)?;
     let admin_app = admin_router(&state);
 
     let public_limits = conn::ConnLimits::public(&state.config().server);
@@ -99,10 +100,16 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Running, StartE
     let grace = Duration::from_secs(state.config().server.shutdown_grace_secs);
     let task_state = state.clone();
     let task = tokio::spawn(async move {
-        let serve_public =
-            conn::serve(public, public_app, public_limits, public_metrics, stop_rx.clone(), tls.clone());
+        let serve_public = conn::serve(
+            public,
+            (public_app, Some(Arc::new(hot))),
+            public_limits,
+            public_metrics,
+            stop_rx.clone(),
+            tls.clone(),
+        );
         let serve_admin =
-            conn::serve(admin, admin_app, admin_limits, admin_metrics, stop_rx.clone(), tls.clone());
+            conn::serve(admin, (admin_app, None), admin_limits, admin_metrics, stop_rx.clone(), tls.clone());
         let both = async { tokio::join!(serve_public, serve_admin) };
         tokio::pin!(both);
         let mut stop_rx = stop_rx;
@@ -256,10 +263,17 @@ async fn shutdown_signal() {
 pub type PublicService =
     tower::util::BoxCloneSyncService<axum::extract::Request, Response, std::convert::Infallible>;
 
-/// The public router and its middleware stack, outermost layer first.
-pub fn public_router(state: &AppState) -> Result<PublicService, StartError> {
+/// The public router and its middleware stack, outermost layer first, and the hot path beside it
+/// (sharing its metrics and request ids).
+pub fn public_service(state: &AppState) -> Result<(PublicService, hot::HotPath), StartError> {
     let (routes, templates) = crate::routes::public(state);
     let http_metrics = HttpMetricsLayer::new(state.metrics(), &templates).map_err(StartError::Metrics)?;
+    let request_ids = MakeRequestCounter::default();
+    let hot = hot::HotPath::new(
+        state,
+        http_metrics.route(hot::TEMPLATE).ok_or_else(|| StartError::Control("no activities route".into()))?,
+        request_ids.clone(),
+    );
     let server = &state.config().server;
     let mut router = routes
         // Innermost, per route and on the fallback: the route template is known here
@@ -279,7 +293,7 @@ pub fn public_router(state: &AppState) -> Result<PublicService, StartError> {
         // One body type for the layers' wrapped bodies.
         .map_response(|res: Response<_>| res.map(axum::body::Body::new))
         // Set a request id (keeps one the client sent) before the trace span is made.
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestCounter::default()))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, request_ids))
         // Propagate the request id to the response.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // Trace: one span per request with the request id, at DEBUG so the hot path logs
@@ -313,10 +327,10 @@ pub fn public_router(state: &AppState) -> Result<PublicService, StartError> {
             server.max_body_bytes,
             state.config().channel.max_upload_bytes,
         ));
-    Ok(PublicService::new(stack))
+    Ok((PublicService::new(stack), hot))
 }
 
-fn panic_response(cause: Box<dyn std::any::Any + Send + 'static>) -> Response<axum::body::Body> {
+pub(crate) fn panic_response(cause: Box<dyn std::any::Any + Send + 'static>) -> Response<axum::body::Body> {
     let cause = cause
         .downcast_ref::<String>()
         .map(String::as_str)

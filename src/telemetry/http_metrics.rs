@@ -22,9 +22,21 @@ use super::registry::Metrics;
 pub const UNMATCHED: &str = "unmatched";
 
 /// Handles of one route: a counter per status class (1xx..5xx) and a latency histogram.
-struct RouteHandles {
+#[derive(Clone)]
+pub struct RouteMetrics {
     by_class: [IntCounter; 5],
     latency: Histogram,
+}
+
+type RouteHandles = RouteMetrics;
+
+impl RouteMetrics {
+    /// Counts an answer with `status`, timed from `start`.
+    pub fn observe(&self, status: http::StatusCode, start: Instant) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].inc();
+        self.latency.observe(start.elapsed().as_secs_f64());
+    }
 }
 
 /// Resolved handles for every route; read-only after start-up.
@@ -67,6 +79,11 @@ impl HttpMetricsLayer {
         }
         Ok(Self { routes: Arc::new(map) })
     }
+
+    /// The handles of one route template given at start-up.
+    pub fn route(&self, template: &str) -> Option<RouteMetrics> {
+        self.routes.get(template).cloned()
+    }
 }
 
 impl<S> Layer<S> for HttpMetricsLayer {
@@ -107,9 +124,7 @@ where
         if let (Ok(res), Some(routes)) = (&res, this.handles.take())
             && let Some(h) = routes.get(*this.key)
         {
-            let class = (res.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-            h.by_class[class].inc();
-            h.latency.observe(this.start.elapsed().as_secs_f64());
+            h.observe(res.status(), *this.start);
         }
         Poll::Ready(res)
     }

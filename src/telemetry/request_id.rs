@@ -24,11 +24,19 @@ impl Default for MakeRequestCounter {
     }
 }
 
-impl MakeRequestId for MakeRequestCounter {
-    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+impl MakeRequestCounter {
+    /// The next id.
+    pub fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n:x}", self.prefix);
-        HeaderValue::from_str(&id).ok().map(RequestId::new)
+        // Hex digits and a dash: always a valid header value.
+        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+impl MakeRequestId for MakeRequestCounter {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        Some(RequestId::new(self.next()))
     }
 }
 
