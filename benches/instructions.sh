@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${N:-1000}
 command -v valgrind >/dev/null || { echo "instructions.sh: installing valgrind" >&2; apt-get install -y -qq valgrind >&2; }
+BIN=${BIN:-target/release/botgate}   # another build to compare: BIN=path SKIP_BUILD=1
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin botgate >&2
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 sed 's/^enabled = true$/enabled = false/' benches/load.toml > "$WORK/off.toml"
@@ -31,7 +32,7 @@ PY
 count() { # config text -> instructions for N messages (plus one token and one start)
   local d; d=$(mktemp -d -p "$WORK")
   local port; port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
-  valgrind --tool=callgrind --callgrind-out-file="$d/cg.out" target/release/botgate --config "$1" \
+  valgrind --tool=callgrind --callgrind-out-file="$d/cg.out" "$BIN" --config "$1" \
     --listen "127.0.0.1:$port" --admin-listen 127.0.0.1:0 --data-dir "$d/data" >"$d/out" 2>"$d/vg.err" &
   local vp=$!
   for _ in $(seq 300); do grep -q listening "$d/out" 2>/dev/null && break; sleep 0.2; done

@@ -70,7 +70,7 @@ pub fn append_bot_activity(
     a.remove("serviceUrl");
     let ends = activity::kind(&a) == "endOfConversation";
     let conv_id = conv.id.clone();
-    let appended = conv.append(app.clock().now_ms(), 0, |id, ts| activity::stamp(&mut a, id, ts, &conv_id));
+    let appended = conv.append(app.clock().now_ms(), 0, |id, ts| activity::stamp(&a, id, ts, &conv_id));
     if ends {
         conv.meter.end_session();
         conv.end();

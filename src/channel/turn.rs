@@ -141,14 +141,21 @@ pub async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
 
 /// `{"id": ...}` as JSON (clients retry on an empty body).
 pub fn id_answer(id: &str) -> Response {
-    let body = json!({ "id": id }).to_string();
+    let mut body = String::with_capacity(id.len() + 10);
+    body.push_str("{\"id\":");
+    activity::json_str(&mut body, id);
+    body.push('}');
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn append_user(app: &AppState, conv: &Conversation, a: &mut Map<String, Value>) -> String {
     let now = app.clock().now_ms();
     let conv_id = conv.id.clone();
-    conv.append(now, 0, |id, ts| activity::stamp(a, id, ts, &conv_id)).id
+    let appended = conv.append(now, 0, |id, ts| activity::stamp(a, id, ts, &conv_id));
+    if matches!(conv.bot.engine, Engine::Upstream(_)) {
+        activity::mark(a, &appended.id, appended.ts);
+    }
+    appended.id
 }
 
 /// A user message: classified, metered, echoed, answered.
@@ -183,7 +190,7 @@ async fn message(
     let appended = {
         let now = app.clock().now_ms();
         let conv_id = conv.id.clone();
-        conv.append(now, 0, |id, ts| activity::stamp(&mut a, id, ts, &conv_id))
+        conv.append(now, 0, |id, ts| activity::stamp(&a, id, ts, &conv_id))
     };
     if let Some(reply) = files {
         append_replies(app, conv, std::slice::from_ref(&reply), Some(&appended.id), appended.ts);
@@ -199,7 +206,7 @@ async fn message(
             answer_topic(app, conv, t, input, Some(&appended.id), appended.ts).await?;
         }
         None => {
-            a.insert("id".into(), Value::String(appended.id.clone()));
+            activity::mark(&mut a, &appended.id, appended.ts);
             match turn {
                 // A bot that never accepted the turn (refused, 5xx, timeout) bills nothing: the
                 // error drops the pending session, which gives its unit back. The bot call and

@@ -27,10 +27,19 @@ impl Default for MakeRequestCounter {
 impl MakeRequestCounter {
     /// The next id.
     pub fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{n:x}", self.prefix);
+        // `{prefix}-{n:x}`, written by hand on the stack (`format!` allocated twice).
+        let mut buf = [0u8; 8 + 1 + 16];
+        let p = self.prefix.len().min(8);
+        buf[..p].copy_from_slice(&self.prefix.as_bytes()[..p]);
+        buf[p] = b'-';
+        let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+        for i in 0..digits {
+            buf[p + digits - i] = HEX[((n >> (4 * i)) & 0xf) as usize];
+        }
         // Hex digits and a dash: always a valid header value.
-        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+        HeaderValue::from_bytes(&buf[..p + 1 + digits]).unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
@@ -52,5 +61,11 @@ mod tests {
         let b = m.make_request_id(&r).unwrap();
         assert_ne!(a.header_value(), b.header_value());
         assert!(a.header_value().to_str().unwrap().ends_with("-1"));
+        let m = MakeRequestCounter { prefix: Arc::from("0000abcd"), next: Arc::new(AtomicU64::new(0)) };
+        assert_eq!(m.next(), "0000abcd-0");
+        m.next.store(0x1f, Ordering::Relaxed);
+        assert_eq!(m.next(), "0000abcd-1f");
+        m.next.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(m.next(), "0000abcd-ffffffffffffffff");
     }
 }
