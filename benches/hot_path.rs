@@ -82,8 +82,8 @@ fn activity_parse_stamp(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_with_input(BenchmarkId::new("parse_stamp", name), body, |b, body| {
             b.iter(|| {
-                let mut a = activity::parse(black_box(body)).unwrap_or_default();
-                activity::stamp(&mut a, "Zc3mRk8xq1n0Vb5yP2wLtA|0000001", NOW_MS, "Zc3mRk8xq1n0Vb5yP2wLtA")
+                let a = activity::parse(black_box(body)).unwrap_or_default();
+                activity::stamp(&a, "Zc3mRk8xq1n0Vb5yP2wLtA|0000001", NOW_MS, "Zc3mRk8xq1n0Vb5yP2wLtA")
             })
         });
     }
