@@ -119,8 +119,8 @@ pub fn push_rfc3339_ms(out: &mut String, ms: Millis) {
     put(14, 2, mi);
     put(17, 2, s);
     put(20, 3, milli);
-    // Every byte is an ASCII digit or separator: no UTF-8 check needed.
-    out.extend(b.iter().map(|&c| char::from(c)));
+    // ASCII digits and separators: the check passes, and one copy beats 24 char pushes.
+    out.push_str(std::str::from_utf8(&b).unwrap_or("1970-01-01T00:00:00.000Z"));
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's

@@ -254,6 +254,19 @@ fn bot_activity(
 /// a message's instructions in a callgrind profile.)
 pub fn json_str(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Most strings need no escape: tell so 16 bytes at a time, with no branch per byte (the
+    // loop below cost about 5 instructions a byte; this, under one, and then one copy).
+    let clean = s
+        .as_bytes()
+        .chunks(16)
+        .all(|c| !c.iter().fold(false, |acc, &b| acc | (b < 0x20) | (b == b'"') | (b == b'\\')));
+    if clean {
+        out.reserve(s.len() + 2);
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     out.push('"');
     let mut start = 0;
     for (i, &b) in s.as_bytes().iter().enumerate() {
