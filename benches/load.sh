@@ -29,6 +29,8 @@
 #   msg_sys  the same with "hello there": the Fallback system topic (one reply), never billed.
 #   msg_off  msg_user on the same build with `metering.enabled = false` (no rate limit, no
 #            turn, no session, no ledger): msg_user vs msg_off is "metering on vs off".
+#   msg_nofsync  msg_user with `store.sqlite_sync = "normal"` (the ledger's commits are not
+#            fsynced): msg_user vs msg_nofsync is the kernel's part of a durable commit.
 #   conv_user / conv_sys  botgate-load closed loop, whole conversations of ONE message each
 #            (token + start + POST + GET): with a user topic every message begins a billed
 #            session (pool draw + ledger group commit before the answer); with a system topic
@@ -178,6 +180,9 @@ scenario_msg() { # round name text kind(user|system|off)
     # The same build with metering switched off (`metering.enabled = false`).
     sed 's/^enabled = true$/enabled = false/' benches/load.toml > "$WORK/load-off.toml"
     start_botgate "$WORK/load-off.toml"
+  elif [ "$4" = nofsync ]; then
+    sed 's/^backend = "sqlite"$/backend = "sqlite"\nsqlite_sync = "normal"/' benches/load.toml > "$WORK/load-nofsync.toml"
+    start_botgate "$WORK/load-nofsync.toml"
   else
     start_botgate
   fi
@@ -189,7 +194,7 @@ scenario_msg() { # round name text kind(user|system|off)
   # Billing check: one conversation, so ceil(turns / 100) sessions for a user topic, 0 otherwise.
   local turns billed expect
   turns=$(metric botgate_turns_total); billed=$(metric botgate_billed_sessions_total)
-  if [ "$4" = user ]; then expect=$(( (turns + 99) / 100 )); else expect=0; fi
+  if [ "$4" = user ] || [ "$4" = nofsync ]; then expect=$(( (turns + 99) / 100 )); else expect=0; fi
   local verdict=PASS counted=$turns
   [ "$4" = off ] && counted=$REQS   # nothing is metered, not even turns
   if [ "$billed" -ne "$expect" ] || [ "$NON2XX" -ne 0 ] || [ "$counted" -lt "$REQS" ]; then verdict=FAIL; FAILURES=$((FAILURES + 1)); fi
@@ -225,6 +230,7 @@ for r in $(seq 1 "$ROUNDS"); do
   scenario_msg "$r" msg_user "my vpn is broken" user
   scenario_msg "$r" msg_sys "hello there" system
   scenario_msg "$r" msg_off "my vpn is broken" off
+  scenario_msg "$r" msg_nofsync "my vpn is broken" nofsync
   scenario_conv "$r" conv_user "my vpn is broken" user
   scenario_conv "$r" conv_sys "hello there" system
 done
@@ -234,7 +240,7 @@ done
   echo "== botgate load benchmark: $(date -u +%FT%TZ), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo "rounds=$ROUNDS duration=${DURATION}s conns=$CONNS; median (min-max over rounds); runs measured while other builds ran: $NOISY"
   printf '%-10s %-28s %-28s\n' scenario "server CPU us/request" "requests/s"
-  for s in hello msg_user msg_sys msg_off conv_user conv_sys; do
+  for s in hello msg_user msg_sys msg_off msg_nofsync conv_user conv_sys; do
     printf '%-10s %-28s %-28s\n' "$s" "$(values "$s" cpu | stats)" "$(values "$s" rps | stats)"
   done
   echo "ratios per round, median (min-max):"
@@ -242,6 +248,8 @@ done
   echo "  msg_sys / hello, CPU per request:        $(ratios msg_sys hello cpu | stats)"
   echo "  msg_user / msg_off, CPU per message:     $(ratios msg_user msg_off cpu | stats)   (metering on/off, same build, target <= 1.03)"
   echo "  msg_user / msg_sys, CPU per message:     $(ratios msg_user msg_sys cpu | stats)   (user topic vs never-billed topic)"
+  echo "  msg_user / msg_nofsync, CPU per message: $(ratios msg_user msg_nofsync cpu | stats)   (the fsync of each session's commit)"
+  echo "  msg_nofsync / msg_off, CPU per message:  $(ratios msg_nofsync msg_off cpu | stats)   (metering without the fsync)"
   echo "  conv_user / conv_sys, CPU per request:   $(ratios conv_user conv_sys cpu | stats)   (a session per message: worst case)"
   echo "  hello / msg_user, requests per second:   $(ratios hello msg_user rps | stats)"
 } | tee "$OUT"
