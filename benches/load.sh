@@ -31,6 +31,9 @@
 #            turn, no session, no ledger): msg_user vs msg_off is "metering on vs off".
 #   msg_nofsync  msg_user with `store.sqlite_sync = "normal"` (the ledger's commits are not
 #            fsynced): msg_user vs msg_nofsync is the kernel's part of a durable commit.
+#   msg_upstream  msg_user to an upstream bot (examples/echo_bot.rs, pinned beside the load so
+#            its CPU is not the server's): the gateway POSTs each message to the bot, the bot
+#            calls back on the connector, the gateway answers; billed as any upstream message.
 #   conv_user / conv_sys  botgate-load closed loop, whole conversations of ONE message each
 #            (token + start + POST + GET): with a user topic every message begins a billed
 #            session (pool draw + ledger group commit before the answer); with a system topic
@@ -52,11 +55,12 @@ log() { echo "load.sh: $*" >&2; }
 
 # --- build and tools -------------------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  cargo build --release --bin botgate --bin botgate-load --example hello_baseline >&2
+  cargo build --release --bin botgate --bin botgate-load --example hello_baseline --example echo_bot >&2
 fi
 BOTGATE=target/release/botgate
 LOAD=target/release/botgate-load
 HELLO=target/release/examples/hello_baseline
+ECHO_BOT=target/release/examples/echo_bot
 if ! command -v wrk >/dev/null; then
   log "installing wrk"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -105,8 +109,8 @@ start_botgate() { # [config]
   ADM=$(echo "$line" | sed -n 's/.*admin=\([^ ]*\).*/\1/p')
 }
 
-metric() { # name -> value of the helpdesk series on the admin listener
-  curl -s "http://$ADM/metrics" | awk -v n="$1" '$1 ~ "^"n"\\{" && $1 ~ /bot="helpdesk"/ { s += $2 } END { printf "%d", s }'
+metric() { # name [bot] -> value of the bot's series (helpdesk by default) on the admin listener
+  curl -s "http://$ADM/metrics" | awk -v n="$1" -v b="bot=\"${2:-helpdesk}\"" '$1 ~ "^"n"\\{" && index($1, b) { s += $2 } END { printf "%d", s }'
 }
 
 # Runs wrk pinned to the load core; sets REQS, RPS, NON2XX, CPU (server us per request).
@@ -128,9 +132,9 @@ run_wrk() { # url [lua]
 }
 
 # One conversation for wrk to post into: sets CONV and TOKEN.
-start_conversation() {
+start_conversation() { # [bot]
   local t
-  t=$(curl -s "http://$PUB/api/v1/bots/helpdesk/directline/token" | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
+  t=$(curl -s "http://$PUB/api/v1/bots/${1:-helpdesk}/directline/token" | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
   local body; body=$(curl -s -X POST -H "Authorization: Bearer $t" "http://$PUB/v3/directline/conversations")
   CONV=$(echo "$body" | sed -n 's/.*"conversationId":"\([^"]*\)".*/\1/p')
   TOKEN=$(echo "$body" | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
@@ -202,6 +206,28 @@ scenario_msg() { # round name text kind(user|system|off)
   stop_server
 }
 
+scenario_upstream() { # round
+  wait_quiet
+  taskset -c "$LOAD_CPU" "$ECHO_BOT" --listen 127.0.0.1:0 >"$WORK/echo.out" 2>&1 &
+  local bot_pid=$!
+  local bot_addr; bot_addr=$(wait_listening "$WORK/echo.out" | awk '{print $3}')
+  { cat benches/load.toml; printf '\n[outbound]\nallow_loopback = true\n\n[[bots]]\nid = "up"\ntenant = "contoso"\nname = "Echo"\nkind = "upstream"\nendpoint = "http://%s/api/messages"\n' "$bot_addr"; } >"$WORK/load-up.toml"
+  start_botgate "$WORK/load-up.toml"
+  start_conversation up
+  write_lua "$WORK/post.lua" "my vpn is broken"
+  run_wrk "http://$PUB/v3/directline/conversations/$CONV/activities" "$WORK/post.lua"
+  RES[msg_upstream,$1,cpu]=$CPU; RES[msg_upstream,$1,rps]=$RPS
+  local turns billed expect verdict=PASS replies
+  turns=$(metric botgate_turns_total up); billed=$(metric botgate_billed_sessions_total up)
+  expect=$(( (turns + 99) / 100 ))
+  # The bot's replies reached the conversation: the last poll page ends with an `Echo: ` reply.
+  replies=$(curl -s -H "Authorization: Bearer $TOKEN" "http://$PUB/v3/directline/conversations/$CONV/activities" | grep -c 'Echo: my vpn' || true)
+  if [ "$billed" -ne "$expect" ] || [ "$NON2XX" -ne 0 ] || [ "$turns" -lt "$REQS" ] || [ "$replies" -lt 1 ]; then verdict=FAIL; FAILURES=$((FAILURES + 1)); fi
+  log "round $1 msg_upstream: $RPS msg/s, $CPU us CPU/msg, non-2xx $NON2XX, turns $turns (wrk saw $REQS), billed $billed (expect $expect) $verdict"
+  stop_server
+  kill "$bot_pid" 2>/dev/null || true; wait "$bot_pid" 2>/dev/null || true
+}
+
 scenario_conv() { # round name text kind
   wait_quiet
   start_botgate
@@ -231,6 +257,7 @@ for r in $(seq 1 "$ROUNDS"); do
   scenario_msg "$r" msg_sys "hello there" system
   scenario_msg "$r" msg_off "my vpn is broken" off
   scenario_msg "$r" msg_nofsync "my vpn is broken" nofsync
+  scenario_upstream "$r"
   scenario_conv "$r" conv_user "my vpn is broken" user
   scenario_conv "$r" conv_sys "hello there" system
 done
@@ -240,7 +267,7 @@ done
   echo "== botgate load benchmark: $(date -u +%FT%TZ), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo "rounds=$ROUNDS duration=${DURATION}s conns=$CONNS; median (min-max over rounds); runs measured while other builds ran: $NOISY"
   printf '%-10s %-28s %-28s\n' scenario "server CPU us/request" "requests/s"
-  for s in hello msg_user msg_sys msg_off msg_nofsync conv_user conv_sys; do
+  for s in hello msg_user msg_sys msg_off msg_nofsync msg_upstream conv_user conv_sys; do
     printf '%-10s %-28s %-28s\n' "$s" "$(values "$s" cpu | stats)" "$(values "$s" rps | stats)"
   done
   echo "ratios per round, median (min-max):"
@@ -250,6 +277,7 @@ done
   echo "  msg_user / msg_sys, CPU per message:     $(ratios msg_user msg_sys cpu | stats)   (user topic vs never-billed topic)"
   echo "  msg_user / msg_nofsync, CPU per message: $(ratios msg_user msg_nofsync cpu | stats)   (the fsync of each session's commit)"
   echo "  msg_nofsync / msg_off, CPU per message:  $(ratios msg_nofsync msg_off cpu | stats)   (metering without the fsync)"
+  echo "  msg_upstream / msg_user, CPU per message: $(ratios msg_upstream msg_user cpu | stats)   (an upstream bot vs the built-in one, gateway CPU, target <= 1.5)"
   echo "  conv_user / conv_sys, CPU per request:   $(ratios conv_user conv_sys cpu | stats)   (a session per message: worst case)"
   echo "  hello / msg_user, requests per second:   $(ratios hello msg_user rps | stats)"
 } | tee "$OUT"
