@@ -64,12 +64,8 @@ async fn turn(client: HttpClient, req: Request<Incoming>) -> Result<Response<Ful
         "text": format!("Echo: {}", a["text"].as_str().unwrap_or("")),
         "replyToId": id,
     });
-    let url = format!(
-        "{}/v3/conversations/{}/activities/{}",
-        service.trim_end_matches('/'),
-        pct(conv),
-        pct(id)
-    );
+    let url =
+        format!("{}/v3/conversations/{}/activities/{}", service.trim_end_matches('/'), pct(conv), pct(id));
     let callback = Request::post(url)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(reply.to_string())))
@@ -114,7 +110,8 @@ async fn main() -> std::io::Result<()> {
         let client = client.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| turn(client.clone(), req));
-            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+            let _ =
+                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

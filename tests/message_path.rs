@@ -133,3 +133,100 @@ async fn a_message_over_the_request_timeout_is_a_json_504() {
     let m = s.metrics().await;
     assert_eq!(counted(&m, "5xx"), 1, "{m}");
 }
+
+/// A bot that records what it receives and answers 200 at once.
+async fn recording_bot() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/api/messages",
+        axum::routing::post(move |axum::Json(a): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(a);
+                axum::Json(json!({}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, rx)
+}
+
+/// An upstream bot's callbacks, with and without a reply id (percent-encoded, as SDK bots send
+/// it), take the message path's service too: appended, counted under their templates, and
+/// refused with the same codes as through the stack.
+#[tokio::test]
+async fn a_bots_callbacks_answer_as_the_full_stack_does() {
+    let (bot, mut received) = recording_bot().await;
+    let s = TestServer::with(|c| {
+        let toml = upstream_config_toml(&format!("http://{bot}/api/messages"), "");
+        c.bots.extend(botgate::config::Config::from_str(&toml, "t").unwrap().bots);
+    })
+    .await;
+    let (token, conv) = s.open_token("up").await;
+    let res = s.http.post(s.url("/v3/directline/conversations")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let id = s.say_ok(&token, &conv, "hello").await;
+    let message = loop {
+        let a = received.recv().await.unwrap();
+        if a["type"] == "message" {
+            break a;
+        }
+    };
+    let service = message["serviceUrl"].as_str().unwrap().to_string();
+    let encoded_id = id.replace('|', "%7C");
+    for (conv_segment, reply) in
+        [(conv.clone(), true), (conv.clone(), false), (through_the_stack(&conv), true)]
+    {
+        let url = if reply {
+            format!("{service}/v3/conversations/{conv_segment}/activities/{encoded_id}")
+        } else {
+            format!("{service}/v3/conversations/{conv_segment}/activities")
+        };
+        let res =
+            s.http.post(&url).json(&json!({"type": "message", "text": "from the bot"})).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{url}");
+        assert!(res.headers().contains_key("x-request-id"));
+        let v: Value = res.json().await.unwrap();
+        assert!(v["id"].as_str().unwrap().starts_with(&conv), "{v}");
+    }
+    // The replies are in the conversation, the first two replying to the user's message.
+    let log = s.poll(&token, &conv, None).await;
+    let from_bot: Vec<&Value> =
+        log["activities"].as_array().unwrap().iter().filter(|a| a["text"] == "from the bot").collect();
+    assert_eq!(from_bot.len(), 3, "{log}");
+    assert_eq!(from_bot[0]["replyToId"], id.as_str());
+    assert_eq!(from_bot[0]["from"]["id"], "up");
+    // A wrong key, a reply id that is not UTF-8 once decoded, a body that is not an activity.
+    let wrong_key = service.rsplit_once('/').map(|(base, _)| format!("{base}/nokey")).unwrap();
+    let res = s
+        .http
+        .post(format!("{wrong_key}/v3/conversations/{conv}/activities"))
+        .json(&json!({"type": "message"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 404, "NotFound").await;
+    let res = s
+        .http
+        .post(format!("{service}/v3/conversations/{conv}/activities/%FF"))
+        .json(&json!({"type": "message"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 400, "BadRequest").await;
+    let res =
+        s.http.post(format!("{service}/v3/conversations/{conv}/activities")).body("[]").send().await.unwrap();
+    assert_error(res, 400, "BadRequest").await;
+    let m = s.metrics().await;
+    let at = |route: &str, class: &str| {
+        metric(&m, &format!(r#"botgate_http_requests_total{{route="{route}",status="{class}"}}"#)).unwrap()
+    };
+    let (send, reply) = (
+        "/connector/{key}/v3/conversations/{id}/activities",
+        "/connector/{key}/v3/conversations/{id}/activities/{reply_to}",
+    );
+    assert_eq!((at(send, "2xx"), at(reply, "2xx")), (1, 2), "{m}");
+    assert_eq!((at(send, "4xx"), at(reply, "4xx")), (2, 1), "{m}");
+}

@@ -34,7 +34,9 @@ pub async fn reply(
     callback(&app, &key, &conversation, Some(&reply_to), &body)
 }
 
-fn callback(
+/// A callback's body, from either route: checked against the bot's connector key, parsed and
+/// appended; answers `{"id"}`.
+pub fn callback(
     app: &AppState,
     key: &str,
     conversation: &str,

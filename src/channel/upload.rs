@@ -280,8 +280,8 @@ fn disposition_filename(value: &str) -> Option<String> {
         match k.trim().to_ascii_lowercase().as_str() {
             "filename*" => {
                 let encoded = v.trim().split_once("''").map_or(v.trim(), |(_, e)| e);
-                if let Ok(name) = percent_decode(encoded) {
-                    return Some(name);
+                if let Ok(name) = percent_encoding::percent_decode_str(encoded).decode_utf8() {
+                    return Some(name.into_owned());
                 }
             }
             "filename" => plain = Some(v.trim().trim_matches('"').to_string()),
@@ -289,21 +289,6 @@ fn disposition_filename(value: &str) -> Option<String> {
         }
     }
     plain
-}
-
-fn percent_decode(s: &str) -> Result<String, ()> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex = [bytes.next().ok_or(())?, bytes.next().ok_or(())?];
-            let hex = std::str::from_utf8(&hex).map_err(|_| ())?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).map_err(|_| ())
 }
 
 /// A file name without any folder, control characters or quotes, at most 255 characters;
@@ -394,9 +379,14 @@ mod tests {
             Some("été.png")
         );
         assert_eq!(disposition_filename("inline").as_deref(), None);
+        // Not UTF-8 once decoded: the plain name; a stray `%` is kept as it is.
         assert_eq!(
-            disposition_filename("attachment; filename*=UTF-8''%ZZ; filename=y").as_deref(),
+            disposition_filename("attachment; filename*=UTF-8''%FF; filename=y").as_deref(),
             Some("y")
+        );
+        assert_eq!(
+            disposition_filename("attachment; filename*=UTF-8''100%25%ZZ").as_deref(),
+            Some("100%%ZZ")
         );
     }
 

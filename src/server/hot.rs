@@ -1,8 +1,10 @@
 //! The message path's own way in: `POST` and `GET /v3/directline/conversations/{id}/activities`
-//! (a user's message and a poll) are served without the router and the tower stack, by the same
-//! handlers, with what the stack would add done here in one place: the request id, the body
-//! limit, the timeout, CORS headers, panic capture and the per-route metrics. Every other
-//! request, a preflight, and a conversation another node owns, take the full stack.
+//! (a user's message and a poll) and an upstream bot's callbacks
+//! (`POST /connector/{key}/v3/conversations/{id}/activities[/{replyToId}]`) are served without
+//! the router and the tower stack, by the same handlers, with what the stack would add done here
+//! in one place: the request id, the body limit, the timeout, CORS headers, panic capture and the
+//! per-route metrics. Every other request, a preflight, and a conversation another node owns,
+//! take the full stack.
 //!
 //! Why: through the stack a 404 alone cost 2.6× a bare hyper answer (BENCHMARKS.md, issue 16):
 //! routing, a boxed clone of the whole stack per request and eight layers' futures. The figures
@@ -18,19 +20,24 @@ use http::{Method, header};
 use hyper::body::Incoming;
 
 use super::REQUEST_ID;
-use crate::channel::{directline, owner_of, turn};
+use crate::channel::{connector, directline, owner_of, turn};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::telemetry::http_metrics::RouteMetrics;
 use crate::telemetry::request_id::MakeRequestCounter;
 
-/// The route template both requests count under.
+/// The route template a message and a poll count under.
 pub const TEMPLATE: &str = "/v3/directline/conversations/{id}/activities";
+/// The templates of a bot's callbacks.
+pub const SEND_TEMPLATE: &str = "/connector/{key}/v3/conversations/{id}/activities";
+/// The templates of a bot's reply callbacks.
+pub const REPLY_TEMPLATE: &str = "/connector/{key}/v3/conversations/{id}/activities/{reply_to}";
 
 /// What the hot path needs, resolved at start-up.
 pub struct HotPath {
     state: AppState,
-    metrics: RouteMetrics,
+    /// The handles of [`TEMPLATE`], [`SEND_TEMPLATE`] and [`REPLY_TEMPLATE`].
+    metrics: [RouteMetrics; 3],
     request_ids: MakeRequestCounter,
     max_body: usize,
     timeout: Duration,
@@ -38,17 +45,58 @@ pub struct HotPath {
     node: Option<String>,
 }
 
-/// The conversation id of `/v3/directline/conversations/{id}/activities`. An id with a `%` is
-/// left to the router, which decodes it.
-fn conversation_of(path: &str) -> Option<&str> {
-    let id = path.strip_prefix("/v3/directline/conversations/")?.strip_suffix("/activities")?;
-    (!id.is_empty() && !id.contains(['/', '%'])).then_some(id)
+/// A request the hot path takes, with its path's segments as sent.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    /// `/v3/directline/conversations/{id}/activities`.
+    Activities(&'a str),
+    /// `/connector/{key}/v3/conversations/{id}/activities[/{reply_to}]`.
+    Callback { key: &'a str, conversation: &'a str, reply_to: Option<&'a str> },
+}
+
+impl<'a> Route<'a> {
+    /// The route of `path`, if the hot path takes it. A conversation id with a `%` is left to the
+    /// router (it decodes it); a key or reply id is decoded here, as SDK bots encode `|`.
+    fn of(path: &'a str) -> Option<Self> {
+        let ok = |s: &str| !s.is_empty() && !s.contains('/');
+        if let Some(rest) = path.strip_prefix("/v3/directline/conversations/") {
+            let id = rest.strip_suffix("/activities")?;
+            return (ok(id) && !id.contains('%')).then_some(Route::Activities(id));
+        }
+        let rest = path.strip_prefix("/connector/")?;
+        let (key, rest) = rest.split_once("/v3/conversations/")?;
+        let (conversation, rest) = rest.split_once("/activities")?;
+        let reply_to = match rest {
+            "" => None,
+            r => Some(r.strip_prefix('/').filter(|r| ok(r))?),
+        };
+        (ok(key) && ok(conversation) && !conversation.contains('%')).then_some(Route::Callback {
+            key,
+            conversation,
+            reply_to,
+        })
+    }
+
+    fn conversation(&self) -> &'a str {
+        match self {
+            Route::Activities(id) => id,
+            Route::Callback { conversation, .. } => conversation,
+        }
+    }
+}
+
+/// A path segment, percent-decoded; a 400 when it is not UTF-8 once decoded.
+fn decoded(segment: &str) -> Result<String, ApiError> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| ApiError::bad_request("The path is not valid UTF-8 once decoded."))
 }
 
 impl HotPath {
     /// The hot path of `state`'s public listener, counted under `metrics` (the stack's handles
     /// for [`TEMPLATE`]).
-    pub fn new(state: &AppState, metrics: RouteMetrics, request_ids: MakeRequestCounter) -> Self {
+    pub fn new(state: &AppState, metrics: [RouteMetrics; 3], request_ids: MakeRequestCounter) -> Self {
         let server = &state.config().server;
         Self {
             state: state.clone(),
@@ -60,12 +108,18 @@ impl HotPath {
         }
     }
 
-    /// Whether the hot path takes `req`: a message or a poll of a conversation this node owns.
+    /// Whether the hot path takes `req`: a message, a poll or a bot's callback, for a
+    /// conversation this node owns.
     pub fn takes<B>(&self, req: &http::Request<B>) -> bool {
-        if req.method() != Method::POST && req.method() != Method::GET {
+        let Some(route) = Route::of(req.uri().path()) else { return false };
+        let method_ok = match route {
+            Route::Activities(_) => req.method() == Method::POST || req.method() == Method::GET,
+            Route::Callback { .. } => req.method() == Method::POST,
+        };
+        if !method_ok {
             return false;
         }
-        let Some(id) = conversation_of(req.uri().path()) else { return false };
+        let id = route.conversation();
         match &self.node {
             None => true,
             // Another node's conversation goes through the forwarding layer.
@@ -77,6 +131,11 @@ impl HotPath {
     pub async fn serve(&self, req: http::Request<Incoming>) -> Result<Response, Infallible> {
         let start = Instant::now();
         let origin = req.headers().get(header::ORIGIN).cloned();
+        let metrics = match Route::of(req.uri().path()) {
+            Some(Route::Callback { reply_to: None, .. }) => &self.metrics[1],
+            Some(Route::Callback { reply_to: Some(_), .. }) => &self.metrics[2],
+            _ => &self.metrics[0],
+        };
         let request_id = match req.headers().get(&REQUEST_ID) {
             Some(id) => id.clone(),
             None => self.request_ids.next(),
@@ -99,7 +158,7 @@ impl HotPath {
         if let Some(origin) = origin {
             crate::channel::cors::allow(h, origin);
         }
-        self.metrics.observe(res.status(), start);
+        metrics.observe(res.status(), start);
         Ok(res)
     }
 
@@ -110,18 +169,28 @@ impl HotPath {
             return ApiError::payload_too_large(self.max_body).into_response();
         }
         let post = req.method() == Method::POST;
-        let Some(id) = conversation_of(req.uri().path()).map(str::to_string) else {
-            return ApiError::not_found("No such route.").into_response();
+        let route = match Route::of(req.uri().path()) {
+            Some(Route::Activities(id)) => Ok(id.to_string()),
+            Some(Route::Callback { key, conversation, reply_to }) => {
+                match (decoded(key), reply_to.map(decoded).transpose()) {
+                    (Ok(key), Ok(reply_to)) => Err((key, conversation.to_string(), reply_to)),
+                    (Err(e), _) | (_, Err(e)) => return e.into_response(),
+                }
+            }
+            None => return ApiError::not_found("No such route.").into_response(),
         };
         let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, self.max_body)));
         let state = State(self.state.clone());
-        let result = if post {
-            turn::post_activity(state, Path(id), req).await
-        } else {
-            match Query::<directline::WatermarkQuery>::try_from_uri(req.uri()) {
+        let result = match route {
+            Ok(id) if post => turn::post_activity(state, Path(id), req).await,
+            Ok(id) => match Query::<directline::WatermarkQuery>::try_from_uri(req.uri()) {
                 Ok(q) => directline::get_activities(state, Path(id), q, req).await,
                 Err(_) => Err(ApiError::bad_request("`watermark` must be a number or empty.")),
-            }
+            },
+            Err((key, conversation, reply_to)) => match turn::read_body(req.into_body()).await {
+                Ok(body) => connector::callback(&self.state, &key, &conversation, reply_to.as_deref(), &body),
+                Err(e) => Err(e),
+            },
         };
         result.unwrap_or_else(IntoResponse::into_response)
     }
@@ -129,16 +198,30 @@ impl HotPath {
 
 #[cfg(test)]
 mod tests {
-    use super::conversation_of;
+    use super::Route;
 
     #[test]
-    fn only_the_activities_route_is_taken() {
-        assert_eq!(conversation_of("/v3/directline/conversations/abc/activities"), Some("abc"));
-        assert_eq!(conversation_of("/v3/directline/conversations/n1.abc/activities"), Some("n1.abc"));
-        assert_eq!(conversation_of("/v3/directline/conversations//activities"), None);
-        assert_eq!(conversation_of("/v3/directline/conversations/a/b/activities"), None);
-        assert_eq!(conversation_of("/v3/directline/conversations/abc/upload"), None);
-        assert_eq!(conversation_of("/v3/directline/conversations/abc/activities/x"), None);
-        assert_eq!(conversation_of("/v3/directline/conversations/a%2Db/activities"), None);
+    fn only_the_message_poll_and_callback_routes_are_taken() {
+        let of = Route::of;
+        assert_eq!(of("/v3/directline/conversations/abc/activities"), Some(Route::Activities("abc")));
+        assert_eq!(of("/v3/directline/conversations/n1.abc/activities"), Some(Route::Activities("n1.abc")));
+        assert_eq!(of("/v3/directline/conversations//activities"), None);
+        assert_eq!(of("/v3/directline/conversations/a/b/activities"), None);
+        assert_eq!(of("/v3/directline/conversations/abc/upload"), None);
+        assert_eq!(of("/v3/directline/conversations/abc/activities/x"), None);
+        assert_eq!(of("/v3/directline/conversations/a%2Db/activities"), None);
+        assert_eq!(
+            of("/connector/k1/v3/conversations/c1/activities"),
+            Some(Route::Callback { key: "k1", conversation: "c1", reply_to: None })
+        );
+        assert_eq!(
+            of("/connector/k1/v3/conversations/c1/activities/c1%7C0000001"),
+            Some(Route::Callback { key: "k1", conversation: "c1", reply_to: Some("c1%7C0000001") })
+        );
+        assert_eq!(of("/connector/k1/v3/conversations/c1/activities/"), None);
+        assert_eq!(of("/connector/k1/v3/conversations/c1/activities/a/b"), None);
+        assert_eq!(of("/connector/k1/v3/conversations/c1/activitiesx"), None);
+        assert_eq!(of("/connector/k1/v3/conversations/c%31/activities"), None);
+        assert_eq!(of("/connector//v3/conversations/c1/activities"), None);
     }
 }

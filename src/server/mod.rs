@@ -269,9 +269,10 @@ pub fn public_service(state: &AppState) -> Result<(PublicService, hot::HotPath),
     let (routes, templates) = crate::routes::public(state);
     let http_metrics = HttpMetricsLayer::new(state.metrics(), &templates).map_err(StartError::Metrics)?;
     let request_ids = MakeRequestCounter::default();
+    let route = |t: &str| http_metrics.route(t).ok_or_else(|| StartError::Control(format!("no route {t}")));
     let hot = hot::HotPath::new(
         state,
-        http_metrics.route(hot::TEMPLATE).ok_or_else(|| StartError::Control("no activities route".into()))?,
+        [route(hot::TEMPLATE)?, route(hot::SEND_TEMPLATE)?, route(hot::REPLY_TEMPLATE)?],
         request_ids.clone(),
     );
     let server = &state.config().server;
