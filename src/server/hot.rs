@@ -57,24 +57,31 @@ enum Route<'a> {
 impl<'a> Route<'a> {
     /// The route of `path`, if the hot path takes it. A conversation id with a `%` is left to the
     /// router (it decodes it); a key or reply id is decoded here, as SDK bots encode `|`.
+    /// Split on `/` (a byte search), not by substring: `split_once` with a string pattern set up
+    /// a searcher each time, 1,300 instructions a call.
     fn of(path: &'a str) -> Option<Self> {
-        let ok = |s: &str| !s.is_empty() && !s.contains('/');
-        if let Some(rest) = path.strip_prefix("/v3/directline/conversations/") {
-            let id = rest.strip_suffix("/activities")?;
-            return (ok(id) && !id.contains('%')).then_some(Route::Activities(id));
+        let ok = |s: &str| !s.is_empty();
+        let mut seg = path.split('/');
+        if seg.next() != Some("") {
+            return None;
         }
-        let rest = path.strip_prefix("/connector/")?;
-        let (key, rest) = rest.split_once("/v3/conversations/")?;
-        let (conversation, rest) = rest.split_once("/activities")?;
-        let reply_to = match rest {
-            "" => None,
-            r => Some(r.strip_prefix('/').filter(|r| ok(r))?),
-        };
-        (ok(key) && ok(conversation) && !conversation.contains('%')).then_some(Route::Callback {
-            key,
-            conversation,
-            reply_to,
-        })
+        match (seg.next()?, seg.next()?, seg.next()?, seg.next()?, seg.next()?) {
+            ("v3", "directline", "conversations", id, "activities") => {
+                (seg.next().is_none() && ok(id) && !id.contains('%')).then_some(Route::Activities(id))
+            }
+            ("connector", key, "v3", "conversations", conversation) => {
+                if seg.next()? != "activities" || !ok(key) || !ok(conversation) || conversation.contains('%') {
+                    return None;
+                }
+                let reply_to = match seg.next() {
+                    None => None,
+                    Some(r) if ok(r) && seg.next().is_none() => Some(r),
+                    Some(_) => return None,
+                };
+                Some(Route::Callback { key, conversation, reply_to })
+            }
+            _ => None,
+        }
     }
 
     fn conversation(&self) -> &'a str {
