@@ -535,11 +535,11 @@ where
         }
         let guard = InFlight(self.watch.clone());
         if let Some(hot) = &self.hot
-            && hot.takes(&req)
+            && let Some(kind) = hot.takes(&req)
         {
             let hot = hot.clone();
             return Box::pin(async move {
-                let res = hot.serve(req).await;
+                let res = hot.serve(req, kind).await;
                 drop(guard);
                 res
             });
