@@ -50,14 +50,7 @@ async fn run_client(
 #[tokio::test]
 async fn official_directline_client_and_sdk_bot_through_botgate() {
     let echo = start_echo_bot();
-    let endpoint = format!("http://127.0.0.1:{}/api/messages", echo.port);
-    let s = TestServer::with(|c| {
-        let toml = upstream_config_toml(&endpoint, "");
-        let extra = botgate::config::Config::from_str(&toml, "t").unwrap();
-        c.bots.extend(extra.bots);
-        c.upstream.timeout_secs = 15;
-    })
-    .await;
+    let s = TestServer::with(|c| echo.add_to(c)).await;
 
     let polling = drive(&s, "up", "polling").await;
     assert_eq!(polling["ok"], true);
@@ -85,12 +78,8 @@ async fn official_directline_client_over_https_and_wss() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, der) = common::tls::certificate(dir.path(), "gateway");
     let echo = start_echo_bot_with(&[("NODE_EXTRA_CA_CERTS", &cert)]);
-    let endpoint = format!("http://127.0.0.1:{}/api/messages", echo.port);
     let s = TestServer::with(|c| {
-        let toml = upstream_config_toml(&endpoint, "");
-        let extra = botgate::config::Config::from_str(&toml, "t").unwrap();
-        c.bots.extend(extra.bots);
-        c.upstream.timeout_secs = 15;
+        echo.add_to(c);
         c.server.tls_cert = Some(cert.clone());
         c.server.tls_key = Some(key);
     })
@@ -115,14 +104,7 @@ async fn official_directline_client_over_https_and_wss() {
 #[tokio::test]
 async fn official_directline_client_uploads_files_the_sdk_bot_fetches() {
     let echo = start_echo_bot();
-    let endpoint = format!("http://127.0.0.1:{}/api/messages", echo.port);
-    let s = TestServer::with(|c| {
-        let toml = upstream_config_toml(&endpoint, "");
-        let extra = botgate::config::Config::from_str(&toml, "t").unwrap();
-        c.bots.extend(extra.bots);
-        c.upstream.timeout_secs = 15;
-    })
-    .await;
+    let s = TestServer::with(|c| echo.add_to(c)).await;
     let dir = tempfile::tempdir().unwrap();
     let png: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(dir.path().join("photo.png"), &png).unwrap();

@@ -112,14 +112,10 @@ async fn web_chat_on_an_origin_the_bot_does_not_allow_gets_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_attached_in_web_chat_reaches_the_sdk_bot_intact() {
     let echo = start_echo_bot();
-    let endpoint = format!("http://127.0.0.1:{}/api/messages", echo.port);
     let page_port = free_port();
     let s = TestServer::with(|c| {
-        let toml = upstream_config_toml(&endpoint, "");
-        let mut extra = botgate::config::Config::from_str(&toml, "t").unwrap();
-        extra.bots[0].allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
-        c.bots.extend(extra.bots);
-        c.upstream.timeout_secs = 15;
+        echo.add_to(c);
+        c.bots.last_mut().unwrap().allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
     })
     .await;
     let dir = tempfile::tempdir().unwrap();

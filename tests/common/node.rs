@@ -16,6 +16,19 @@ pub struct EchoBot {
     pub port: u16,
 }
 
+impl EchoBot {
+    /// Adds the bot to `c` as the upstream bot `up` of the demo tenant (loopback allowed, the
+    /// SDK's turn given 15 s).
+    pub fn add_to(&self, c: &mut botgate::config::Config) {
+        let endpoint = format!("http://127.0.0.1:{}/api/messages", self.port);
+        let extra =
+            botgate::config::Config::from_str(&super::upstream_config_toml(&endpoint, ""), "t").unwrap();
+        c.bots.extend(extra.bots);
+        c.outbound.allow_loopback = true;
+        c.upstream.timeout_secs = 15;
+    }
+}
+
 impl Drop for EchoBot {
     fn drop(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
