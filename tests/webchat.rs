@@ -22,13 +22,13 @@ const GREETING: &str = "Contoso helpdesk bot";
 const VPN: &str = "Install the Contoso VPN client";
 const HOURS: &str = "Monday to Friday";
 
-async fn chat(s: &TestServer, page_port: u16, mode: &str) -> Value {
+/// `webchat.js` against `s` with `args` (after the gateway's); its one JSON line, which must say
+/// it succeeded.
+async fn webchat(s: &TestServer, args: &[&str]) -> Value {
     let out = tokio::process::Command::new("node")
         .arg(node_dir().join("webchat.js"))
-        .args(["--gateway", s.url("").trim_end_matches('/'), "--bot", "helpdesk"])
-        .args(["--page-port", &page_port.to_string(), "--mode", mode, "--expect-greeting", GREETING])
-        .args(["--say", "How do I get VPN access?", "--expect", VPN])
-        .args(["--say", "And your opening hours?", "--expect", HOURS])
+        .args(["--gateway", s.url("").trim_end_matches('/')])
+        .args(args)
         .args(["--timeout-ms", "30000"])
         .output()
         .await
@@ -37,6 +37,33 @@ async fn chat(s: &TestServer, page_port: u16, mode: &str) -> Value {
     let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
         .unwrap_or_else(|_| panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)));
     assert!(out.status.success(), "{v}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    v
+}
+
+async fn chat(s: &TestServer, page_port: u16, mode: &str) -> Value {
+    let port = page_port.to_string();
+    let v = webchat(
+        s,
+        &[
+            "--bot",
+            "helpdesk",
+            "--page-port",
+            &port,
+            "--mode",
+            mode,
+            "--expect-greeting",
+            GREETING,
+            "--say",
+            "How do I get VPN access?",
+            "--expect",
+            VPN,
+            "--say",
+            "And your opening hours?",
+            "--expect",
+            HOURS,
+        ],
+    )
+    .await;
     // Web Chat rendered the greeting, then each question and its answer, in order.
     let t = v["transcript"].as_str().unwrap();
     let at = |text: &str| t.find(text).unwrap_or_else(|| panic!("{text:?} not in the transcript: {t}"));
@@ -123,20 +150,27 @@ async fn a_file_attached_in_web_chat_reaches_the_sdk_bot_intact() {
     let bytes: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
     std::fs::write(&file, &bytes).unwrap();
     let sha = hex(&sha2::Sha256::digest(&bytes));
-    let out = tokio::process::Command::new("node")
-        .arg(node_dir().join("webchat.js"))
-        .args(["--gateway", s.url("").trim_end_matches('/'), "--bot", "up"])
-        .args(["--page-port", &page_port.to_string(), "--mode", "websocket"])
-        .args(["--say", "hello", "--expect", "Echo: hello"])
-        .args(["--upload", file.to_str().unwrap(), "--expect", &format!("invoice.pdf 200000 {sha}")])
-        .args(["--timeout-ms", "30000"])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|_| panic!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)));
-    assert!(out.status.success(), "{v}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    let (port, expect) = (page_port.to_string(), format!("invoice.pdf 200000 {sha}"));
+    let v = webchat(
+        &s,
+        &[
+            "--bot",
+            "up",
+            "--page-port",
+            &port,
+            "--mode",
+            "websocket",
+            "--say",
+            "hello",
+            "--expect",
+            "Echo: hello",
+            "--upload",
+            file.to_str().unwrap(),
+            "--expect",
+            &expect,
+        ],
+    )
+    .await;
     assert_eq!((v["uploads"].as_u64(), v["uploadRequests"].as_u64()), (Some(1), Some(1)), "{v}");
     let m = s.metrics().await;
     assert_eq!(metric(&m, r#"botgate_uploads_total{outcome="stored"}"#), Some(1), "{m}");
