@@ -185,12 +185,20 @@ impl HotPath {
         {
             return ApiError::payload_too_large(self.max_body).into_response();
         }
-        let post = req.method() == Method::POST;
-        let route = match Route::of(req.uri().path()) {
-            Some(Route::Activities(id)) => Ok(id.to_string()),
+        /// The route's segments, owned and decoded.
+        enum Target {
+            Post(String),
+            Poll(String),
+            Callback { key: String, conversation: String, reply_to: Option<String> },
+        }
+        let target = match Route::of(req.uri().path()) {
+            Some(Route::Activities(id)) if req.method() == Method::POST => Target::Post(id.to_string()),
+            Some(Route::Activities(id)) => Target::Poll(id.to_string()),
             Some(Route::Callback { key, conversation, reply_to }) => {
                 match (decoded(key), reply_to.map(decoded).transpose()) {
-                    (Ok(key), Ok(reply_to)) => Err((key, conversation.to_string(), reply_to)),
+                    (Ok(key), Ok(reply_to)) => {
+                        Target::Callback { key, conversation: conversation.to_string(), reply_to }
+                    }
                     (Err(e), _) | (_, Err(e)) => return e.into_response(),
                 }
             }
@@ -198,16 +206,20 @@ impl HotPath {
         };
         let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, self.max_body)));
         let state = State(self.state.clone());
-        let result = match route {
-            Ok(id) if post => turn::post_activity(state, Path(id), req).await,
-            Ok(id) => match Query::<directline::WatermarkQuery>::try_from_uri(req.uri()) {
+        let result = match target {
+            Target::Post(id) => turn::post_activity(state, Path(id), req).await,
+            Target::Poll(id) => match Query::<directline::WatermarkQuery>::try_from_uri(req.uri()) {
                 Ok(q) => directline::get_activities(state, Path(id), q, req).await,
                 Err(_) => Err(ApiError::bad_request("`watermark` must be a number or empty.")),
             },
-            Err((key, conversation, reply_to)) => match turn::read_body(req.into_body()).await {
-                Ok(body) => connector::callback(&self.state, &key, &conversation, reply_to.as_deref(), &body),
-                Err(e) => Err(e),
-            },
+            Target::Callback { key, conversation, reply_to } => {
+                match turn::read_body(req.into_body()).await {
+                    Ok(body) => {
+                        connector::callback(&self.state, &key, &conversation, reply_to.as_deref(), &body)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
         };
         result.unwrap_or_else(IntoResponse::into_response)
     }
