@@ -175,11 +175,21 @@ async fn a_multipart_upload_attaches_its_files_to_its_activity() {
     let id2 = ok_id(form(&s, &token, &conv, None, &[("c.txt", "text/plain", b"hello".to_vec())]).await).await;
     let a2 = activity(&s, &token, &conv, &id2).await;
     assert_eq!(a2["from"]["id"], "dl_user", "the query's userId: {a2}");
+    // An activity part whose `from` has no id takes the query's too.
+    let nameless = json!({"type": "message", "from": {"name": "Ann"}});
+    let id3 =
+        ok_id(form(&s, &token, &conv, Some(nameless), &[("d.txt", "text/plain", b"x".to_vec())]).await).await;
+    let a3 = activity(&s, &token, &conv, &id3).await;
+    assert_eq!(
+        (a3["from"]["id"].as_str(), a3["from"]["name"].as_str()),
+        (Some("dl_user"), Some("Ann")),
+        "{a3}"
+    );
     assert_eq!(a2["attachments"].as_array().unwrap().len(), 1);
     let m = s.metrics().await;
     assert_eq!(metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#), Some(1));
-    assert_eq!(metric(&m, r#"botgate_turns_total{tenant="contoso",bot="helpdesk"}"#), Some(2));
-    assert_eq!(stored(&m), 1000 + b_bytes.len() as u64 + 5);
+    assert_eq!(metric(&m, r#"botgate_turns_total{tenant="contoso",bot="helpdesk"}"#), Some(3));
+    assert_eq!(stored(&m), 1000 + b_bytes.len() as u64 + 5 + 1);
 }
 
 /// A chunked body over the limit, written by hand (no `Content-Length` to refuse it early).

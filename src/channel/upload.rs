@@ -105,8 +105,14 @@ async fn take(
     if super::activity::kind(&a) != "message" {
         return Err(ApiError::bad_request("The activity of an upload is a `message`."));
     }
-    if !a.get("from").is_some_and(Value::is_object) {
-        a.insert("from".into(), json!({ "id": user_id }));
+    // The query's user, where the activity names none (a token's bound user still wins).
+    match a.get_mut("from") {
+        Some(Value::Object(from)) => {
+            from.entry("id").or_insert(Value::String(user_id));
+        }
+        _ => {
+            a.insert("from".into(), json!({ "id": user_id }));
+        }
     }
     let keys = store(app, conv, form.files, &mut a).await?;
     drop(reading);
