@@ -109,11 +109,23 @@ proptest! {
                 expected.insert("channelId".into(), Value::from("directline"));
                 expected.insert("conversation".into(), serde_json::json!({"id": "c"}));
                 // (Both read back by the same parser: its float rounding is not the writer's.)
-                let expected = serde_json::to_string(&expected).unwrap();
+                let expected_json = serde_json::to_string(&expected).unwrap();
                 prop_assert_eq!(
                     serde_json::from_str::<Value>(&stamped).unwrap(),
-                    serde_json::from_str::<Value>(&expected).unwrap()
+                    serde_json::from_str::<Value>(&expected_json).unwrap()
                 );
+                // What an upstream bot gets: the same with the callback URL and itself added.
+                if !a.contains_key("serviceUrl") && !a.contains_key("recipient") {
+                    let for_bot = activity::for_bot(&stamped, "http://gw/connector/k", "b\"1", "Bot");
+                    let mut expected = expected;
+                    expected.insert("serviceUrl".into(), Value::from("http://gw/connector/k"));
+                    expected.insert("recipient".into(), serde_json::json!({"id": "b\"1", "name": "Bot", "role": "bot"}));
+                    let expected = serde_json::to_string(&expected).unwrap();
+                    prop_assert_eq!(
+                        serde_json::from_str::<Value>(&for_bot).unwrap(),
+                        serde_json::from_str::<Value>(&expected).unwrap()
+                    );
+                }
                 if let Err(e) = activity::set_user(&mut a, Some("dl_user")) {
                     assert_client_error(&e);
                 }

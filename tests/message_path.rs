@@ -175,6 +175,42 @@ async fn a_bots_callbacks_answer_as_the_full_stack_does() {
         }
     };
     let service = message["serviceUrl"].as_str().unwrap().to_string();
+    // What the bot got: the stored activity, its callback URL and itself as recipient.
+    assert!(service.starts_with(&s.url("/connector/")), "{message}");
+    assert_eq!(message["id"], id.as_str());
+    assert_eq!(
+        (message["channelId"].as_str(), message["conversation"]["id"].as_str()),
+        (Some("directline"), Some(conv.as_str()))
+    );
+    assert_eq!(
+        (message["recipient"]["id"].as_str(), message["recipient"]["role"].as_str()),
+        (Some("up"), Some("bot"))
+    );
+    assert_eq!(
+        (message["from"]["id"].as_str(), message["from"]["role"].as_str()),
+        (Some("dl_user"), Some("user"))
+    );
+    assert!(message["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{message}");
+    // A client's own `serviceUrl` and `recipient` never reach the bot.
+    let forged = json!({"type": "message", "from": {"id": "dl_user"}, "text": "x",
+        "serviceUrl": "http://evil.example", "recipient": {"id": "someone"}});
+    let res = s
+        .http
+        .post(s.url(&format!("/v3/directline/conversations/{conv}/activities")))
+        .bearer_auth(&token)
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let got = loop {
+        let a = received.recv().await.unwrap();
+        if a["type"] == "message" {
+            break a;
+        }
+    };
+    assert_eq!(got["serviceUrl"], service.as_str());
+    assert_eq!(got["recipient"]["id"], "up");
     let encoded_id = id.replace('|', "%7C");
     for (conv_segment, reply) in
         [(conv.clone(), true), (conv.clone(), false), (through_the_stack(&conv), true)]

@@ -181,6 +181,24 @@ pub fn stamp(a: &Map<String, Value>, id: &str, ts: Millis, conversation: &str) -
     out
 }
 
+/// The JSON an upstream bot receives for a stamped activity (`stamped`, an object written by
+/// [`stamp`] from a map with no `serviceUrl` or `recipient`): the same fields, then the
+/// callback's `serviceUrl` and the bot as `recipient`.
+pub fn for_bot(stamped: &str, service_url: &str, bot_id: &str, bot_name: &str) -> String {
+    let head = stamped.strip_suffix('}').unwrap_or(stamped);
+    let mut out =
+        String::with_capacity(stamped.len() + service_url.len() + bot_id.len() + bot_name.len() + 64);
+    out.push_str(head);
+    out.push_str(",\"serviceUrl\":");
+    json_str(&mut out, service_url);
+    out.push_str(",\"recipient\":{\"id\":");
+    json_str(&mut out, bot_id);
+    out.push_str(",\"name\":");
+    json_str(&mut out, bot_name);
+    out.push_str(",\"role\":\"bot\"}}");
+    out
+}
+
 /// Adds the gateway's id and timestamp to an activity an upstream bot is to receive.
 pub fn mark(a: &mut Map<String, Value>, id: &str, ts: Millis) {
     a.insert("id".into(), Value::String(id.to_string()));

@@ -206,7 +206,15 @@ async fn message(
             answer_topic(app, conv, t, input, Some(&appended.id), appended.ts).await?;
         }
         None => {
-            activity::mark(&mut a, &appended.id, appended.ts);
+            // The bot gets the stored JSON with its `serviceUrl` and `recipient` added, not the
+            // map serialized again (a tenth of an upstream message's instructions), unless the
+            // client sent fields of those names, which the bot's must replace.
+            let out = if a.contains_key("serviceUrl") || a.contains_key("recipient") {
+                activity::mark(&mut a, &appended.id, appended.ts);
+                Outgoing::Activity(a)
+            } else {
+                Outgoing::Stamped(appended.json.clone())
+            };
             match turn {
                 // A bot that never accepted the turn (refused, 5xx, timeout) bills nothing: the
                 // error drops the pending session, which gives its unit back. The bot call and
@@ -216,13 +224,13 @@ async fn message(
                     let (app, conv, reply_to) = (app.clone(), conv.clone(), appended.id.clone());
                     let ts = appended.ts;
                     tokio::spawn(async move {
-                        deliver(&app, &conv, a, Some((&reply_to, ts))).await?;
+                        deliver(&app, &conv, out, Some((&reply_to, ts))).await?;
                         pending.commit().await.map(drop)
                     })
                     .await
                     .map_err(|_| ApiError::internal())??;
                 }
-                _ => deliver(app, conv, a, Some((&appended.id, appended.ts))).await?,
+                _ => deliver(app, conv, out, Some((&appended.id, appended.ts))).await?,
             }
         }
     }
@@ -360,7 +368,7 @@ pub async fn on_start(app: &AppState, conv: &Arc<Conversation>, user: Option<&st
                 "membersAdded": [ { "id": conv.bot.id, "name": conv.bot.name }, { "id": user_id } ],
             });
             let Value::Object(update) = update else { return };
-            if let Err(e) = deliver(app, conv, update, None).await {
+            if let Err(e) = deliver(app, conv, Outgoing::Activity(update), None).await {
                 tracing::debug!(conversation = %conv.id, error = %e, "The bot did not take the conversation start.");
             }
         }
@@ -370,26 +378,40 @@ pub async fn on_start(app: &AppState, conv: &Arc<Conversation>, user: Option<&st
 /// Sends a non-message activity to an upstream bot (built-in bots ignore it).
 async fn forward(app: &AppState, conv: &Arc<Conversation>, a: Map<String, Value>) -> Result<(), ApiError> {
     if matches!(conv.bot.engine, Engine::Upstream(_)) {
-        deliver(app, conv, a, None).await?;
+        deliver(app, conv, Outgoing::Activity(a), None).await?;
     }
     Ok(())
+}
+
+/// What goes to an upstream bot: an activity to complete and serialize, or the JSON of one the
+/// log holds (stamped already), to which the bot's fields are added.
+enum Outgoing {
+    Activity(Map<String, Value>),
+    Stamped(Arc<str>),
 }
 
 /// Delivers an activity to the conversation's upstream bot and appends its inline replies.
 async fn deliver(
     app: &AppState,
     conv: &Arc<Conversation>,
-    mut a: Map<String, Value>,
+    out: Outgoing,
     reply_to: Option<(&str, i64)>,
 ) -> Result<(), ApiError> {
     let Engine::Upstream(up) = &conv.bot.engine else { return Ok(()) };
     let ch = app.channel();
     let service_url = format!("{}/connector/{}", ch.service_base, up.connector_key());
-    a.insert("serviceUrl".into(), Value::String(service_url));
-    a.insert("recipient".into(), json!({ "id": conv.bot.id, "name": conv.bot.name, "role": "bot" }));
-    a.entry("channelId").or_insert_with(|| Value::String(activity::CHANNEL_ID.into()));
-    a.entry("conversation").or_insert_with(|| json!({ "id": &*conv.id }));
-    let body = Bytes::from(serde_json::to_vec(&a).unwrap_or_default());
+    let body = match out {
+        Outgoing::Activity(mut a) => {
+            a.insert("serviceUrl".into(), Value::String(service_url));
+            a.insert("recipient".into(), json!({ "id": conv.bot.id, "name": conv.bot.name, "role": "bot" }));
+            a.entry("channelId").or_insert_with(|| Value::String(activity::CHANNEL_ID.into()));
+            a.entry("conversation").or_insert_with(|| json!({ "id": &*conv.id }));
+            Bytes::from(serde_json::to_vec(&a).unwrap_or_default())
+        }
+        Outgoing::Stamped(json) => {
+            Bytes::from(activity::for_bot(&json, &service_url, &conv.bot.id, &conv.bot.name))
+        }
+    };
     let inline = ch.upstream.deliver(up, &conv.bot.id, body).await?;
     for reply in inline {
         if let Value::Object(reply) = reply {

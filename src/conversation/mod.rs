@@ -95,6 +95,8 @@ pub struct Appended {
     pub id: String,
     /// Its timestamp.
     pub ts: Millis,
+    /// Its JSON as stored (shared with the log).
+    pub json: Arc<str>,
 }
 
 impl Drop for Conversation {
@@ -197,11 +199,11 @@ impl Conversation {
             // Strictly increasing: clients order the transcript by timestamp.
             let ts = now.max(not_before).max(log.last_ts + 1);
             log.last_ts = ts;
-            let json = build(&id, ts);
+            let json: Arc<str> = Arc::from(build(&id, ts));
             let added = json.len();
             let mut freed = 0;
             log.bytes += added;
-            log.items.push_back(Arc::from(json));
+            log.items.push_back(json.clone());
             while log.items.len() > 1
                 && (log.items.len() > log.retention.activities || log.bytes > log.retention.bytes)
                 && let Some(old) = log.items.pop_front()
@@ -211,7 +213,7 @@ impl Conversation {
                 log.base += 1;
             }
             self.bot.control.retain(added, freed);
-            Appended { id, ts }
+            Appended { id, ts, json }
         };
         self.notify.notify_waiters();
         appended
