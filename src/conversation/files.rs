@@ -104,21 +104,6 @@ impl Files {
         self.lock().files.iter().find(|f| &*f.key == key).cloned()
     }
 
-    /// Bytes of files held.
-    pub fn bytes(&self) -> usize {
-        self.lock().bytes
-    }
-
-    /// Files held.
-    pub fn len(&self) -> usize {
-        self.lock().files.len()
-    }
-
-    /// Whether no file is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Removes the files under `keys` (an upload whose message was refused).
     pub fn remove(&self, keys: &[Box<str>]) {
         let removed: Vec<Arc<StoredFile>> = {
