@@ -258,3 +258,68 @@ impl crate::telemetry::registry::ScrapeWriter for FileMetrics {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn bot() -> Arc<Bot> {
+        let c = Config::embedded_default().unwrap();
+        Arc::new(Bot::from_config(&c.bots[0], "k".into(), 4))
+    }
+
+    fn store(per_conversation: usize, per_bot: usize, max_stored: usize) -> Arc<FileStore> {
+        let config = ChannelConfig {
+            upload_storage: UploadStorage::Memory,
+            max_upload_bytes_per_conversation: per_conversation,
+            max_upload_bytes_per_bot: per_bot,
+            max_upload_bytes_stored: max_stored,
+            ..ChannelConfig::default()
+        };
+        Arc::new(FileStore::open(&config, Path::new("unused")).unwrap())
+    }
+
+    async fn put(
+        s: &Arc<FileStore>,
+        f: &Files,
+        bot: &Arc<Bot>,
+        key: String,
+        n: usize,
+    ) -> Result<(), Refusal> {
+        s.put(f, bot, &key, "x", "text/plain", Bytes::from(vec![0; n])).await.map(drop)
+    }
+
+    #[tokio::test]
+    async fn each_budget_refuses_whole_files_and_dropping_frees_them() {
+        let (bot, s) = (bot(), store(10, 15, 18));
+        let (a, b, c) = (Files::default(), Files::default(), Files::default());
+        assert_eq!(put(&s, &a, &bot, "a8".into(), 8).await, Ok(()));
+        assert_eq!(
+            put(&s, &a, &bot, "a3".into(), 3).await,
+            Err(Refusal::Conversation),
+            "8 + 3 > 10 in one conversation"
+        );
+        assert_eq!(put(&s, &b, &bot, "b7".into(), 7).await, Ok(()));
+        assert_eq!(put(&s, &b, &bot, "b1".into(), 1).await, Err(Refusal::Bot), "8 + 7 + 1 > 15 for the bot");
+        assert_eq!((s.stored(), bot.control.uploaded()), (15, 15));
+        // Another bot's files count against the node only.
+        let other = {
+            let c = Config::embedded_default().unwrap();
+            Arc::new(Bot::from_config(&c.bots[0], "k2".into(), 4))
+        };
+        assert_eq!(s.put(&c, &other, "c1", "x", "t/p", Bytes::from(vec![0; 3])).await.map(drop), Ok(()));
+        assert_eq!(
+            s.put(&c, &other, "c2", "x", "t/p", Bytes::from(vec![0; 1])).await.map(drop),
+            Err(Refusal::Node)
+        );
+        // A refused file holds nothing; a removed one gives its bytes back everywhere.
+        assert_eq!((s.stored(), bot.control.uploaded(), other.control.uploaded()), (18, 15, 3));
+        a.remove(&["a8".into()]);
+        assert!(a.get("a8").is_none());
+        assert_eq!((s.stored(), bot.control.uploaded()), (10, 7));
+        drop(b);
+        assert_eq!((s.stored(), bot.control.uploaded()), (3, 0));
+        assert_eq!(put(&s, &a, &bot, "a10".into(), 10).await, Ok(()));
+    }
+}
