@@ -82,15 +82,7 @@ async fn turn(client: HttpClient, req: Request<Incoming>) -> Result<Response<Ful
 
 /// Percent-encodes a path segment as an SDK bot does (`|` in activity ids among others).
 fn pct(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 8);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, botgate::channel::upload::UNRESERVED).to_string()
 }
 
 #[tokio::main]

@@ -345,7 +345,8 @@ async fn every_upload_limit_holds_and_a_refused_upload_holds_nothing() {
 
 #[tokio::test]
 async fn files_leave_with_their_conversation_and_at_restart() {
-    let s = TestServer::start().await;
+    // Idle shorter than a token's life, so the token can start the conversation again.
+    let s = TestServer::with(|c| c.channel.idle_timeout_secs = 600).await;
     let (token, conv, _) = s.conversation("helpdesk").await;
     let id = ok_id(raw(&s, &token, &conv, "a.txt", "text/plain", b"one".to_vec()).await).await;
     let url =
@@ -369,6 +370,10 @@ async fn files_leave_with_their_conversation_and_at_restart() {
     s.state().sweep();
     assert_eq!(files_on_disk(&s), 0);
     assert_eq!(stored(&s.metrics().await), 0);
+    // The same token starts the conversation again under the same id: the old file stays gone.
+    let res = s.http.post(s.url("/v3/directline/conversations")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    assert_error(reqwest::get(&url).await.unwrap(), 404, "NotFound").await;
 
     // A file of a conversation that a restart ended is removed at the next start.
     let (token, conv, _) = s.conversation("helpdesk").await;
