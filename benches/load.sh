@@ -9,7 +9,8 @@
 #   CONNS=32          wrk connections / botgate-load users
 #   SERVER_CPU=0      core the server is pinned to (taskset)
 #   LOAD_CPU=1        core the load generator is pinned to
-#   EXTRAS=1          also run the one-off targets (open-loop p99, idle memory, 10k WebSockets)
+#   EXTRAS=1          also run the one-off targets (open-loop p99 with messages that begin a
+#                     session apart, an fdatasync probe, idle memory, 10k WebSockets)
 #   IDLE_CONVS=100000 conversations for the memory-per-idle-conversation run
 #   WS_CONVS=10000    WebSockets held at once
 #   OUT=target/load-results.txt   where the summary is also written
@@ -34,6 +35,9 @@
 #   msg_upstream  msg_user to an upstream bot (examples/echo_bot.rs, pinned beside the load so
 #            its CPU is not the server's): the gateway POSTs each message to the bot, the bot
 #            calls back on the connector, the gateway answers; billed as any upstream message.
+#   me       wrk GET /api/v1/me with an author's JWT (`botgate token`, development issuer): an
+#            authoring request through the full stack, the JWT's verification cached, the
+#            license resolved per request.
 #   conv_user / conv_sys  botgate-load closed loop, whole conversations of ONE message each
 #            (token + start + POST + GET): with a user topic every message begins a billed
 #            session (pool draw + ledger group commit before the answer); with a system topic
@@ -55,12 +59,13 @@ log() { echo "load.sh: $*" >&2; }
 
 # --- build and tools -------------------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  cargo build --release --bin botgate --bin botgate-load --example hello_baseline --example echo_bot >&2
+  cargo build --release --bin botgate --bin botgate-load --example hello_baseline --example echo_bot --example fsync_probe >&2
 fi
 BOTGATE=target/release/botgate
 LOAD=target/release/botgate-load
 HELLO=target/release/examples/hello_baseline
 ECHO_BOT=target/release/examples/echo_bot
+FSYNC_PROBE=target/release/examples/fsync_probe
 if ! command -v wrk >/dev/null; then
   log "installing wrk"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -111,6 +116,14 @@ start_botgate() { # [config]
 
 metric() { # name [bot] -> value of the bot's series (helpdesk by default) on the admin listener
   curl -s "http://$ADM/metrics" | awk -v n="$1" -v b="bot=\"${2:-helpdesk}\"" '$1 ~ "^"n"\\{" && index($1, b) { s += $2 } END { printf "%d", s }'
+}
+
+# The server's own view of the message route's latency: the share of its requests answered
+# within 1 ms and 2.5 ms (its request-duration histogram), so the generator's tail is told apart.
+server_share() {
+  curl -s "http://$ADM/metrics" | awk -F'[ ,]' '/^botgate_http_request_duration_seconds_(bucket|count)\{route="\/v3\/directline\/conversations\/\{id\}\/activities"/ {
+      if ($0 ~ /le="0.001"/) a = $NF; if ($0 ~ /le="0.0025"/) b = $NF; if ($0 ~ /_count/) n = $NF }
+    END { if (n > 0) printf "server-side: %.2f%% of %d requests within 1 ms, %.2f%% within 2.5 ms", 100 * a / n, n, 100 * b / n }'
 }
 
 # Runs wrk pinned to the load core; sets REQS, RPS, NON2XX, CPU (server us per request).
@@ -228,6 +241,21 @@ scenario_upstream() { # round
   kill "$bot_pid" 2>/dev/null || true; wait "$bot_pid" 2>/dev/null || true
 }
 
+scenario_me() { # round
+  wait_quiet
+  start_botgate
+  local jwt
+  jwt=$("$BOTGATE" token --config benches/load.toml --data-dir "$WORK/data" --tenant contoso --user alice 2>/dev/null)
+  printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$jwt" >"$WORK/me.lua"
+  run_wrk "http://$PUB/api/v1/me" "$WORK/me.lua"
+  RES[me,$1,cpu]=$CPU; RES[me,$1,rps]=$RPS
+  local licensed verdict=PASS
+  licensed=$(curl -s -H "Authorization: Bearer $jwt" "http://$PUB/api/v1/me" | grep -c '"licensed":true' || true)
+  if [ "$NON2XX" -ne 0 ] || [ "$licensed" -ne 1 ]; then verdict=FAIL; FAILURES=$((FAILURES + 1)); fi
+  log "round $1 me: $RPS req/s, $CPU us CPU/req, non-2xx $NON2XX, licensed $licensed $verdict"
+  stop_server
+}
+
 scenario_conv() { # round name text kind
   wait_quiet
   start_botgate
@@ -258,6 +286,7 @@ for r in $(seq 1 "$ROUNDS"); do
   scenario_msg "$r" msg_off "my vpn is broken" off
   scenario_msg "$r" msg_nofsync "my vpn is broken" nofsync
   scenario_upstream "$r"
+  scenario_me "$r"
   scenario_conv "$r" conv_user "my vpn is broken" user
   scenario_conv "$r" conv_sys "hello there" system
 done
@@ -267,7 +296,7 @@ done
   echo "== botgate load benchmark: $(date -u +%FT%TZ), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo "rounds=$ROUNDS duration=${DURATION}s conns=$CONNS; median (min-max over rounds); runs measured while other builds ran: $NOISY"
   printf '%-10s %-28s %-28s\n' scenario "server CPU us/request" "requests/s"
-  for s in hello msg_user msg_sys msg_off msg_nofsync msg_upstream conv_user conv_sys; do
+  for s in hello msg_user msg_sys msg_off msg_nofsync msg_upstream me conv_user conv_sys; do
     printf '%-10s %-28s %-28s\n' "$s" "$(values "$s" cpu | stats)" "$(values "$s" rps | stats)"
   done
   echo "ratios per round, median (min-max):"
@@ -278,6 +307,7 @@ done
   echo "  msg_user / msg_nofsync, CPU per message: $(ratios msg_user msg_nofsync cpu | stats)   (the fsync of each session's commit)"
   echo "  msg_nofsync / msg_off, CPU per message:  $(ratios msg_nofsync msg_off cpu | stats)   (metering without the fsync)"
   echo "  msg_upstream / msg_user, CPU per message: $(ratios msg_upstream msg_user cpu | stats)   (an upstream bot vs the built-in one, gateway CPU, target <= 1.5)"
+  echo "  me / hello, CPU per request:             $(ratios me hello cpu | stats)   (an authoring request with a JWT, target <= 1.3)"
   echo "  conv_user / conv_sys, CPU per request:   $(ratios conv_user conv_sys cpu | stats)   (a session per message: worst case)"
   echo "  hello / msg_user, requests per second:   $(ratios hello msg_user rps | stats)"
 } | tee "$OUT"
@@ -301,14 +331,22 @@ if [ "$EXTRAS" = 1 ]; then
     echo "server-implied max $(awk -v c="$cpu" 'BEGIN { printf "%d", 1e6 / c }') msg/s; generator reached $max msg/s; open loop at $half msg/s"
     s=$(taskset -c "$LOAD_CPU" "$LOAD" --target "http://$PUB" --admin "http://$ADM" --server-pid "$SERVER_PID" \
         --threads 1 -q -c 64 -k 20 --rate "$half" --duration 10 | grep '^summary' || true)
-    echo "open loop ($half msg/s, polling; latency = POST until the reply was read): $s"
+    echo "open loop ($half msg/s, polling; latency = POST until the reply was read): $s $(server_share)"
+    # Each open-loop run on a fresh server: conversations of the runs before would still be
+    # held and count against the node's bounds.
+    stop_server; wait_quiet; start_botgate
     s=$(taskset -c "$LOAD_CPU" "$LOAD" --target "http://$PUB" --admin "http://$ADM" --server-pid "$SERVER_PID" \
         --threads 1 -q -c 64 -k 20 --rate "$half" --duration 10 --transport ws | grep '^summary' || true)
-    echo "open loop ($half msg/s, WebSocket): $s"
+    echo "open loop ($half msg/s, WebSocket): $s $(server_share)"
+    stop_server; wait_quiet; start_botgate
     s=$(taskset -c "$LOAD_CPU" "$LOAD" --target "http://$PUB" --admin "http://$ADM" --server-pid "$SERVER_PID" \
         --threads 1 -q -c 64 -k 20 --rate "$half" --duration 10 --text "hello there" --topic system | grep '^summary' || true)
-    echo "open loop ($half msg/s, polling, system topic: no session begins): $s"
+    echo "open loop ($half msg/s, polling, system topic: no session begins): $s $(server_share)"
     stop_server
+    # The machine's own durable-write latency on the data folder's file system, right after:
+    # a message that begins a session waits for one ledger commit, which cannot beat this.
+    wait_quiet
+    echo "fsync probe (data folder's file system, $SERVER_CPU): $(taskset -c "$SERVER_CPU" "$FSYNC_PROBE" --dir "$WORK" --seconds 5)"
 
     # Memory per idle conversation: start conversations without messages, compare RSS.
     wait_quiet

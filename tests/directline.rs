@@ -192,6 +192,24 @@ async fn websocket_replays_streams_keeps_alive_and_a_second_socket_closes_the_fi
 }
 
 #[tokio::test]
+async fn a_client_frame_up_to_the_limit_is_read_and_a_larger_one_closes_the_socket() {
+    // The socket starts with a small read buffer: a frame of 16 KiB must still be read whole
+    // (the buffer grows), and the stream go on; one byte more is refused.
+    let s = TestServer::start().await;
+    let (token, conv, start) = s.conversation("helpdesk").await;
+    let url = start["streamUrl"].as_str().unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(next_set(&mut ws).await["watermark"], "1", "the greeting");
+    let limit = botgate::channel::stream::MAX_CLIENT_MESSAGE;
+    ws.send(Message::Text("x".repeat(limit).into())).await.unwrap();
+    let id = s.say_ok(&token, &conv, "vpn").await;
+    let set = next_set(&mut ws).await;
+    assert_eq!(set["activities"][0]["id"], id.as_str(), "the stream goes on after a 16 KiB frame");
+    ws.send(Message::Text("x".repeat(limit + 1).into())).await.unwrap();
+    assert_closes(&mut ws).await;
+}
+
+#[tokio::test]
 async fn tokens_expire_on_the_clock_and_refresh_before_that() {
     let s = TestServer::with(|c| c.channel.idle_timeout_secs = 7200).await;
     let (token, conv, _) = s.conversation("helpdesk").await;

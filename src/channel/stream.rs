@@ -25,6 +25,12 @@ const KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// Largest frame or message a client may send on the stream (it sends only keep-alives).
 pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
 
+/// The read buffer a socket starts with (the library's default is 128 KiB, reserved per socket
+/// up front). Clients send only keep-alives; a larger frame grows the buffer up to
+/// [`MAX_CLIENT_MESSAGE`]. 10,000 held conversations cost 5,168 bytes each in RSS with the
+/// default and 4,130–4,991 with this (BENCHMARKS.md, "WebSocket footprint").
+const READ_BUFFER: usize = 1024;
+
 /// Sends one frame within the channel's write timeout. A reader too slow to take it (or gone)
 /// ends the stream: what it has not read stays in the log for its next poll or socket, and
 /// nothing is buffered for it.
@@ -63,7 +69,10 @@ pub async fn stream(
     let app = app.clone();
     // The client sends only keep-alives: a frame beyond a small bound is refused, never
     // buffered; each frame the gateway writes is flushed within the write timeout (`send`).
+    // Frames are written at once (no write buffer to fill first): `send` flushes each anyway.
     Ok(ws
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| run(app, socket, conv, generation, watermark)))

@@ -17,7 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::http::{Answer, Failure, Http};
 use crate::stats::Stats;
-use crate::{Args, Transport};
+use crate::{Args, TopicKind, Transport};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -319,7 +319,8 @@ async fn messages(
             None => poll_reply(ctx, conv_id, token, &id, &mut watermark, until).await?,
             Some(socket) => ws_reply(ctx, socket, &id, &mut seen, until).await?,
         }
-        stats.message_ok(due.elapsed());
+        // The oracle's rule: a user topic's conversation begins a session every 100 turns.
+        stats.message_ok(due.elapsed(), args.topic == TopicKind::User && m % 100 == 0);
         if let Some(l) = lane.as_deref_mut() {
             l.done(Instant::now());
         }

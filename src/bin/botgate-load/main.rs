@@ -269,7 +269,7 @@ async fn run(args: Args) -> ExitCode {
     println!("{report}");
     let (msgs, reqs) = (stats.messages_ok(), stats.http_requests());
     let mut summary = format!(
-        "summary transport={:?} mode={} elapsed_s={:.3} conversations={} messages_ok={} msgs_per_s={:.1} http_reqs={} reqs_per_s={:.1} errors={} p50_us={} p99_us={} p999_us={} max_us={} late_p99_us={}",
+        "summary transport={:?} mode={} elapsed_s={:.3} conversations={} messages_ok={} msgs_per_s={:.1} http_reqs={} reqs_per_s={:.1} errors={} p50_us={} p99_us={} p999_us={} max_us={} late_p99_us={} p99_begins_us={} p99_others_us={}",
         args.transport,
         match args.rate {
             None => "closed".to_string(),
@@ -287,6 +287,8 @@ async fn run(args: Args) -> ExitCode {
         stats.message_quantile(0.999),
         stats.message_quantile(1.0),
         stats.lateness_quantile(0.99),
+        stats.begins_quantile(0.99),
+        stats.continues_quantile(0.99),
     );
     if let (Some(a), Some(b)) = (server, server_after) {
         let cpu_us = b.cpu_us.saturating_sub(a.cpu_us);

@@ -36,6 +36,10 @@ pub struct Stats {
     errors_total: AtomicU64,
     // std mutexes: held for one record, never across an await.
     message_us: Mutex<Histogram<u64>>,
+    /// The messages that began a billed session (user topic, every 100th of a conversation),
+    /// and the others: the first wait for the ledger's durable commit.
+    begins_us: Mutex<Histogram<u64>>,
+    continues_us: Mutex<Histogram<u64>>,
     setup_us: Mutex<Histogram<u64>>,
     lateness_us: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -44,6 +48,11 @@ pub struct Stats {
 fn histogram() -> Histogram<u64> {
     // 3 significant digits from 1 us to MAX_US; the bounds are constants, so this cannot fail.
     Histogram::new_with_bounds(1, MAX_US, 3).unwrap_or_else(|_| unreachable!())
+}
+
+fn quantile(h: &Mutex<Histogram<u64>>, q: f64) -> u64 {
+    let h = h.lock().unwrap_or_else(|p| p.into_inner());
+    if q >= 1.0 { h.max() } else { h.value_at_quantile(q) }
 }
 
 fn record(h: &Mutex<Histogram<u64>>, d: Duration) {
@@ -69,6 +78,8 @@ impl Stats {
             billed_hi: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             message_us: Mutex::new(histogram()),
+            begins_us: Mutex::new(histogram()),
+            continues_us: Mutex::new(histogram()),
             setup_us: Mutex::new(histogram()),
             lateness_us: Mutex::new(histogram()),
             errors: Mutex::new(BTreeMap::new()),
@@ -99,10 +110,12 @@ impl Stats {
         self.http_requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A message's reply arrived `latency` after the message was due.
-    pub fn message_ok(&self, latency: Duration) {
+    /// A message's reply arrived `latency` after the message was due; `began_session`: the
+    /// message began a billed session.
+    pub fn message_ok(&self, latency: Duration, began_session: bool) {
         self.messages_ok.fetch_add(1, Ordering::Relaxed);
         record(&self.message_us, latency);
+        record(if began_session { &self.begins_us } else { &self.continues_us }, latency);
     }
 
     /// A conversation was started (token and start answered) `latency` after it was due.
@@ -165,8 +178,17 @@ impl Stats {
 
     /// A quantile of the message latency, in microseconds (1.0: the max).
     pub fn message_quantile(&self, q: f64) -> u64 {
-        let h = self.message_us.lock().unwrap_or_else(|p| p.into_inner());
-        if q >= 1.0 { h.max() } else { h.value_at_quantile(q) }
+        quantile(&self.message_us, q)
+    }
+
+    /// A quantile of the latency of the messages that began a billed session (0 when none did).
+    pub fn begins_quantile(&self, q: f64) -> u64 {
+        quantile(&self.begins_us, q)
+    }
+
+    /// A quantile of the latency of the messages that began no billed session.
+    pub fn continues_quantile(&self, q: f64) -> u64 {
+        quantile(&self.continues_us, q)
     }
 
     /// A quantile of the open-loop send lateness, in microseconds.
@@ -196,9 +218,13 @@ impl Stats {
             self.http_requests(),
             started as f64 / secs,
         );
-        for (name, h) in
-            [("message", &self.message_us), ("setup", &self.setup_us), ("late", &self.lateness_us)]
-        {
+        for (name, h) in [
+            ("message", &self.message_us),
+            ("begins", &self.begins_us),
+            ("others", &self.continues_us),
+            ("setup", &self.setup_us),
+            ("late", &self.lateness_us),
+        ] {
             let h = h.lock().unwrap_or_else(|p| p.into_inner());
             if h.is_empty() {
                 continue;
