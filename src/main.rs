@@ -220,7 +220,7 @@ fn token(args: TokenArgs) -> ExitCode {
         }
         StoreBackend::Redis => {
             use botgate::store::Store;
-            botgate::store::redis::RedisStore::open(&config.store.redis_url)
+            botgate::store::redis::RedisStore::connect(&config.store, 0, 0)
                 .and_then(|s| s.shared_key(dev_issuer::KEY_NAME, &rand::random::<[u8; 32]>()))
                 .map_err(|e| e.to_string())
         }

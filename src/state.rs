@@ -102,11 +102,17 @@ impl AppState {
                 Arc::new(store)
             }
             StoreBackend::Redis => {
-                let url = config.store.redis_url.clone();
-                let store = tokio::task::spawn_blocking(move || RedisStore::open(&url))
-                    .await
-                    .map_err(|e| StartError::Control(e.to_string()))??;
-                tracing::info!(url = %config.store.redis_url, "Store opened.");
+                let (store_config, cluster) = (config.store.clone(), config.cluster.clone());
+                let store = tokio::task::spawn_blocking(move || {
+                    RedisStore::connect(
+                        &store_config,
+                        cluster.ledger_wait_replicas,
+                        cluster.ledger_wait_timeout_ms,
+                    )
+                })
+                .await
+                .map_err(|e| StartError::Control(e.to_string()))??;
+                tracing::info!(redis = %store.describe(), mode = ?config.store.redis_mode, "Store opened.");
                 let store = Arc::new(store);
                 redis = Some(store.clone());
                 store

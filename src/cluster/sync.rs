@@ -22,11 +22,15 @@ const RELOAD_RETRY: Duration = Duration::from_millis(500);
 pub fn start(state: AppState) {
     let Some(redis) = state.redis().cloned() else { return };
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let client = redis.client().clone();
     let quiet = Duration::from_millis(state.config().cluster.change_probe_ms);
     let spawned = std::thread::Builder::new().name("botgate-sync".into()).spawn(move || {
+        // On a cluster the channel is a shard channel, served by the node of its slot; a slot
+        // moved elsewhere, or that node failing over, ends the subscription (the server says
+        // `sunsubscribe`, or the socket drops): reconnect, where the slot is now, and reload.
+        let (subscribe, message) =
+            if redis.topology().sharded() { ("SSUBSCRIBE", "smessage") } else { ("SUBSCRIBE", "message") };
         loop {
-            let mut conn = match client.get_connection_with_timeout(Duration::from_secs(1)) {
+            let mut conn = match redis.topology().subscriber(CHANGES_CHANNEL, quiet) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, "The change subscription cannot connect; retrying.");
@@ -34,9 +38,11 @@ pub fn start(state: AppState) {
                     continue;
                 }
             };
-            let _ = conn.set_write_timeout(Some(quiet));
-            let mut pubsub = conn.as_pubsub();
-            if pubsub.set_read_timeout(Some(quiet)).is_err() || pubsub.subscribe(CHANGES_CHANNEL).is_err() {
+            let subscribed = conn
+                .set_read_timeout(Some(quiet))
+                .and_then(|()| redis::cmd(subscribe).arg(CHANGES_CHANNEL).exec(&mut conn));
+            if let Err(e) = subscribed {
+                tracing::debug!(error = %e, "The change subscription was refused; retrying.");
                 std::thread::sleep(Duration::from_millis(500));
                 continue;
             }
@@ -45,17 +51,35 @@ pub fn start(state: AppState) {
                 return;
             }
             loop {
-                match pubsub.get_message() {
-                    Ok(_) => {
-                        if tx.send(()).is_err() {
+                match conn.recv_response() {
+                    Ok(redis::Value::Array(parts)) => match parts.first() {
+                        Some(redis::Value::BulkString(kind))
+                            if kind == message.as_bytes() && tx.send(()).is_err() =>
+                        {
                             return;
                         }
-                    }
+                        // The server ended the subscription (a shard channel's slot moved).
+                        Some(redis::Value::BulkString(kind)) if kind.ends_with(b"unsubscribe") => {
+                            tracing::info!("The change subscription was ended by Redis; resubscribing and reloading.");
+                            break;
+                        }
+                        // The answer to our PING (`pong`), or a subscription's confirmation.
+                        _ => {}
+                    },
+                    Ok(_) => {}
                     Err(e) if e.is_timeout() => {
-                        // Quiet: is the server still there? (PING is allowed while subscribed.)
-                        if let Err(e) = pubsub.ping::<redis::Value>() {
+                        // Quiet: is the server still there? (PING is allowed while subscribed;
+                        // its answer arrives as a message, read by this loop.)
+                        if let Err(e) = conn.send_packed_command(&redis::cmd("PING").get_packed_command()) {
                             tracing::warn!(error = %e, "The change subscription does not answer; reconnecting and reloading.");
                             break;
+                        }
+                        match conn.recv_response() {
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "The change subscription does not answer; reconnecting and reloading.");
+                                break;
+                            }
                         }
                     }
                     Err(e) => {

@@ -21,8 +21,8 @@ pub use channel::{ChannelConfig, UploadStorage};
 pub use notifications::{NotificationsConfig, OperatorEndpoint};
 pub use sections::{
     ClusterConfig, IdentityConfig, IssuerConfig, LicensingConfig, MeteringConfig, MetricsConfig,
-    OperatorConfig, OutagePolicy, OutboundConfig, ServerConfig, SqliteSync, StoreBackend, StoreConfig,
-    TENANT_PLACEHOLDER, UpstreamConfig,
+    OperatorConfig, OutagePolicy, OutboundConfig, RedisMode, ServerConfig, SqliteSync, StoreBackend,
+    StoreConfig, TENANT_PLACEHOLDER, UpstreamConfig,
 };
 pub use tenants::{CapacityPolicy, SubscriptionConfig, SubscriptionKind, TenantConfig};
 

@@ -191,6 +191,20 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
 
+/// How the Redis of `backend = "redis"` is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One server at `redis_url`.
+    #[default]
+    Standalone,
+    /// A primary that Redis Sentinel manages: `redis_master_name`, found through
+    /// `redis_sentinels`; a failover is followed at the next reconnect.
+    Sentinel,
+    /// A Redis Cluster reached through `redis_cluster_nodes` (seeds; the rest is discovered).
+    Cluster,
+}
+
 /// When a committed SQLite transaction is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -219,6 +233,18 @@ pub struct StoreConfig {
     /// For `backend = "redis"`: the server, e.g. `redis://127.0.0.1:6379/`. Default empty.
     #[serde(default)]
     pub redis_url: String,
+    /// For `backend = "redis"`: `standalone` (default, `redis_url`), `sentinel` or `cluster`.
+    #[serde(default)]
+    pub redis_mode: RedisMode,
+    /// For `redis_mode = "sentinel"`: the sentinels, e.g. `["redis://10.0.0.21:26379/"]`.
+    #[serde(default)]
+    pub redis_sentinels: Vec<String>,
+    /// For `redis_mode = "sentinel"`: the monitored primary's name (`sentinel monitor <name>`).
+    #[serde(default)]
+    pub redis_master_name: String,
+    /// For `redis_mode = "cluster"`: seed nodes, e.g. `["redis://10.0.0.31:6379/"]`.
+    #[serde(default)]
+    pub redis_cluster_nodes: Vec<String>,
     /// SQLite commit durability: `full` (default, fsync per commit) or `normal` (survives a
     /// process crash, not a power loss).
     #[serde(default)]
@@ -231,6 +257,10 @@ impl Default for StoreConfig {
             backend: StoreBackend::default(),
             data_dir: default_data_dir(),
             redis_url: String::new(),
+            redis_mode: RedisMode::default(),
+            redis_sentinels: Vec::new(),
+            redis_master_name: String::new(),
+            redis_cluster_nodes: Vec::new(),
             sqlite_sync: SqliteSync::default(),
         }
     }
@@ -241,10 +271,32 @@ impl StoreConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("store.data_dir", "must not be empty"));
         }
-        if self.backend == StoreBackend::Redis && !self.redis_url.starts_with("redis://") {
-            return Err(invalid("store.redis_url", "the redis backend needs a redis:// URL"));
+        if self.backend != StoreBackend::Redis {
+            return Ok(());
         }
-        Ok(())
+        let urls = |key: &'static str, list: &[String]| {
+            if list.is_empty() {
+                return Err(invalid(key, "list at least one redis:// URL"));
+            }
+            match list.iter().find(|u| !u.starts_with("redis://")) {
+                Some(_) => Err(invalid(key, "every entry must be a redis:// URL")),
+                None => Ok(()),
+            }
+        };
+        match self.redis_mode {
+            RedisMode::Standalone if !self.redis_url.starts_with("redis://") => {
+                Err(invalid("store.redis_url", "the redis backend needs a redis:// URL"))
+            }
+            RedisMode::Standalone => Ok(()),
+            RedisMode::Sentinel => {
+                urls("store.redis_sentinels", &self.redis_sentinels)?;
+                if self.redis_master_name.is_empty() {
+                    return Err(invalid("store.redis_master_name", "name the primary the sentinels monitor"));
+                }
+                Ok(())
+            }
+            RedisMode::Cluster => urls("store.redis_cluster_nodes", &self.redis_cluster_nodes),
+        }
     }
 }
 
@@ -870,6 +922,20 @@ pub struct ClusterConfig {
     /// reload) even over a half-open socket. Default 5000.
     #[serde(default = "default_change_probe_ms")]
     pub change_probe_ms: u64,
+    /// How many replicas must have each ledger write and lease call (Redis `WAIT`) before it
+    /// counts: a billed session is acknowledged, and a grant drawn on, only then. 0 (default)
+    /// does not wait: a primary that fails before its replicas have a write loses it (see the
+    /// README, "Redis Sentinel and Cluster").
+    #[serde(default)]
+    pub ledger_wait_replicas: u32,
+    /// How long `WAIT` may take, in milliseconds; a write that does not reach enough replicas in
+    /// time is spooled on the node and recorded again later (idempotently). Default 1000.
+    #[serde(default = "default_ledger_wait_timeout_ms")]
+    pub ledger_wait_timeout_ms: u64,
+}
+
+fn default_ledger_wait_timeout_ms() -> u64 {
+    1000
 }
 
 fn default_change_probe_ms() -> u64 {
@@ -888,6 +954,8 @@ impl Default for ClusterConfig {
             safe_capacity_per_node: default_safe_capacity(),
             ledger_linger_ms: 0,
             change_probe_ms: default_change_probe_ms(),
+            ledger_wait_replicas: 0,
+            ledger_wait_timeout_ms: default_ledger_wait_timeout_ms(),
         }
     }
 }
@@ -913,6 +981,9 @@ impl ClusterConfig {
         }
         if self.change_probe_ms < 10 {
             return Err(invalid("cluster.change_probe_ms", "must be at least 10"));
+        }
+        if !(1..=60_000).contains(&self.ledger_wait_timeout_ms) {
+            return Err(invalid("cluster.ledger_wait_timeout_ms", "use 1 to 60000"));
         }
         if self.ledger_linger_ms > 100 {
             return Err(invalid("cluster.ledger_linger_ms", "must be at most 100"));

@@ -9,6 +9,7 @@ pub mod control;
 mod migrations;
 pub mod outbox;
 pub mod redis;
+pub mod redis_conn;
 pub mod redis_lease;
 mod redis_outbox;
 pub mod sqlite;

@@ -1,33 +1,42 @@
-//! The shared store for several nodes: Redis (or a compatible server such as Valkey).
+//! The shared store for several nodes: Redis (or a compatible server such as Valkey), standalone,
+//! Sentinel-managed or a Redis Cluster (`store.redis_mode`, see [`super::redis_conn`]).
 //!
 //! Every key of a tenant carries the `{tenant}` hash tag, so a tenant's keys share one Redis
-//! Cluster slot and a change to one tenant is one `MULTI`/`EXEC`. After a control-plane change
-//! the store publishes the tenant on [`CHANGES_CHANNEL`]; nodes reload on that message.
+//! Cluster slot. Every script and pipeline touches one slot: a change to one tenant is one script
+//! ([`APPLY`]) that checks its conditions (a seat free, the tenant new) and applies the change and
+//! its audit entries atomically. The keys outside tenants (the tenant set, the bot index, node
+//! registrations, the signing keys) are written by single commands that are safe to repeat. After
+//! a control-plane change the store publishes the tenant on [`CHANGES_CHANNEL`] (sharded pub/sub
+//! on a cluster); nodes reload on that message, and in full after any reconnect.
 //!
 //! Billed sessions are recorded a ledger batch at a time: one script stores the batch's
 //! sessions (each with its unique id) under the batch id and counts them only if the batch id was
 //! new, so a retried batch (after a timeout, or replayed whole from a node's spool after an
 //! outage) is never counted twice, and the Redis work per batch does not grow with its size.
+//! With `cluster.ledger_wait_replicas`, a batch counts as written only once that many replicas
+//! have it (`WAIT`); otherwise the node spools it and writes it again later.
 //!
-//! Connections are a small pool of std `Mutex<Option<Connection>>`: callers are blocking
+//! Connections are a small pool of std `Mutex<Option<Conn>>`: callers are blocking
 //! threads (the ledger's writer, the lease calls, `spawn_blocking`), each takes a free
 //! connection, so one slow call (a report, an owner lookup) never queues the ledger behind it;
-//! a failed call drops its connection and the next call on it reconnects.
+//! a failed call drops its connection and the next call on it reconnects (through the
+//! sentinels, or re-reading the cluster's slots).
 
 use std::sync::Mutex;
-use std::time::Duration;
 
-use redis::{Connection, RedisResult};
+use redis::{Cmd, RedisResult};
 
 use super::control::{
     AuditEntry, BotRecord, ControlData, EndpointRecord, Mutation, Principal, SeatRecord, SubscriptionRecord,
     TenantRecord, TrialRecord,
 };
 use super::outbox::{Attempt, CapacityWatch, Claimed, EventState, OutboxEvent, Target};
+use super::redis_conn::{Conn, Topology};
 use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta};
 use crate::store::sqlite::day_of;
 
-/// The pub/sub channel carrying the id of each tenant whose control plane changed.
+/// The pub/sub channel carrying the id of each tenant whose control plane changed (a shard
+/// channel on a cluster: `SPUBLISH`/`SSUBSCRIBE` on the node serving its slot).
 pub const CHANGES_CHANNEL: &str = "bg:changes";
 
 const TENANTS: &str = "bg:tenants";
@@ -51,15 +60,18 @@ const RECORD: &str = super::redis_outbox::RECORD;
 
 /// The Redis store.
 pub struct RedisStore {
-    client: redis::Client,
+    topology: Topology,
+    /// Where it is, for messages: the URL, or the sentinels' primary, or the cluster's seeds.
     url: String,
-    conns: [Mutex<Option<Connection>>; POOL],
+    conns: [Mutex<Option<Conn>>; POOL],
     /// Where a caller that found every connection busy waits next (round robin).
     next: std::sync::atomic::AtomicUsize,
     /// The ledger script, called by its hash (`EVALSHA`) and loaded when the server lacks it.
     record: redis::Script,
     /// Tenants this process has seen in the tenant set, so a batch does not re-add its tenant.
     registered: Mutex<std::collections::HashSet<String>>,
+    /// `WAIT` after each ledger write and lease call: (replicas, timeout in ms); 0 replicas: none.
+    wait: (u32, u64),
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -77,29 +89,58 @@ fn bad_data(url: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedisStore {
-    /// Connects (and checks the server answers).
+    /// Connects to one server (and checks it answers).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| err(url, e))?;
+        let config = crate::config::StoreConfig {
+            backend: crate::config::StoreBackend::Redis,
+            redis_url: url.to_string(),
+            ..Default::default()
+        };
+        Self::connect(&config, 0, 0)
+    }
+
+    /// Connects as `config` says (`redis_mode`), and checks the server answers; every ledger write
+    /// and lease call then waits for `wait_replicas` replicas, up to `wait_timeout_ms`.
+    pub fn connect(
+        config: &crate::config::StoreConfig,
+        wait_replicas: u32,
+        wait_timeout_ms: u64,
+    ) -> Result<Self, StoreError> {
+        use crate::config::RedisMode;
+        let url = match config.redis_mode {
+            RedisMode::Standalone => config.redis_url.clone(),
+            RedisMode::Sentinel => {
+                format!("sentinel {} via {}", config.redis_master_name, config.redis_sentinels.join(","))
+            }
+            RedisMode::Cluster => format!("cluster {}", config.redis_cluster_nodes.join(",")),
+        };
+        let topology = Topology::of(config).map_err(|e| err(&url, e))?;
         let store = Self {
-            client,
-            url: url.to_string(),
+            topology,
+            url,
             conns: std::array::from_fn(|_| Mutex::new(None)),
             next: std::sync::atomic::AtomicUsize::new(0),
             record: redis::Script::new(RECORD),
             registered: Mutex::new(Default::default()),
+            wait: (wait_replicas, wait_timeout_ms),
         };
         store.ping()?;
         Ok(store)
     }
 
-    /// The client (for pub/sub and the lease scripts, which use their own connections).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// Where the store is: its URL, the sentinels' primary, or the cluster's seeds.
+    pub fn describe(&self) -> &str {
+        &self.url
+    }
+
+    /// Where the connections go (for the change subscription).
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     /// Runs `f` on a free connection of the pool (waiting for one in turn when all are busy),
     /// reconnecting first if needed; a failure drops that connection.
-    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Result<T, StoreError> {
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Result<T, StoreError> {
         let free = self.conns.iter().find_map(|slot| match slot.try_lock() {
             Ok(g) => Some(g),
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
@@ -114,12 +155,7 @@ impl RedisStore {
             }
         };
         if guard.is_none() {
-            let c = self
-                .client
-                .get_connection_with_timeout(Duration::from_secs(1))
-                .map_err(|e| err(&self.url, e))?;
-            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+            let c = self.topology.connect().map_err(|e| err(&self.url, e))?;
             // A new connection may be a restarted server: register tenants anew.
             self.registered.lock().unwrap_or_else(|p| p.into_inner()).clear();
             *guard = Some(c);
@@ -134,7 +170,56 @@ impl RedisStore {
         }
     }
 
-    fn tenants(&self, c: &mut Connection) -> RedisResult<Vec<String>> {
+    /// After a write on `c` to the slot of `key`: waits for the configured replicas; an error
+    /// when fewer than that have it in time (the write itself stands; the caller writes it
+    /// again later, idempotently).
+    pub fn wait_replicas(&self, c: &mut Conn, key: &str) -> RedisResult<()> {
+        let (replicas, timeout) = self.wait;
+        if replicas == 0 {
+            return Ok(());
+        }
+        let acked = c.wait_replicas(key, replicas, timeout)?;
+        if acked < replicas {
+            return Err((
+                redis::ErrorKind::Io,
+                "too few replicas",
+                format!("{acked} of {replicas} replicas acknowledged within {timeout} ms"),
+            )
+                .into());
+        }
+        Ok(())
+    }
+
+    /// [`Self::wait_replicas`] for writes to the slots of `keys`: once on one server, once per
+    /// slot on a cluster.
+    pub fn wait_all(&self, c: &mut Conn, keys: &[String]) -> RedisResult<()> {
+        if self.wait.0 == 0 || keys.is_empty() {
+            return Ok(());
+        }
+        if !self.topology.sharded() {
+            return self.wait_replicas(c, &keys[0]);
+        }
+        let mut slots: Vec<u16> = Vec::with_capacity(keys.len());
+        for k in keys {
+            let slot = super::redis_conn::slot(k);
+            if !slots.contains(&slot) {
+                slots.push(slot);
+                self.wait_replicas(c, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes that `tenants` changed (sharded on a cluster).
+    fn publish(&self, c: &mut Conn, tenants: &std::collections::BTreeSet<String>) -> RedisResult<()> {
+        let command = if self.topology.sharded() { "SPUBLISH" } else { "PUBLISH" };
+        for t in tenants {
+            redis::cmd(command).arg(CHANGES_CHANNEL).arg(t).query::<i64>(c)?;
+        }
+        Ok(())
+    }
+
+    fn tenants(&self, c: &mut Conn) -> RedisResult<Vec<String>> {
         let mut t: Vec<String> = redis::cmd("SMEMBERS").arg(TENANTS).query(c)?;
         t.sort();
         Ok(t)
@@ -178,19 +263,25 @@ impl Store for RedisStore {
         }
         // One script call per tenant and month (one Cluster slot each), whatever the batch size.
         // The grouping is a function of the batch, so a replayed batch yields the same fields.
-        let mut groups: std::collections::BTreeMap<
+        let mut groups_by_month: std::collections::BTreeMap<
             (&str, crate::metering::pool::MonthIndex),
             Vec<&SessionRecord>,
         > = Default::default();
         for s in batch {
-            groups.entry((&s.tenant, crate::metering::pool::month_of(s.began_ms))).or_default().push(s);
+            groups_by_month
+                .entry((&s.tenant, crate::metering::pool::month_of(s.began_ms)))
+                .or_default()
+                .push(s);
         }
         let node = batch[0].node.as_str();
-        let mut pipe = redis::pipe();
+        // One group per tenant and month (one slot each), then the tenant set's additions.
+        let mut groups: Vec<Vec<Cmd>> = Vec::with_capacity(groups_by_month.len() + 1);
+        let mut wait_keys = Vec::with_capacity(groups_by_month.len());
+        let mut register = Vec::new();
         let mut new_tenants = Vec::new();
         {
             let registered = self.registered.lock().unwrap_or_else(|p| p.into_inner());
-            for ((tenant, month), sessions) in &groups {
+            for ((tenant, month), sessions) in &groups_by_month {
                 let mut packed = String::with_capacity(sessions.len() * 48);
                 let mut usage: std::collections::BTreeMap<String, u64> = Default::default();
                 let mut drawn = 0u64;
@@ -227,21 +318,31 @@ impl Store for RedisStore {
                 for (field, n) in usage {
                     c.arg(field).arg(n);
                 }
-                pipe.add_command(c).ignore();
-                if !registered.contains(*tenant) {
-                    pipe.cmd("SADD").arg(TENANTS).arg(*tenant).ignore();
+                groups.push(vec![c]);
+                wait_keys.push(key(tenant, "sessions"));
+                if !registered.contains(*tenant) && !new_tenants.iter().any(|t: &String| t == tenant) {
+                    register.push(redis::cmd("SADD").arg(TENANTS).arg(*tenant).to_owned());
                     new_tenants.push(tenant.to_string());
                 }
             }
         }
-        self.with_conn(|c| match pipe.query::<()>(c) {
-            // The server does not know the script yet (first write, a restart, `SCRIPT FLUSH`):
-            // load it and send the pipeline once more (its `SADD`s are idempotent).
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.record.load(c)?;
-                pipe.query::<()>(c)
+        if !register.is_empty() {
+            groups.push(register);
+        }
+        self.with_conn(|c| {
+            match c.query_groups(&groups) {
+                // The server does not know the script yet (first write, a restart, a failover,
+                // `SCRIPT FLUSH`): load it and send the groups once more (a group already
+                // recorded answers 0; the `SADD`s are idempotent).
+                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    self.record.load(c)?;
+                    c.query_groups(&groups)?;
+                }
+                other => {
+                    other?;
+                }
             }
-            other => other,
+            self.wait_all(c, &wait_keys)
         })?;
         if !new_tenants.is_empty() {
             self.registered.lock().unwrap_or_else(|p| p.into_inner()).extend(new_tenants);
@@ -290,28 +391,37 @@ impl Store for RedisStore {
         if deltas.is_empty() {
             return Ok(());
         }
-        self.with_conn(|c| {
-            let mut pipe = redis::pipe();
-            for (tenant, bot, day, d) in deltas {
-                let k = key(tenant, "usage");
-                let counts = [
-                    ("turns", d.turns),
-                    ("rc", d.rejected_capacity),
-                    ("rr", d.rejected_rate),
-                    ("fok", d.flows[0]),
-                    ("ffail", d.flows[1]),
-                    ("ftime", d.flows[2]),
-                    ("fref", d.flows[3]),
-                ];
-                for (name, v) in counts {
-                    if v > 0 {
-                        pipe.cmd("HINCRBY").arg(&k).arg(format!("{bot}|{day}|{name}")).arg(v).ignore();
-                    }
-                }
-                pipe.cmd("SADD").arg(TENANTS).arg(tenant).ignore();
+        // One group per row (its tenant's slot), then the tenant set's additions.
+        let mut groups: Vec<Vec<Cmd>> = Vec::with_capacity(deltas.len() + 1);
+        let mut register: Vec<Cmd> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (tenant, bot, day, d) in deltas {
+            let k = key(tenant, "usage");
+            let counts = [
+                ("turns", d.turns),
+                ("rc", d.rejected_capacity),
+                ("rr", d.rejected_rate),
+                ("fok", d.flows[0]),
+                ("ffail", d.flows[1]),
+                ("ftime", d.flows[2]),
+                ("fref", d.flows[3]),
+            ];
+            let group: Vec<Cmd> = counts
+                .iter()
+                .filter(|(_, v)| *v > 0)
+                .map(|(name, v)| {
+                    redis::cmd("HINCRBY").arg(&k).arg(format!("{bot}|{day}|{name}")).arg(*v).to_owned()
+                })
+                .collect();
+            if !group.is_empty() {
+                groups.push(group);
             }
-            pipe.query::<()>(c)
-        })
+            if seen.insert(tenant.as_str()) {
+                register.push(redis::cmd("SADD").arg(TENANTS).arg(tenant).to_owned());
+            }
+        }
+        groups.push(register);
+        self.with_conn(|c| c.query_groups(&groups).map(|_| ()))
     }
 
     fn load_usage(&self) -> Result<Vec<DailyUsage>, StoreError> {
@@ -441,20 +551,11 @@ impl Store for RedisStore {
     }
 
     fn apply(&self, mutations: &[Mutation], audit: &[AuditEntry]) -> Result<(), StoreError> {
-        // A seat claim watches the seats it counted, a bot's creation the bot index: when
-        // another node changed them before the transaction ran, they are checked again.
-        for _ in 0..8 {
-            match self.with_conn(|c| apply_on(c, mutations, audit, None))? {
-                Applied::Yes => return Ok(()),
-                Applied::SeatsFull(tenant) => return Err(StoreError::SeatsFull { tenant }),
-                Applied::BotExists(id) => return Err(StoreError::BotExists { id }),
-                Applied::No => {}
-            }
+        match self.with_conn(|c| self.apply_on(c, mutations, audit, None))? {
+            Applied::Yes | Applied::No => Ok(()),
+            Applied::SeatsFull(tenant) => Err(StoreError::SeatsFull { tenant }),
+            Applied::BotExists(id) => Err(StoreError::BotExists { id }),
         }
-        Err(StoreError::Redis {
-            url: self.url.clone(),
-            message: "the seats kept changing while a seat was claimed".into(),
-        })
     }
 
     fn seed_tenant(
@@ -463,7 +564,7 @@ impl Store for RedisStore {
         mutations: &[Mutation],
         audit: &[AuditEntry],
     ) -> Result<bool, StoreError> {
-        self.with_conn(|c| apply_on(c, mutations, audit, Some(tenant))).map(|a| a == Applied::Yes)
+        self.with_conn(|c| self.apply_on(c, mutations, audit, Some(tenant))).map(|a| a == Applied::Yes)
     }
 
     fn audit(&self, tenant: &str, after_seq: i64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
@@ -504,11 +605,11 @@ impl Store for RedisStore {
     }
 }
 
-/// Whether [`apply_on`] applied its transaction.
+/// Whether [`RedisStore::apply_on`] applied its change.
 #[derive(Debug, PartialEq, Eq)]
 enum Applied {
     Yes,
-    /// A watched key changed (or the tenant to seed exists): nothing was written.
+    /// The tenant to seed exists: nothing was written.
     No,
     /// A seat claim found every seat of this tenant taken: nothing was written.
     SeatsFull(String),
@@ -516,140 +617,311 @@ enum Applied {
     BotExists(String),
 }
 
-/// Applies control-plane changes and their audit entries in one `MULTI`/`EXEC`, then publishes
-/// the touched tenants. With `only_new`, the transaction runs only if that tenant does not exist
-/// (`WATCH` on its key: a node that loses the race to seed it applies nothing). A seat claim
-/// counts the tenant's seats under `WATCH`, so it applies only if a seat was free when it ran.
-fn apply_on(
-    c: &mut Connection,
-    mutations: &[Mutation],
-    audit: &[AuditEntry],
-    only_new: Option<&str>,
-) -> RedisResult<Applied> {
-    if let Some(t) = only_new {
-        redis::cmd("WATCH").arg(key(t, "tenant")).query::<()>(c)?;
-        if redis::cmd("EXISTS").arg(key(t, "tenant")).query::<bool>(c)? {
-            redis::cmd("UNWATCH").query::<()>(c)?;
-            return Ok(Applied::No);
-        }
-    }
-    for m in mutations {
-        if let Mutation::ClaimSeat { seat, seats } = m {
-            let k = key(&seat.tenant, "seats");
-            redis::cmd("WATCH").arg(&k).query::<()>(c)?;
-            let held: bool = redis::cmd("HEXISTS").arg(&k).arg(&seat.user).query(c)?;
-            let taken: u64 = redis::cmd("HLEN").arg(&k).query(c)?;
-            if !held && taken >= *seats {
-                redis::cmd("UNWATCH").query::<()>(c)?;
-                return Ok(Applied::SeatsFull(seat.tenant.clone()));
-            }
-        }
-        if let Mutation::CreateBot(b) = m {
-            redis::cmd("WATCH").arg(BOT_INDEX).query::<()>(c)?;
-            if redis::cmd("HEXISTS").arg(BOT_INDEX).arg(&b.id).query::<bool>(c)? {
-                redis::cmd("UNWATCH").query::<()>(c)?;
-                return Ok(Applied::BotExists(b.id.clone()));
-            }
-        }
-    }
+/// One tenant's control-plane change, atomically. `KEYS`: 1 tenant, 2 subs, 3 assign, 4 seats,
+/// 5 trials, 6 bots, 7 endpoints, 8 audit, 9 auditseq (all the tenant's, one slot). `ARGV`:
+/// `1` when the tenant must be new (a seed), else `0`; the number of seat claims, then a user and
+/// the seat limit each; the number of audit entries, then each entry's JSON before and after its
+/// sequence number; then the operations, four arguments each: name, key index, two arguments.
+///
+/// Returns 1 when applied, 0 when the tenant to seed exists, -1 when a claim found every seat
+/// taken (nothing is written then). The conditions are checked before anything is written, and
+/// a script runs alone, so two nodes claiming the last seat at once get one seat between them.
+const APPLY: &str = r#"
+local i = 1
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+i = 2
+local claims = tonumber(ARGV[i]); i = i + 1
+local added = 0
+for _ = 1, claims do
+  local user, limit = ARGV[i], tonumber(ARGV[i + 1]); i = i + 2
+  if redis.call('HEXISTS', KEYS[4], user) == 0 then
+    if redis.call('HLEN', KEYS[4]) + added >= limit then return -1 end
+    added = added + 1
+  end
+end
+local audits = tonumber(ARGV[i]); i = i + 1
+local first_audit = i
+i = i + 2 * audits
+while i <= #ARGV do
+  local op, k, a, b = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3]
+  i = i + 4
+  if op == 'SET' then redis.call('SET', k, a)
+  elseif op == 'HSET' then redis.call('HSET', k, a, b)
+  elseif op == 'HDEL' then redis.call('HDEL', k, a)
+  elseif op == 'SADD' then redis.call('SADD', k, a)
+  elseif op == 'SREM' then redis.call('SREM', k, a)
+  elseif op == 'DELSEATS' then
+    local f = redis.call('HGETALL', k)
+    for j = 1, #f, 2 do
+      if (a == '' or a == '=' .. f[j]) and (b == '' or b == '=' .. f[j + 1]) then
+        redis.call('HDEL', k, f[j])
+      end
+    end
+  end
+end
+if audits > 0 then
+  local seq = redis.call('INCRBY', KEYS[9], audits) - audits + 1
+  for j = 0, audits - 1 do
+    redis.call('RPUSH', KEYS[8], ARGV[first_audit + 2 * j] .. (seq + j) .. ARGV[first_audit + 2 * j + 1])
+  end
+end
+return 1
+"#;
 
-    // Tenants of deleted bots are found before the transaction.
-    let mut bot_tenants = std::collections::HashMap::new();
-    for m in mutations {
-        if let Mutation::DeleteBot { id } = m {
-            let t: Option<String> = redis::cmd("HGET").arg(BOT_INDEX).arg(id).query(c)?;
-            bot_tenants.insert(id.clone(), t.unwrap_or_default());
+/// The keys of [`APPLY`], in order.
+const APPLY_KEYS: [&str; 9] =
+    ["tenant", "subs", "assign", "seats", "trials", "bots", "endpoints", "audit", "auditseq"];
+
+fn apply_key(name: &str) -> usize {
+    APPLY_KEYS.iter().position(|k| *k == name).map_or(0, |i| i + 1)
+}
+
+/// The sequence number an audit entry is serialized with, then replaced inside [`APPLY`].
+const SEQ_MARK: i64 = i64::MAX;
+
+/// Compares the bot index entry of `KEYS[1]`/`ARGV[1]` with `ARGV[2]` and, if equal, replaces it
+/// with `ARGV[3]` (or deletes it when that is empty). Returns 1 if it did.
+const INDEX_SWAP: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"#;
+
+/// A reservation of a bot id older than this, whose tenant does not hold the bot, was left by a
+/// creation that never finished (a node stopped between the two steps), and may be taken.
+const STALE_RESERVATION_MS: i64 = 60_000;
+
+/// A bot index entry: `tenant|reserved_ms` (entries from before the time was kept: `tenant`).
+fn index_entry(tenant: &str) -> String {
+    format!("{tenant}|{}", crate::clock::Clock::now_ms(&crate::clock::SystemClock))
+}
+
+fn index_tenant(entry: &str) -> (&str, i64) {
+    match entry.rsplit_once('|') {
+        Some((t, ms)) => (t, ms.parse().unwrap_or(0)),
+        None => (entry, 0),
+    }
+}
+
+/// A tenant's part of a change: its script's arguments, and whether it carries any operation.
+#[derive(Default)]
+struct TenantChange {
+    claims: Vec<(String, u64)>,
+    audits: Vec<(String, String)>,
+    ops: Vec<[String; 4]>,
+}
+
+impl TenantChange {
+    fn op(&mut self, name: &str, key: &str, a: &str, b: &str) {
+        self.ops.push([name.into(), apply_key(key).to_string(), a.into(), b.into()]);
+    }
+}
+
+impl RedisStore {
+    /// Applies control-plane changes and their audit entries: one [`APPLY`] script per tenant
+    /// (a change spans one tenant in practice; across tenants each tenant's part is atomic), then
+    /// publishes the touched tenants. With `only_new`, that tenant's part applies only if the
+    /// tenant does not exist yet (a node that loses the race to seed it applies nothing).
+    ///
+    /// The keys outside tenants are written around the scripts by commands safe to repeat: the
+    /// tenant set before (a listed tenant without keys reads as nothing), the bot index's
+    /// reservation of a new bot id before (so two nodes creating one id create it once) and its
+    /// release when the creation did not apply, its removal after a bot's deletion.
+    fn apply_on(
+        &self,
+        c: &mut Conn,
+        mutations: &[Mutation],
+        audit: &[AuditEntry],
+        only_new: Option<&str>,
+    ) -> RedisResult<Applied> {
+        // Tenants of deleted bots, from the index.
+        let mut deleted: Vec<(String, String, String)> = Vec::new(); // (bot, tenant, entry)
+        for m in mutations {
+            if let Mutation::DeleteBot { id } = m {
+                let entry: Option<String> = redis::cmd("HGET").arg(BOT_INDEX).arg(id).query(c)?;
+                let entry = entry.unwrap_or_default();
+                deleted.push((id.clone(), index_tenant(&entry).0.to_string(), entry));
+            }
         }
-    }
-    // Audit sequence numbers, reserved per tenant before the transaction (a failed
-    // transaction leaves a gap, never a duplicate).
-    let mut seqs: std::collections::HashMap<String, i64> = Default::default();
-    for a in audit {
-        *seqs.entry(a.tenant.clone()).or_default() += 1;
-    }
-    let mut next: std::collections::HashMap<String, i64> = Default::default();
-    for (t, n) in &seqs {
-        let last: i64 = redis::cmd("INCRBY").arg(key(t, "auditseq")).arg(*n).query(c)?;
-        next.insert(t.clone(), last - n + 1);
-    }
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    let mut touched = std::collections::BTreeSet::new();
-    for m in mutations {
-        match m {
-            Mutation::PutTenant(t) => {
-                pipe.cmd("SET").arg(key(&t.id, "tenant")).arg(json(t)).ignore();
-                pipe.cmd("SADD").arg(TENANTS).arg(&t.id).ignore();
-                touched.insert(t.id.clone());
-            }
-            Mutation::PutSubscription(s) => {
-                pipe.cmd("HSET").arg(key(&s.tenant, "subs")).arg(&s.id).arg(json(s)).ignore();
-                touched.insert(s.tenant.clone());
-            }
-            Mutation::PutAssignment { tenant, kind, id } => {
-                pipe.cmd("SADD").arg(key(tenant, "assign")).arg(format!("{}:{id}", kind_str(*kind))).ignore();
-                touched.insert(tenant.clone());
-            }
-            Mutation::DeleteAssignment { tenant, kind, id } => {
-                pipe.cmd("SREM").arg(key(tenant, "assign")).arg(format!("{}:{id}", kind_str(*kind))).ignore();
-                touched.insert(tenant.clone());
-            }
-            Mutation::PutSeat(s) | Mutation::ClaimSeat { seat: s, .. } => {
-                pipe.cmd("HSET").arg(key(&s.tenant, "seats")).arg(&s.user).arg(&s.via).ignore();
-                touched.insert(s.tenant.clone());
-            }
-            Mutation::DeleteSeats { tenant, user, via } => {
-                let seats: Vec<(String, String)> =
-                    redis::cmd("HGETALL").arg(key(tenant, "seats")).query(c)?;
-                for (u, v) in seats {
-                    if user.as_ref().is_none_or(|x| *x == u) && via.as_ref().is_none_or(|x| *x == v) {
-                        pipe.cmd("HDEL").arg(key(tenant, "seats")).arg(u).ignore();
+        let mut changes: std::collections::BTreeMap<String, TenantChange> = Default::default();
+        let mut listed = std::collections::BTreeSet::new();
+        let mut reserve: Vec<(&str, &str)> = Vec::new();
+        for m in mutations {
+            match m {
+                Mutation::PutTenant(t) => {
+                    changes.entry(t.id.clone()).or_default().op("SET", "tenant", &json(t), "");
+                    listed.insert(t.id.clone());
+                }
+                Mutation::PutSubscription(s) => {
+                    changes.entry(s.tenant.clone()).or_default().op("HSET", "subs", &s.id, &json(s));
+                }
+                Mutation::PutAssignment { tenant, kind, id } => {
+                    let member = format!("{}:{id}", kind_str(*kind));
+                    changes.entry(tenant.clone()).or_default().op("SADD", "assign", &member, "");
+                }
+                Mutation::DeleteAssignment { tenant, kind, id } => {
+                    let member = format!("{}:{id}", kind_str(*kind));
+                    changes.entry(tenant.clone()).or_default().op("SREM", "assign", &member, "");
+                }
+                Mutation::PutSeat(s) => {
+                    changes.entry(s.tenant.clone()).or_default().op("HSET", "seats", &s.user, &s.via);
+                }
+                Mutation::ClaimSeat { seat, seats } => {
+                    let ch = changes.entry(seat.tenant.clone()).or_default();
+                    ch.claims.push((seat.user.clone(), *seats));
+                    ch.op("HSET", "seats", &seat.user, &seat.via);
+                }
+                Mutation::DeleteSeats { tenant, user, via } => {
+                    let filter = |f: &Option<String>| f.as_ref().map(|v| format!("={v}")).unwrap_or_default();
+                    changes.entry(tenant.clone()).or_default().op(
+                        "DELSEATS",
+                        "seats",
+                        &filter(user),
+                        &filter(via),
+                    );
+                }
+                Mutation::PutTrial(t) => {
+                    changes.entry(t.tenant.clone()).or_default().op("HSET", "trials", &t.user, &json(t));
+                }
+                Mutation::PutBot(b) | Mutation::CreateBot(b) => {
+                    changes.entry(b.tenant.clone()).or_default().op("HSET", "bots", &b.id, &json(b));
+                    listed.insert(b.tenant.clone());
+                    if matches!(m, Mutation::CreateBot(_)) {
+                        reserve.push((&b.id, &b.tenant));
                     }
                 }
-                touched.insert(tenant.clone());
-            }
-            Mutation::PutTrial(t) => {
-                pipe.cmd("HSET").arg(key(&t.tenant, "trials")).arg(&t.user).arg(json(t)).ignore();
-                touched.insert(t.tenant.clone());
-            }
-            Mutation::PutBot(b) | Mutation::CreateBot(b) => {
-                pipe.cmd("HSET").arg(key(&b.tenant, "bots")).arg(&b.id).arg(json(b)).ignore();
-                pipe.cmd("HSET").arg(BOT_INDEX).arg(&b.id).arg(&b.tenant).ignore();
-                pipe.cmd("SADD").arg(TENANTS).arg(&b.tenant).ignore();
-                touched.insert(b.tenant.clone());
-            }
-            Mutation::DeleteBot { id } => {
-                let t = bot_tenants.get(id).cloned().unwrap_or_default();
-                pipe.cmd("HDEL").arg(key(&t, "bots")).arg(id).ignore();
-                pipe.cmd("HDEL").arg(BOT_INDEX).arg(id).ignore();
-                touched.insert(t);
-            }
-            Mutation::PutEndpoint(e) => {
-                pipe.cmd("HSET").arg(key(&e.tenant, "endpoints")).arg(&e.id).arg(json(e)).ignore();
-                touched.insert(e.tenant.clone());
-            }
-            Mutation::DeleteEndpoint { tenant, id } => {
-                pipe.cmd("HDEL").arg(key(tenant, "endpoints")).arg(id).ignore();
-                touched.insert(tenant.clone());
+                Mutation::DeleteBot { id } => {
+                    let tenant = deleted.iter().find(|d| d.0 == *id).map(|d| d.1.clone()).unwrap_or_default();
+                    changes.entry(tenant).or_default().op("HDEL", "bots", id, "");
+                }
+                Mutation::PutEndpoint(e) => {
+                    changes.entry(e.tenant.clone()).or_default().op("HSET", "endpoints", &e.id, &json(e));
+                }
+                Mutation::DeleteEndpoint { tenant, id } => {
+                    changes.entry(tenant.clone()).or_default().op("HDEL", "endpoints", id, "");
+                }
             }
         }
+        for a in audit {
+            let mut e = a.clone();
+            e.seq = SEQ_MARK;
+            let j = json(&e);
+            let mark = format!("\"seq\":{SEQ_MARK}");
+            let (before, after) = j.split_once(&mark).unwrap_or((&j, ""));
+            changes
+                .entry(a.tenant.clone())
+                .or_default()
+                .audits
+                .push((format!("{before}\"seq\":"), after.to_string()));
+        }
+        if let Some(t) = only_new {
+            changes.entry(t.to_string()).or_default();
+        }
+
+        // The bot index first: a new id is reserved, or the creation refused.
+        let mut reserved: Vec<(&str, String)> = Vec::new();
+        for (id, tenant) in &reserve {
+            match self.reserve_bot(c, id, tenant)? {
+                Some(entry) => reserved.push((id, entry)),
+                None => {
+                    self.release_bots(c, &reserved)?;
+                    return Ok(Applied::BotExists(id.to_string()));
+                }
+            }
+        }
+        for t in &listed {
+            redis::cmd("SADD").arg(TENANTS).arg(t).query::<i64>(c)?;
+        }
+
+        let mut touched = std::collections::BTreeSet::new();
+        for (tenant, ch) in &changes {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(APPLY).arg(APPLY_KEYS.len());
+            for k in APPLY_KEYS {
+                cmd.arg(key(tenant, k));
+            }
+            cmd.arg(if only_new == Some(tenant.as_str()) { "1" } else { "0" });
+            cmd.arg(ch.claims.len());
+            for (user, limit) in &ch.claims {
+                cmd.arg(user).arg(*limit);
+            }
+            cmd.arg(ch.audits.len());
+            for (before, after) in &ch.audits {
+                cmd.arg(before).arg(after);
+            }
+            for op in &ch.ops {
+                cmd.arg(&op[..]);
+            }
+            match cmd.query::<i64>(c)? {
+                1 => {
+                    touched.insert(tenant.clone());
+                }
+                answer => {
+                    self.release_bots(c, &reserved)?;
+                    return Ok(if answer < 0 { Applied::SeatsFull(tenant.clone()) } else { Applied::No });
+                }
+            }
+        }
+        for (id, _, entry) in &deleted {
+            redis::cmd("EVAL")
+                .arg(INDEX_SWAP)
+                .arg(1)
+                .arg(BOT_INDEX)
+                .arg(id)
+                .arg(entry)
+                .arg("")
+                .query::<i64>(c)?;
+        }
+        if !touched.is_empty() {
+            let keys: Vec<String> = touched.iter().map(|t| key(t, "tenant")).collect();
+            self.wait_all(c, &keys)?;
+        }
+        self.publish(c, &touched)?;
+        Ok(Applied::Yes)
     }
-    for a in audit {
-        let seq = next.get_mut(&a.tenant).map(|s| {
-            *s += 1;
-            *s - 1
-        });
-        let mut e = a.clone();
-        e.seq = seq.unwrap_or(0);
-        pipe.cmd("RPUSH").arg(key(&a.tenant, "audit")).arg(json(&e)).ignore();
-        touched.insert(a.tenant.clone());
+
+    /// Reserves bot id `id` for `tenant` in the bot index; its entry, or `None` when another
+    /// bot holds the id.
+    fn reserve_bot(&self, c: &mut Conn, id: &str, tenant: &str) -> RedisResult<Option<String>> {
+        let entry = index_entry(tenant);
+        if redis::cmd("HSETNX").arg(BOT_INDEX).arg(id).arg(&entry).query::<i64>(c)? == 1 {
+            return Ok(Some(entry));
+        }
+        let Some(held) = redis::cmd("HGET").arg(BOT_INDEX).arg(id).query::<Option<String>>(c)? else {
+            // Released in between: try once more.
+            let taken = redis::cmd("HSETNX").arg(BOT_INDEX).arg(id).arg(&entry).query::<i64>(c)? == 1;
+            return Ok(taken.then_some(entry));
+        };
+        let (holder, since) = index_tenant(&held);
+        let exists: bool = redis::cmd("HEXISTS").arg(key(holder, "bots")).arg(id).query(c)?;
+        let stale = !exists
+            && crate::clock::Clock::now_ms(&crate::clock::SystemClock) - since >= STALE_RESERVATION_MS;
+        if !stale {
+            return Ok(None);
+        }
+        let swapped: i64 = redis::cmd("EVAL")
+            .arg(INDEX_SWAP)
+            .arg(1)
+            .arg(BOT_INDEX)
+            .arg(id)
+            .arg(&held)
+            .arg(&entry)
+            .query(c)?;
+        Ok((swapped == 1).then_some(entry))
     }
-    if pipe.query::<Option<()>>(c)?.is_none() {
-        // A watched key changed meanwhile: another node seeded the tenant, or took a seat.
-        return Ok(Applied::No);
+
+    /// Gives back reservations made by a creation that did not apply.
+    fn release_bots(&self, c: &mut Conn, reserved: &[(&str, String)]) -> RedisResult<()> {
+        for (id, entry) in reserved {
+            redis::cmd("EVAL")
+                .arg(INDEX_SWAP)
+                .arg(1)
+                .arg(BOT_INDEX)
+                .arg(*id)
+                .arg(entry)
+                .arg("")
+                .query::<i64>(c)?;
+        }
+        Ok(())
     }
-    for t in touched {
-        redis::cmd("PUBLISH").arg(CHANGES_CHANNEL).arg(t).query::<i64>(c)?;
-    }
-    Ok(Applied::Yes)
 }

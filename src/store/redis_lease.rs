@@ -163,7 +163,7 @@ impl LeaseStore for RedisStore {
         capacity: u64,
     ) -> Result<Grant, StoreError> {
         let (units, kept): (u64, u8) = self.with_conn(|c| {
-            eval(
+            let answer = eval(
                 &LEASE_SCRIPT,
                 &[pool_key(tenant, month)],
                 &[
@@ -175,7 +175,11 @@ impl LeaseStore for RedisStore {
                     call.ttl_ms.to_string(),
                 ],
             )
-            .query(c)
+            .query(c)?;
+            // A grant counts once the replicas have it: a failover must not forget units this
+            // node draws on (they could be granted again).
+            self.wait_replicas(c, &pool_key(tenant, month))?;
+            Ok(answer)
         })?;
         Ok(Grant { units, kept: kept == 1 })
     }
@@ -187,15 +191,20 @@ impl LeaseStore for RedisStore {
         call: LeaseCall<'_>,
     ) -> Result<Vec<Renewal>, StoreError> {
         let answers: Vec<(u64, u8)> = self.with_conn(|c| {
-            let mut pipe = redis::pipe();
-            for t in tenants {
-                pipe.add_command(eval(
-                    &RENEW_SCRIPT,
-                    &[pool_key(t, month)],
-                    &[now_arg(&call), call.node.to_string(), call.ttl_ms.to_string()],
-                ));
-            }
-            pipe.query(c)
+            let groups: Vec<Vec<redis::Cmd>> = tenants
+                .iter()
+                .map(|t| {
+                    vec![eval(
+                        &RENEW_SCRIPT,
+                        &[pool_key(t, month)],
+                        &[now_arg(&call), call.node.to_string(), call.ttl_ms.to_string()],
+                    )]
+                })
+                .collect();
+            let values = c.query_groups(&groups)?;
+            let keys: Vec<String> = tenants.iter().map(|t| pool_key(t, month)).collect();
+            self.wait_all(c, &keys)?;
+            values.into_iter().map(super::redis_conn::parse).collect()
         })?;
         Ok(answers.into_iter().map(|(used, renewed)| Renewal { used, renewed: renewed == 1 }).collect())
     }
@@ -207,15 +216,14 @@ impl LeaseStore for RedisStore {
         node: &str,
     ) -> Result<Vec<i64>, StoreError> {
         self.with_conn(|c| {
-            let mut pipe = redis::pipe();
-            for (t, pending) in tenants {
-                pipe.add_command(eval(
-                    RELEASE,
-                    &[pool_key(t, month)],
-                    &[node.to_string(), pending.to_string()],
-                ));
-            }
-            pipe.query(c)
+            let groups: Vec<Vec<redis::Cmd>> = tenants
+                .iter()
+                .map(|(t, pending)| {
+                    vec![eval(RELEASE, &[pool_key(t, month)], &[node.to_string(), pending.to_string()])]
+                })
+                .collect();
+            let values = c.query_groups(&groups)?;
+            values.into_iter().map(super::redis_conn::parse).collect()
         })
     }
 }

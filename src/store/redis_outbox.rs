@@ -8,7 +8,9 @@
 //! (hash: id → deliveries JSON), `ob:log` (list of attempts, newest first),
 //! `msess` (hash: month → billed sessions, every node's).
 
-use redis::{Connection, RedisResult};
+use redis::{Cmd, RedisResult};
+
+use super::redis_conn::Conn;
 
 use super::outbox::{Attempt, CapacityWatch, Claimed, EventState, OutboxEvent, Target, next_due};
 use super::redis::key;
@@ -133,7 +135,7 @@ pub(super) fn watch_args(c: &mut redis::Cmd, watch: Option<&CapacityWatch>, now_
     }
 }
 
-pub(super) fn raise(c: &mut Connection, events: &[OutboxEvent]) -> RedisResult<usize> {
+pub(super) fn raise(c: &mut Conn, events: &[OutboxEvent]) -> RedisResult<usize> {
     let script = redis::Script::new(RAISE);
     let mut n = 0;
     for e in events {
@@ -156,7 +158,7 @@ pub(super) fn raise(c: &mut Connection, events: &[OutboxEvent]) -> RedisResult<u
 /// deliveries JSON. One pipeline of one script call per tenant (a round trip in all), loading
 /// the script first when the server lacks it.
 pub(super) fn claim(
-    c: &mut Connection,
+    c: &mut Conn,
     tenants: &[String],
     now_ms: i64,
     lease_ms: i64,
@@ -166,28 +168,36 @@ pub(super) fn claim(
         return Ok(Vec::new());
     }
     let script = redis::Script::new(CLAIM);
-    let mut pipe = redis::pipe();
-    for t in tenants {
-        pipe.cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(5)
-            .arg(key(t, "ob:due"))
-            .arg(key(t, "ob:ev"))
-            .arg(key(t, "ob:tg"))
-            .arg(key(t, "ob:done"))
-            .arg(key(t, "ob:dd"))
-            .arg(now_ms)
-            .arg(lease_ms)
-            .arg(limit)
-            .arg(now_ms - KEEP_SETTLED_MS);
-    }
-    let answers: Vec<Vec<String>> = match pipe.query(c) {
+    // One group per tenant: its slot's node on a cluster, one pipeline on one server.
+    let groups: Vec<Vec<Cmd>> = tenants
+        .iter()
+        .map(|t| {
+            vec![
+                redis::cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(5)
+                    .arg(key(t, "ob:due"))
+                    .arg(key(t, "ob:ev"))
+                    .arg(key(t, "ob:tg"))
+                    .arg(key(t, "ob:done"))
+                    .arg(key(t, "ob:dd"))
+                    .arg(now_ms)
+                    .arg(lease_ms)
+                    .arg(limit)
+                    .arg(now_ms - KEEP_SETTLED_MS)
+                    .to_owned(),
+            ]
+        })
+        .collect();
+    let values = match c.query_groups(&groups) {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             script.prepare_invoke().load(c)?;
-            pipe.query(c)?
+            c.query_groups(&groups)?
         }
         other => other?,
     };
+    let answers: Vec<Vec<String>> =
+        values.into_iter().map(super::redis_conn::parse).collect::<RedisResult<_>>()?;
     let mut out = Vec::new();
     for flat in answers {
         let mut it = flat.into_iter();
@@ -211,7 +221,7 @@ pub(super) fn parse_claimed(raw: Vec<(String, String)>) -> Result<Vec<Claimed>, 
 }
 
 pub(super) fn settle(
-    c: &mut Connection,
+    c: &mut Conn,
     event: &OutboxEvent,
     targets: &[Target],
     attempts: &[Attempt],
@@ -238,14 +248,14 @@ pub(super) fn settle(
     pipe.query::<()>(c)
 }
 
-pub(super) fn attempts(c: &mut Connection, tenant: &str, limit: usize) -> RedisResult<Vec<String>> {
+pub(super) fn attempts(c: &mut Conn, tenant: &str, limit: usize) -> RedisResult<Vec<String>> {
     redis::cmd("LRANGE").arg(key(tenant, "ob:log")).arg(0).arg(limit.saturating_sub(1)).query(c)
 }
 
 /// A tenant's events, deliveries and due times, as stored.
 type RawEvents = (Vec<String>, std::collections::HashMap<String, String>, Vec<(String, i64)>);
 
-pub(super) fn events(c: &mut Connection, tenant: &str) -> RedisResult<RawEvents> {
+pub(super) fn events(c: &mut Conn, tenant: &str) -> RedisResult<RawEvents> {
     redis::pipe()
         .cmd("HVALS")
         .arg(key(tenant, "ob:ev"))
