@@ -190,21 +190,19 @@ impl Conn {
             }
             p
         };
-        match self {
-            Conn::Single(c) => {
-                if groups.iter().all(Vec::is_empty) {
-                    return Ok(Vec::new());
-                }
-                pipeline(&mut groups.iter().flatten()).query(c)
+        if matches!(self, Conn::Single(_)) {
+            if groups.iter().all(Vec::is_empty) {
+                return Ok(Vec::new());
             }
-            Conn::Cluster(c) => {
-                let mut out = Vec::new();
-                for g in groups.iter().filter(|g| !g.is_empty()) {
-                    out.extend(pipeline(&mut g.iter()).query::<Vec<Value>>(&mut **c)?);
-                }
-                Ok(out)
-            }
+            return pipeline(&mut groups.iter().flatten()).query(self);
         }
+        // Through `Conn`, which pipelines on a cluster too: the cluster connection sends a
+        // pipeline whole to the node of its first command's slot.
+        let mut out = Vec::new();
+        for g in groups.iter().filter(|g| !g.is_empty()) {
+            out.extend(pipeline(&mut g.iter()).query::<Vec<Value>>(self)?);
+        }
+        Ok(out)
     }
 
     /// `WAIT replicas timeout` on the node holding `key`: how many replicas have every write this
@@ -246,6 +244,12 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_command(cmd),
             Conn::Cluster(c) => c.req_command(cmd),
         }
+    }
+
+    /// Both pipeline: a cluster's pipeline goes whole to the node of its first command's slot,
+    /// so the store sends only pipelines whose commands share one slot (see the module docs).
+    fn supports_pipelining(&self) -> bool {
+        true
     }
 
     fn get_db(&self) -> i64 {

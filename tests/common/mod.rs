@@ -4,6 +4,7 @@
 
 pub mod node;
 pub mod receiver;
+pub mod redis_ha;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,305 @@
+//! Redis as operators run it beyond one server, on loopback: a Redis Cluster made by
+//! `redis-cli --cluster create`, and a primary with a replica watched by three sentinels
+//! (`redis-server --sentinel`). Every process has its own folder and is killed on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One `redis-server` process (a cluster node, a primary, a replica or a sentinel).
+pub struct RedisProcess {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl RedisProcess {
+    fn spawn(port: u16, dir: tempfile::TempDir, args: &[String]) -> Self {
+        let mut p = Self { child: None, port, dir, args: args.to_vec() };
+        p.restart();
+        p
+    }
+
+    /// Starts the process again (after [`Self::kill`]) in its folder, on its port, with its
+    /// arguments: a killed primary comes back as a replica of whoever took over.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether this is a replica whose link to its primary is up.
+    pub fn replica_in_sync(&self) -> bool {
+        let info = self.cli(&["INFO", "replication"]);
+        info.contains("role:slave") && info.contains("master_link_status:up")
+    }
+
+    /// A data node: append-only file fsynced at every write, no snapshots.
+    fn data_node(port: u16, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(port, dir, &args)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A command through `redis-cli`, its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free loopback port whose cluster bus port (+10000) is free too.
+fn free_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Redis Cluster of `primaries` primaries with `replicas` replicas each.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisProcess>,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize, replicas: usize) -> Self {
+        let n = primaries * (1 + replicas);
+        let nodes: Vec<RedisProcess> = (0..n)
+            .map(|_| {
+                RedisProcess::data_node(
+                    free_port(),
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|p| format!("127.0.0.1:{}", p.port)).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = Self { nodes };
+        cluster.wait_ok();
+        let expected = primaries * replicas;
+        wait_for("the replicas to sync", Duration::from_secs(30), || {
+            cluster.nodes.iter().filter(|p| p.replica_in_sync()).count() == expected
+        });
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is ok and sees every slot served.
+    pub fn wait_ok(&self) {
+        wait_for("the cluster to be ok", Duration::from_secs(30), || {
+            self.nodes.iter().filter(|p| p.child.is_some()).all(|p| {
+                let info = p.cli(&["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            })
+        });
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().filter(|p| p.child.is_some()).map(RedisProcess::url).collect()
+    }
+
+    /// The live node that is the primary serving `key`'s slot.
+    pub fn primary_of(&self, key: &str) -> usize {
+        let slot: u16 = self.live().cli(&["CLUSTER", "KEYSLOT", key]).parse().unwrap();
+        self.nodes
+            .iter()
+            .position(|p| p.child.is_some() && serves(p, slot))
+            .expect("a primary serves the slot")
+    }
+
+    fn live(&self) -> &RedisProcess {
+        self.nodes.iter().find(|p| p.child.is_some()).unwrap()
+    }
+
+    /// The node id of node `i`.
+    pub fn id_of(&self, i: usize) -> String {
+        self.nodes[i].cli(&["CLUSTER", "MYID"])
+    }
+
+    /// The store configuration of a botgate node on this cluster.
+    pub fn store_config(&self) -> botgate::config::StoreConfig {
+        botgate::config::StoreConfig {
+            backend: botgate::config::StoreBackend::Redis,
+            redis_mode: botgate::config::RedisMode::Cluster,
+            redis_cluster_nodes: self.seeds(),
+            ..Default::default()
+        }
+    }
+
+    /// The billed sessions the ledger holds, read through the store; panics on a duplicate.
+    pub fn billed_sessions(&self) -> usize {
+        billed(&self.store_config())
+    }
+}
+
+/// Whether node `p` serves `slot` as a primary (from its own `CLUSTER SLOTS` view).
+fn serves(p: &RedisProcess, slot: u16) -> bool {
+    let out = p.cli(&["CLUSTER", "SLOTS"]);
+    let me = p.port.to_string();
+    // redis-cli prints each range as lines: first, last, primary host, primary port, primary id...
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let mut i = 0;
+    while i + 3 < lines.len() {
+        if let (Ok(lo), Ok(hi)) = (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>())
+            && lines[i + 2] == "127.0.0.1"
+        {
+            if (lo..=hi).contains(&slot) && lines[i + 3] == me {
+                return true;
+            }
+            i += 4;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// The sessions in the ledger of the store `config` names; panics if one is recorded twice.
+pub fn billed(config: &botgate::config::StoreConfig) -> usize {
+    use botgate::store::Store;
+    let store = botgate::store::redis::RedisStore::connect(config, 0, 0).unwrap();
+    let ids = store.session_ids().unwrap();
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "a session recorded twice in Redis");
+    ids.len()
+}
+
+/// A primary and a replica, watched by three sentinels (quorum 2) as `botgate`.
+pub struct RedisSentinel {
+    pub primary: RedisProcess,
+    pub replica: RedisProcess,
+    pub sentinels: Vec<RedisProcess>,
+}
+
+/// The name the sentinels monitor the primary under.
+pub const MASTER_NAME: &str = "botgate";
+
+impl RedisSentinel {
+    pub fn start() -> Self {
+        let primary = RedisProcess::data_node(free_port(), &[]);
+        let replica =
+            RedisProcess::data_node(free_port(), &["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        wait_for("the replica to sync", Duration::from_secs(10), || replica.replica_in_sync());
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir = tempfile::tempdir().unwrap();
+                let conf = dir.path().join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "bind 127.0.0.1\nport {port}\nsentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                         sentinel failover-timeout {MASTER_NAME} 5000\n\
+                         sentinel parallel-syncs {MASTER_NAME} 1\n",
+                        primary.port
+                    ),
+                )
+                .unwrap();
+                let args = vec![conf.display().to_string(), "--sentinel".to_string()];
+                RedisProcess::spawn(port, dir, &args)
+            })
+            .collect();
+        let s = Self { primary, replica, sentinels };
+        wait_for("the sentinels to see the replica", Duration::from_secs(20), || {
+            s.sentinels.iter().all(|x| {
+                x.cli(&["SENTINEL", "REPLICAS", MASTER_NAME]).contains(&s.replica.port.to_string())
+                    && x.cli(&["SENTINEL", "SENTINELS", MASTER_NAME]).matches("127.0.0.1").count() >= 2
+            })
+        });
+        s
+    }
+
+    /// The port of the primary the sentinels name now.
+    pub fn current_primary_port(&self) -> Option<u16> {
+        let out = self.sentinels.iter().find(|x| x.child.is_some())?.cli(&[
+            "SENTINEL",
+            "GET-MASTER-ADDR-BY-NAME",
+            MASTER_NAME,
+        ]);
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    pub fn store_config(&self) -> botgate::config::StoreConfig {
+        botgate::config::StoreConfig {
+            backend: botgate::config::StoreBackend::Redis,
+            redis_mode: botgate::config::RedisMode::Sentinel,
+            redis_sentinels: self.sentinels.iter().map(RedisProcess::url).collect(),
+            redis_master_name: MASTER_NAME.to_string(),
+            ..Default::default()
+        }
+    }
+
+    pub fn billed_sessions(&self) -> usize {
+        billed(&self.store_config())
+    }
+}

@@ -1,0 +1,439 @@
+//! botgate on Redis as operators run it beyond one server: a real 3-primary Redis Cluster
+//! (`redis-cli --cluster create`) and a primary with a replica under three real sentinels. The
+//! pools stay exact across nodes, slots, a primary's `kill -9`, a slot migration under load and a
+//! Sentinel failover; the oracle is the clients' own count of the messages answered 200.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use botgate::config::{Config, StoreConfig};
+use common::redis_ha::{RedisCluster, RedisSentinel, billed, wait_for};
+use common::*;
+
+/// The tenants of a test, one bot each (`<tenant>-bot`, a copy of the helpdesk bot), the first
+/// being `contoso` with its own `helpdesk`.
+fn with_tenants(c: &mut Config, tenants: &[String]) {
+    let base_tenant = c.tenants[0].clone();
+    let base_bot = c.bots.iter().find(|b| b.id == "helpdesk").unwrap().clone();
+    for t in tenants.iter().filter(|t| *t != "contoso") {
+        let mut tenant = base_tenant.clone();
+        tenant.id = t.clone();
+        tenant.name = t.clone();
+        c.tenants.push(tenant);
+        let mut bot = base_bot.clone();
+        bot.id = bot_of(t);
+        bot.tenant = t.clone();
+        c.bots.push(bot);
+    }
+}
+
+fn bot_of(tenant: &str) -> String {
+    if tenant == "contoso" { "helpdesk".into() } else { format!("{tenant}-bot") }
+}
+
+/// A node's configuration on `store`: pools of `pool` sessions per tenant.
+fn node_on(
+    store: StoreConfig,
+    pool: u64,
+    wait_replicas: u32,
+    tenants: Vec<String>,
+) -> impl FnOnce(&mut Config) {
+    move |c| {
+        c.store.backend = store.backend;
+        c.store.redis_mode = store.redis_mode;
+        c.store.redis_cluster_nodes = store.redis_cluster_nodes;
+        c.store.redis_sentinels = store.redis_sentinels;
+        c.store.redis_master_name = store.redis_master_name;
+        c.metering.tenant_license_sessions = pool;
+        c.metering.rate_limit_per_minute = 1_000_000;
+        c.cluster.lease_ttl_secs = 60;
+        c.cluster.change_probe_ms = 500;
+        c.cluster.ledger_wait_replicas = wait_replicas;
+        with_tenants(c, &tenants);
+    }
+}
+
+/// Tenants whose keys live on different primaries of `cluster`: `contoso`, then names until
+/// `count` primaries hold one each.
+fn tenants_on_distinct_primaries(cluster: &RedisCluster, count: usize) -> Vec<String> {
+    let candidates =
+        ["contoso", "fabrikam", "northwind", "tailspin", "adatum", "litware", "wingtip", "proseware"];
+    let mut chosen: Vec<(String, usize)> = Vec::new();
+    for t in candidates {
+        let primary = cluster.primary_of(&format!("bg:{{{t}}}:tenant"));
+        if !chosen.iter().any(|(_, p)| *p == primary) {
+            chosen.push((t.to_string(), primary));
+        }
+        if chosen.len() == count {
+            break;
+        }
+    }
+    assert_eq!(chosen.len(), count, "tenants spread over {count} primaries");
+    chosen.into_iter().map(|(t, _)| t).collect()
+}
+
+/// What a load saw: messages answered 200 (each began a billed session), refused for capacity
+/// or while Redis was unavailable (429/503), and anything else (which fails the exactness
+/// check: its fate would be unknown).
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    refused: AtomicU64,
+    other: AtomicU64,
+}
+
+/// One conversation with one message on `node`, counted in `tally`.
+async fn one_session(node: &TestServer, bot: &str, tally: &Tally) {
+    let Ok(res) = node.http.get(node.url(&format!("/api/v1/bots/{bot}/directline/token"))).send().await
+    else {
+        return;
+    };
+    let Ok(v) = res.json::<serde_json::Value>().await else { return };
+    let (Some(token), Some(conv)) = (v["token"].as_str(), v["conversationId"].as_str()) else { return };
+    let started = node.http.post(node.url("/v3/directline/conversations")).bearer_auth(token).send().await;
+    if !matches!(started, Ok(ref r) if r.status() == 201) {
+        return;
+    }
+    match node.say(token, conv, "vpn").await.status().as_u16() {
+        200 => tally.ok.fetch_add(1, Ordering::Relaxed),
+        429 | 503 => tally.refused.fetch_add(1, Ordering::Relaxed),
+        s => {
+            eprintln!("unexpected answer {s}");
+            tally.other.fetch_add(1, Ordering::Relaxed)
+        }
+    };
+}
+
+/// Users on every node, each beginning sessions in turn over `bots`, until `stop`.
+fn load(
+    nodes: &[Arc<TestServer>],
+    bots: &[String],
+    users: usize,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Tally>, Vec<tokio::task::JoinHandle<()>>) {
+    let tally = Arc::new(Tally::default());
+    let tasks = (0..users)
+        .map(|u| {
+            let (node, bots, tally, stop) =
+                (nodes[u % nodes.len()].clone(), bots.to_vec(), tally.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = u;
+                while !stop.load(Ordering::Relaxed) {
+                    one_session(&node, &bots[i % bots.len()], &tally).await;
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    (tally, tasks)
+}
+
+/// Waits until the ledger holds `expected` sessions (spooled batches are replayed about once a
+/// second), then checks it stays there: exactly the sessions answered 200, none twice.
+async fn ledger_settles_at(store: &StoreConfig, expected: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = store.clone();
+        let n = tokio::task::spawn_blocking(move || billed(&s)).await.unwrap() as u64;
+        if n == expected {
+            break;
+        }
+        assert!(n < expected, "the ledger holds {n} sessions, more than the {expected} answered 200");
+        assert!(Instant::now() < deadline, "the ledger holds {n} sessions, {expected} were answered 200");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = store.clone();
+    let n = tokio::task::spawn_blocking(move || billed(&s)).await.unwrap() as u64;
+    assert_eq!(n, expected, "the ledger moved after settling");
+}
+
+fn contoso_token(node: &TestServer, user: &str, admin: bool) -> String {
+    let key = node.state().store().shared_key(botgate::identity::dev_issuer::KEY_NAME, &[0; 32]).unwrap();
+    let req = botgate::identity::dev_issuer::TokenRequest {
+        tenant: "contoso".into(),
+        user: user.into(),
+        admin,
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    let now = botgate::clock::Clock::now_secs(&*node.clock);
+    botgate::identity::dev_issuer::sign(&key, "botgate-dev", "botgate", &req, now)
+}
+
+/// Three nodes on a 3-primary cluster, three tenants on three different primaries, a pool of 60
+/// each and 100 sessions wanted per tenant: exactly 60 begin per tenant. Control-plane changes
+/// keep their guarantees on the cluster: two nodes racing for the last seats take exactly the
+/// seats bought, racing to create one bot id create it once, and a change on one node reaches
+/// the others over the sharded change feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_redis_cluster_keep_every_pool_exact_and_share_changes() {
+    let cluster = RedisCluster::start(3, 0);
+    let tenants = tenants_on_distinct_primaries(&cluster, 3);
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Arc::new(TestServer::with(node_on(cluster.store_config(), 60, 0, tenants.clone())).await));
+    }
+    let mut tasks = Vec::new();
+    for (i, t) in tenants.iter().enumerate() {
+        for k in 0..3 {
+            let (n, bot) = (nodes[(i + k) % 3].clone(), bot_of(t));
+            tasks.push(tokio::spawn(async move {
+                let tally = Tally::default();
+                for _ in 0..34 {
+                    one_session(&n, &bot, &tally).await;
+                }
+                (tally.ok.into_inner(), tally.refused.into_inner(), tally.other.into_inner())
+            }));
+        }
+    }
+    let mut per_tenant = vec![(0u64, 0u64, 0u64); 3];
+    for (j, t) in tasks.into_iter().enumerate() {
+        let (ok, refused, other) = t.await.unwrap();
+        let e = &mut per_tenant[j / 3];
+        e.0 += ok;
+        e.1 += refused;
+        e.2 += other;
+    }
+    for (t, (ok, refused, other)) in tenants.iter().zip(&per_tenant) {
+        assert_eq!((*ok, *refused, *other), (60, 42, 0), "tenant {t}: 102 wanted, a pool of 60");
+    }
+    ledger_settles_at(&cluster.store_config(), 180).await;
+    // Each tenant's ledger is on the primary of its slot.
+    for t in &tenants {
+        let p = cluster.primary_of(&format!("bg:{{{t}}}:sessions"));
+        assert_eq!(cluster.nodes[p].cli(&["EXISTS", &format!("bg:{{{t}}}:sessions")]), "1");
+    }
+
+    // Seats: contoso bought 10 and alice holds one; 30 claims from two nodes take exactly 9.
+    let admin = Arc::new(contoso_token(&nodes[0], "root", true));
+    let claims: Vec<_> = (0..30)
+        .map(|i| {
+            let (n, admin) = (nodes[i % 2].clone(), admin.clone());
+            tokio::spawn(async move {
+                let res = n
+                    .http
+                    .put(n.url(&format!("/api/v1/admin/licenses/users/u{i}")))
+                    .bearer_auth(&*admin)
+                    .send()
+                    .await
+                    .unwrap();
+                match res.status().as_u16() {
+                    200 => 1,
+                    409 => {
+                        assert_error(res, 409, "NoSeatsLeft").await;
+                        0
+                    }
+                    s => panic!("unexpected {s}: {}", res.text().await.unwrap()),
+                }
+            })
+        })
+        .collect();
+    let mut assigned = 0;
+    for c in claims {
+        assigned += c.await.unwrap();
+    }
+    assert_eq!(assigned, 9);
+    let seats_node = cluster.primary_of("bg:{contoso}:seats");
+    assert_eq!(cluster.nodes[seats_node].cli(&["HLEN", "bg:{contoso}:seats"]), "10");
+
+    // One bot id created from two nodes at once: created once.
+    let alice = Arc::new(contoso_token(&nodes[0], "alice", false));
+    let def = serde_json::json!({"id": "dup", "name": "Dup", "kind": "builtin", "topics": [
+        {"name": "Fallback", "kind": "system", "system": "fallback", "replies": ["Sorry?"]}]});
+    let creates: Vec<_> = (0..10)
+        .map(|i| {
+            let (n, alice, def) = (nodes[i % 2].clone(), alice.clone(), def.clone());
+            tokio::spawn(async move {
+                let res =
+                    n.http.post(n.url("/api/v1/bots")).bearer_auth(&*alice).json(&def).send().await.unwrap();
+                match res.status().as_u16() {
+                    201 => 1,
+                    409 => {
+                        assert_error(res, 409, "BotExists").await;
+                        0
+                    }
+                    s => panic!("unexpected {s}: {}", res.text().await.unwrap()),
+                }
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for c in creates {
+        created += c.await.unwrap();
+    }
+    assert_eq!(created, 1);
+
+    // The new bot, made on node A or B, is listed on node C: the change feed reached it.
+    let c = &nodes[2];
+    let mut seen = false;
+    for _ in 0..200 {
+        let res = c.http.get(c.url("/api/v1/bots/dup")).bearer_auth(&*alice).send().await.unwrap();
+        if res.status() == 200 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "the bot created elsewhere reached node C within two seconds");
+}
+
+/// A cluster with a replica per primary and `cluster.ledger_wait_replicas = 1`: the primary of a
+/// loaded tenant is killed with `kill -9` mid-load, its replica takes over. Every session
+/// answered 200 is in the ledger once, and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_killed_mid_load_loses_no_acknowledged_session_and_counts_none_twice() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let tenants = tenants_on_distinct_primaries(&cluster, 2);
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Arc::new(
+            TestServer::with(node_on(cluster.store_config(), 1_000_000, 1, tenants.clone())).await,
+        ));
+    }
+    let bots: Vec<String> = tenants.iter().map(|t| bot_of(t)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = load(&nodes, &bots, 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = tally.ok.load(Ordering::Relaxed);
+    let victim = cluster.primary_of("bg:{contoso}:sessions");
+    cluster.nodes[victim].kill();
+    // The replica is promoted (cluster-node-timeout 1 s); the load goes on through it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    cluster.wait_ok();
+    let during = tally.ok.load(Ordering::Relaxed);
+    // The killed node comes back as the new primary's replica: batches spooled while the
+    // shard had no replica to `WAIT` for are written again and counted once.
+    cluster.nodes[victim].restart();
+    wait_for("the old primary to rejoin as a replica", Duration::from_secs(30), || {
+        cluster.nodes[victim].replica_in_sync()
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
+    println!(
+        "ok {ok} (before the kill {before}, 6 s after {during}), refused {}",
+        tally.refused.load(Ordering::Relaxed)
+    );
+    assert!(before > 0 && ok > during, "sessions began before the kill and after the failover");
+    assert_eq!(other, 0, "every answer was 200, 429 or 503");
+    ledger_settles_at(&cluster.store_config(), ok).await;
+}
+
+/// The slot holding `contoso`'s keys is moved to another primary (`redis-cli --cluster
+/// reshard`) while sessions begin: the count stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migration_under_load_keeps_the_count_exact() {
+    let cluster = RedisCluster::start(3, 0);
+    let tenants = vec!["contoso".to_string()];
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Arc::new(
+            TestServer::with(node_on(cluster.store_config(), 1_000_000, 0, tenants.clone())).await,
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = load(&nodes, &["helpdesk".to_string()], 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let from = cluster.primary_of("bg:{contoso}:sessions");
+    let to = (from + 1) % 3;
+    let slot = cluster.nodes[from].cli(&["CLUSTER", "KEYSLOT", "bg:{contoso}:sessions"]);
+    // Move exactly that slot, keys and all, as an operator does by hand.
+    let (src, dst) = (&cluster.nodes[from], &cluster.nodes[to]);
+    let (src_id, dst_id) = (cluster.id_of(from), cluster.id_of(to));
+    assert_eq!(dst.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]), "OK");
+    assert_eq!(src.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]), "OK");
+    loop {
+        let keys = src.cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+        if keys.is_empty() {
+            break;
+        }
+        let mut args = vec!["MIGRATE", "127.0.0.1", "", "", "0", "5000", "KEYS"];
+        let port = dst.port.to_string();
+        args[2] = &port;
+        let keys: Vec<&str> = keys.lines().collect();
+        args.extend(keys.iter().copied());
+        let out = src.cli(&args);
+        assert!(out == "OK" || out == "NOKEY", "MIGRATE: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in &cluster.nodes {
+        n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
+    }
+    cluster.wait_ok();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(cluster.primary_of("bg:{contoso}:sessions"), to, "the slot moved");
+    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
+    println!("ok {ok}, refused {}", tally.refused.load(Ordering::Relaxed));
+    assert!(ok > 0);
+    assert_eq!(other, 0, "every answer was 200, 429 or 503");
+    ledger_settles_at(&cluster.store_config(), ok).await;
+}
+
+/// A primary, its replica and three sentinels; two nodes with `redis_mode = "sentinel"` and
+/// `ledger_wait_replicas = 1`. The primary is killed with `kill -9` mid-load: the sentinels
+/// promote the replica, the nodes follow it, and the ledger holds exactly the sessions answered
+/// 200. The nodes write to the promoted replica within the bound the README states
+/// (`down-after-milliseconds` plus the election plus a reconnect: under 15 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_mid_load_is_followed_and_the_count_stays_exact() {
+    let mut group = RedisSentinel::start();
+    let tenants = vec!["contoso".to_string()];
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Arc::new(
+            TestServer::with(node_on(group.store_config(), 1_000_000, 1, tenants.clone())).await,
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = load(&nodes, &["helpdesk".to_string()], 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let old = group.primary.port;
+    group.primary.kill();
+    let killed = Instant::now();
+    let at_kill = tally.ok.load(Ordering::Relaxed);
+    // The nodes follow the promoted replica: new ledger batches reach it.
+    let mut promoted_with = None;
+    let mut followed = None;
+    while killed.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let batches = || group.replica.cli(&["HLEN", "bg:{contoso}:sessions"]).parse::<u64>().unwrap_or(0);
+        match promoted_with {
+            None if group.current_primary_port().is_some_and(|p| p != old) => promoted_with = Some(batches()),
+            Some(n) if batches() > n => {
+                followed = Some(killed.elapsed());
+                break;
+            }
+            _ => {}
+        }
+    }
+    let followed = followed.expect("ledger batches reached the promoted replica");
+    println!("the nodes wrote to the promoted replica {followed:?} after the primary was killed");
+    assert_eq!(group.current_primary_port(), Some(group.replica.port));
+    assert!(followed < Duration::from_secs(15), "followed the failover in {followed:?}");
+    // The killed primary comes back; the sentinels make it the new primary's replica, and the
+    // batches spooled while there was no replica to `WAIT` for are written again.
+    group.primary.restart();
+    wait_for("the old primary to rejoin as a replica", Duration::from_secs(30), || {
+        group.primary.replica_in_sync()
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
+    println!("ok {ok} (at the kill {at_kill}), refused {}", tally.refused.load(Ordering::Relaxed));
+    assert_eq!(other, 0, "every answer was 200, 429 or 503");
+    ledger_settles_at(&group.store_config(), ok).await;
+}
