@@ -287,7 +287,7 @@ async fn three_nodes_on_a_redis_cluster_keep_every_pool_exact_and_share_changes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_primary_killed_mid_load_loses_no_acknowledged_session_and_counts_none_twice() {
     let mut cluster = RedisCluster::start(3, 1);
-    let tenants = tenants_on_distinct_primaries(&cluster, 2);
+    let tenants = tenants_on_distinct_primaries(&cluster, 3);
     let mut nodes = Vec::new();
     for _ in 0..2 {
         nodes.push(Arc::new(
@@ -299,7 +299,8 @@ async fn a_cluster_primary_killed_mid_load_loses_no_acknowledged_session_and_cou
     let (tally, tasks) = load(&nodes, &bots, 8, stop.clone());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = tally.ok.load(Ordering::Relaxed);
-    let victim = cluster.primary_of("bg:{contoso}:sessions");
+    // The victim serves the change feed's shard channel as well as a loaded tenant's keys.
+    let victim = cluster.primary_of(botgate::store::redis::CHANGES_CHANNEL);
     cluster.nodes[victim].kill();
     // The replica is promoted (cluster-node-timeout 1 s); the load goes on through it.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -324,6 +325,30 @@ async fn a_cluster_primary_killed_mid_load_loses_no_acknowledged_session_and_cou
     assert!(before > 0 && ok > during, "sessions began before the kill and after the failover");
     assert_eq!(other, 0, "every answer was 200, 429 or 503");
     ledger_settles_at(&cluster.store_config(), ok).await;
+
+    // The change feed moved with its shard: a change on one node still reaches the other.
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let bob = contoso_token(a, "bob", false);
+    let res = b.http.get(b.url("/api/v1/bots")).bearer_auth(&bob).send().await.unwrap();
+    assert_error(res, 403, "NoUserLicense").await;
+    let res = a
+        .http
+        .put(a.url("/api/v1/admin/licenses/users/bob"))
+        .bearer_auth(contoso_token(a, "root", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut seen = false;
+    for _ in 0..300 {
+        let res = b.http.get(b.url("/api/v1/bots")).bearer_auth(&bob).send().await.unwrap();
+        if res.status() == 200 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "the change reached the other node within three seconds");
 }
 
 /// The slot holding `contoso`'s keys is moved to another primary (`redis-cli --cluster
