@@ -256,6 +256,34 @@ mod tests {
     }
 
     #[test]
+    fn each_redis_mode_needs_its_own_keys() {
+        let err = |text: &str| Config::from_str(text, "x.toml").unwrap_err().to_string();
+        let redis = "[store]\nbackend = \"redis\"\n";
+        assert!(err(&format!("{redis}redis_mode = \"sentinel\"\n")).contains("store.redis_sentinels"));
+        let sentinel =
+            format!("{redis}redis_mode = \"sentinel\"\nredis_sentinels = [\"redis://127.0.0.1:26379/\"]\n");
+        assert!(err(&sentinel).contains("store.redis_master_name"));
+        let named =
+            Config::from_str(&format!("{sentinel}redis_master_name = \"botgate\"\n"), "x.toml").unwrap();
+        assert_eq!(named.store.redis_mode, RedisMode::Sentinel);
+        assert!(err(&format!("{redis}redis_mode = \"cluster\"\n")).contains("store.redis_cluster_nodes"));
+        assert!(
+            err(&format!("{redis}redis_mode = \"cluster\"\nredis_cluster_nodes = [\"10.0.0.1:6379\"]\n"))
+                .contains("store.redis_cluster_nodes")
+        );
+        assert!(err(&format!("{redis}redis_mode = \"ring\"\n")).contains("redis_mode"));
+        let cluster =
+            format!("{redis}redis_mode = \"cluster\"\nredis_cluster_nodes = [\"redis://127.0.0.1:7000/\"]\n");
+        assert!(
+            err(&format!("{cluster}[cluster]\nledger_wait_timeout_ms = 0\n"))
+                .contains("cluster.ledger_wait_timeout_ms")
+        );
+        let waits =
+            Config::from_str(&format!("{cluster}[cluster]\nledger_wait_replicas = 1\n"), "x.toml").unwrap();
+        assert_eq!((waits.cluster.ledger_wait_replicas, waits.cluster.ledger_wait_timeout_ms), (1, 1000));
+    }
+
+    #[test]
     fn bot_of_unknown_tenant_is_refused() {
         let text = r#"
 [[bots]]

@@ -35,9 +35,10 @@ pub enum Topology {
 impl std::fmt::Debug for Topology {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Topology::Standalone(_) => "Standalone",
-            Topology::Sentinel(_) => "Sentinel",
-            Topology::Cluster(_) => "Cluster",
+            // The names of `store.redis_mode`.
+            Topology::Standalone(_) => "standalone",
+            Topology::Sentinel(_) => "sentinel",
+            Topology::Cluster(_) => "cluster",
         })
     }
 }
