@@ -141,6 +141,7 @@ impl AppState {
                         target_secs: c.lease_target_secs,
                         max_grant: c.max_grant,
                         store_time: clock.is_wall_clock(),
+                        fence: c.ledger_wait_replicas == 0,
                     },
                 );
                 tracing::info!(node = %node_id, "Joining the cluster: leases of capacity from Redis.");

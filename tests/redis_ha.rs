@@ -1,7 +1,8 @@
 //! botgate on Redis as operators run it beyond one server: a real 3-primary Redis Cluster
 //! (`redis-cli --cluster create`) and a primary with a replica under three real sentinels. The
 //! pools stay exact across nodes, slots, a primary's `kill -9`, a slot migration under load and a
-//! Sentinel failover; the oracle is the clients' own count of the messages answered 200.
+//! Sentinel failover; the oracle is the clients' own count of the messages answered 200. A grant
+//! the promoted replica never had is fenced, and the month still holds exactly its pool.
 
 mod common;
 
@@ -85,19 +86,23 @@ struct Tally {
     other: AtomicU64,
 }
 
-/// One conversation with one message on `node`, counted in `tally`.
-async fn one_session(node: &TestServer, bot: &str, tally: &Tally) {
-    let Ok(res) = node.http.get(node.url(&format!("/api/v1/bots/{bot}/directline/token"))).send().await
-    else {
-        return;
-    };
-    let Ok(v) = res.json::<serde_json::Value>().await else { return };
-    let (Some(token), Some(conv)) = (v["token"].as_str(), v["conversationId"].as_str()) else { return };
+/// One conversation with one message on `node`: the message's status, or none if the
+/// conversation did not start.
+async fn one_message(node: &TestServer, bot: &str) -> Option<u16> {
+    let res = node.http.get(node.url(&format!("/api/v1/bots/{bot}/directline/token"))).send().await.ok()?;
+    let v = res.json::<serde_json::Value>().await.ok()?;
+    let (token, conv) = (v["token"].as_str()?, v["conversationId"].as_str()?);
     let started = node.http.post(node.url("/v3/directline/conversations")).bearer_auth(token).send().await;
     if !matches!(started, Ok(ref r) if r.status() == 201) {
-        return;
+        return None;
     }
-    match node.say(token, conv, "vpn").await.status().as_u16() {
+    Some(node.say(token, conv, "vpn").await.status().as_u16())
+}
+
+/// One conversation with one message on `node`, counted in `tally`.
+async fn one_session(node: &TestServer, bot: &str, tally: &Tally) {
+    let Some(status) = one_message(node, bot).await else { return };
+    match status {
         200 => tally.ok.fetch_add(1, Ordering::Relaxed),
         429 | 503 => tally.refused.fetch_add(1, Ordering::Relaxed),
         s => {
@@ -461,4 +466,117 @@ async fn a_sentinel_failover_mid_load_is_followed_and_the_count_stays_exact() {
     println!("ok {ok} (at the kill {at_kill}), refused {}", tally.refused.load(Ordering::Relaxed));
     assert_eq!(other, 0, "every answer was 200, 429 or 503");
     ledger_settles_at(&group.store_config(), ok).await;
+}
+
+/// A field of the month's pool of `contoso` on `redis`, summed over nodes (`held:`, `used:`).
+fn pool_sum(redis: &common::redis_ha::RedisProcess, prefix: &str) -> u64 {
+    // The test servers' month (their clocks start at T0).
+    let month = &T0[..7];
+    let out = redis.cli(&["HGETALL", &format!("bg:{{contoso}}:pool:{month}")]);
+    let lines: Vec<&str> = out.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|kv| kv.len() == 2 && kv[0].starts_with(prefix))
+        .map(|kv| kv[1].parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The replica misses a grant: it is stopped, its link cut, and node A is granted more by the
+/// primary, which is then killed (`kill -9`); the sentinels promote the replica. With
+/// `ledger_wait_replicas = 0`, the promoted replica fences the tenant's leases: A's next
+/// renewal drops what it holds, and no grant is made for a lease TTL (on the nodes' clocks).
+/// The month's pool is then drawn to the end by both nodes: the ledger holds exactly the pool,
+/// never more, though A's lost grant was never granted by the new primary. (A's sessions in the
+/// lost window are lost with the primary: the stated price of not waiting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_the_promoted_replica_never_had_is_not_granted_again() {
+    const POOL: u64 = 200;
+    const TTL_SECS: u64 = 3;
+    let mut group = RedisSentinel::start();
+    let tenants = vec!["contoso".to_string()];
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let base = node_on(group.store_config(), POOL, 0, tenants.clone());
+        nodes.push(
+            TestServer::with(move |c: &mut Config| {
+                base(c);
+                c.cluster.lease_ttl_secs = TTL_SECS;
+            })
+            .await,
+        );
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let bot = "helpdesk";
+    // A's first grant, on the replica too.
+    for _ in 0..3 {
+        assert_eq!(one_message(a, bot).await, Some(200));
+    }
+    wait_for("the replica to have every write", Duration::from_secs(10), || {
+        let offset = |p: &common::redis_ha::RedisProcess, field: &str| {
+            let info = p.cli(&["INFO", "replication"]);
+            info.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        };
+        let primary = offset(&group.primary, "master_repl_offset:");
+        primary.is_some() && primary == offset(&group.replica, "slave_repl_offset:")
+    });
+    let held_before = pool_sum(&group.primary, "held:");
+    assert!(held_before > 0);
+    // The replica stops, and the primary drops its link: nothing written from now on reaches it.
+    let replica_pid = group.replica.child.as_ref().unwrap().id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &replica_pid]).status().unwrap().success());
+    group.primary.cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+    // A draws until the primary grants it more.
+    let mut lost = 0;
+    while pool_sum(&group.primary, "held:") == held_before {
+        assert_eq!(one_message(a, bot).await, Some(200));
+        lost += 1;
+        assert!(lost < POOL, "A was granted more");
+    }
+    let grant = pool_sum(&group.primary, "held:") - held_before;
+    assert!(grant >= 2, "A holds units of the lost grant it has not drawn ({grant} granted)");
+    group.primary.kill();
+    assert!(std::process::Command::new("kill").args(["-CONT", &replica_pid]).status().unwrap().success());
+    wait_for("the sentinels to promote the replica", Duration::from_secs(30), || {
+        group.current_primary_port() == Some(group.replica.port)
+    });
+    // The fence: B is refused a grant; A's renewal (every third of the TTL) drops its lease.
+    let until = Instant::now() + Duration::from_secs(TTL_SECS);
+    let (mut refused, mut ok) = (0, 0);
+    while Instant::now() < until {
+        for node in [a, b] {
+            match one_message(node, bot).await {
+                Some(200) => ok += 1,
+                Some(503) => refused += 1,
+                other => panic!("unexpected {other:?} during the fence"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused > 0, "new sessions were refused during the fence");
+    assert_eq!(
+        pool_sum(&group.replica, "held:"),
+        pool_sum(&group.replica, "used:"),
+        "no lease outlived the fence's start"
+    );
+    println!("lost with the primary: {lost} sessions; during the fence {ok} answered, {refused} refused");
+    // The fence ends a TTL later on the nodes' clocks; the month is drawn to its end.
+    for node in &nodes {
+        node.clock.advance_ms(TTL_SECS as i64 * 1000 + 1);
+    }
+    let mut exhausted = [0u32; 2];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while exhausted.iter().any(|&n| n < 3) {
+        assert!(Instant::now() < deadline, "the pool was not drawn to its end");
+        for (i, node) in nodes.iter().enumerate() {
+            match one_message(node, bot).await {
+                Some(429) => exhausted[i] += 1,
+                Some(200 | 503) => exhausted[i] = 0,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let store = group.store_config();
+    wait_for("the ledger to hold the whole pool", Duration::from_secs(30), || billed(&store) as u64 >= POOL);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(billed(&store) as u64, POOL, "the month's sessions are exactly its pool");
 }

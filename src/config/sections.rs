@@ -924,8 +924,9 @@ pub struct ClusterConfig {
     pub change_probe_ms: u64,
     /// How many replicas must have each ledger write and lease call (Redis `WAIT`) before it
     /// counts: a billed session is acknowledged, and a grant drawn on, only then. 0 (default)
-    /// does not wait: a primary that fails before its replicas have a write loses it (see the
-    /// README, "Redis Sentinel and Cluster").
+    /// does not wait: a primary that fails before its replicas have a write loses it, and a
+    /// tenant's leases are fenced for a lease TTL after a failover so that no lost grant is
+    /// granted again (see the README, "Redis Sentinel and Cluster").
     #[serde(default)]
     pub ledger_wait_replicas: u32,
     /// How long `WAIT` may take, in milliseconds; a write that does not reach enough replicas in

@@ -20,6 +20,16 @@
 //! sessions recorded after their units were reclaimed (a partitioned node's spool, replayed
 //! later) raise the node's holding and `granted` by the excess, so later grants account for
 //! them.
+//!
+//! Leases stay fenced across a Redis failover. A promoted replica may lack the last grants and
+//! renewals its primary acknowledged (replication is asynchronous), so the nodes may hold units
+//! it would grant again. The pool's epoch is the replication id of the primary that last wrote
+//! it. A lease call that finds another epoch, on a primary that was promoted from a replica,
+//! drops every lease of the pool and refuses grants for one TTL: by then every node has stopped
+//! drawing on a lease from before the failover. A failover cannot bring an old epoch back, since
+//! each promotion starts a new replication id. Nodes that waited for a
+//! replica before drawing on each grant (`cluster.ledger_wait_replicas` above 0) lost none, and
+//! skip the fence.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +49,9 @@ pub struct LeaseCall<'a> {
     pub now: Option<Millis>,
     /// How long a lease stays valid without renewal, ms.
     pub ttl_ms: i64,
+    /// How long a pool stays fenced after its data is found on a promoted replica (see
+    /// `store::redis_lease`), ms; 0: never fenced (every grant was on a replica before use).
+    pub fence_ms: i64,
 }
 
 /// What a grant gave.
@@ -103,6 +116,10 @@ pub struct LeaseConfig {
     /// Judge expiry by the store's clock (Redis `TIME`), as every node on the wall clock does;
     /// off, the caller's clock is passed instead (tests on a manual clock).
     pub store_time: bool,
+    /// Fence a pool for a TTL when its data is found on a promoted replica, which may have lost
+    /// grants (`cluster.ledger_wait_replicas = 0`); off when each grant reached a replica before
+    /// it was drawn on.
+    pub fence: bool,
 }
 
 /// This node's lease client.
@@ -132,6 +149,7 @@ impl Leases {
             node: &self.node,
             now: (!self.config.store_time).then_some(now),
             ttl_ms: self.config.ttl_ms,
+            fence_ms: if self.config.fence { self.config.ttl_ms } else { 0 },
         }
     }
 

@@ -4,7 +4,8 @@
 //! Cluster slot): `granted` (units handed out, used or not), and per node `held:N` (units leased
 //! to N), `used:N` (sessions N recorded: the ledger script counts them), `exp:N` (lease expiry,
 //! ms by Redis's clock), `seq:N`/`last:N` (the last call, for idempotent retries). Each call is
-//! one script, atomic per pool.
+//! one script, atomic per pool. The tenant's fence, `bg:{tenant}:fence` (same slot), holds the
+//! epoch of its leases and the end of a fence after a failover (see [`FENCE_FN`]).
 
 use crate::metering::lease::{Grant, LeaseCall, LeaseStore, Renewal};
 use crate::metering::pool::{MonthIndex, month_label};
@@ -66,13 +67,58 @@ local function reclaim(h, now, me, ttl)
 end
 "#;
 
-/// `KEYS[1]` pool; `ARGV` now (empty: Redis's clock), node, seq, want, capacity, ttl_ms. Returns
-/// the units granted, and 1 if the node's previous lease was still its own (not reclaimed, not
-/// released), else 0; a retried call returns the first call's answer.
+/// The fence (see `metering::lease`). `fenced(h, f, now, fence_ms)` compares the epoch in the
+/// tenant's fence hash `f` (the replication id of the primary that last made a lease call) with
+/// this primary's. On another epoch, it records this one; and if this primary was promoted from a
+/// replica (it has a previous replication id) and `fence_ms` is above 0, it drops every lease of
+/// pool `h` (each node keeps the units of the sessions Redis has recorded for it, and a node's
+/// sessions recorded later raise its holding again, as after a reclaim) and fences the tenant's
+/// grants until `now + fence_ms`. Returns the end of the fence, or 0 when not fenced.
+const FENCE_FN: &str = r#"
+local function fenced(h, f, now, fence_ms)
+  local info = redis.call('INFO', 'replication')
+  local id = string.match(info, 'master_replid:(%w+)')
+  local promoted = string.match(info, 'master_replid2:(%w+)') ~= string.rep('0', 40)
+  local e = redis.call('HMGET', f, 'epoch', 'until')
+  local untl = tonumber(e[2] or '0')
+  if e[1] ~= id then
+    redis.call('HSET', f, 'epoch', id)
+    if e[1] and promoted and fence_ms > 0 then
+      untl = now + fence_ms
+      redis.call('HSET', f, 'until', untl)
+      local p = redis.call('HGETALL', h)
+      local granted = 0
+      for i = 1, #p, 2 do
+        local n = string.match(p[i], '^exp:(.+)$') or string.match(p[i], '^gone:(.+)$')
+        if n then redis.call('HDEL', h, p[i]) end
+        n = string.match(p[i], '^used:(.+)$')
+        if n then
+          granted = granted + tonumber(p[i + 1])
+          redis.call('HSET', h, 'held:' .. n, p[i + 1])
+        end
+        n = string.match(p[i], '^held:(.+)$')
+        if n and redis.call('HEXISTS', h, 'used:' .. n) == 0 then redis.call('HSET', h, p[i], 0) end
+      end
+      if #p > 0 then redis.call('HSET', h, 'granted', granted) end
+    end
+  end
+  if now < untl then return untl end
+  return 0
+end
+"#;
+
+/// `KEYS[1]` pool, `KEYS[2]` the tenant's fence; `ARGV` now (empty: Redis's clock), node, seq,
+/// want, capacity, ttl_ms, fence_ms. Returns the units granted, and 1 if the node's previous
+/// lease was still its own (not reclaimed, not released), else 0; a retried call returns the
+/// first call's answer. While the pool is fenced, an error `FENCED` with the ms left.
 const LEASE: &str = r#"
 local h = KEYS[1]
 local now, node, seq = clock(ARGV[1]), ARGV[2], ARGV[3]
 local want, cap, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local untl = fenced(h, KEYS[2], now, tonumber(ARGV[7]))
+if untl > 0 then
+  return redis.error_reply('FENCED ' .. (untl - now) .. ' ms left after a failover')
+end
 local v = reclaim(h, now, node, ttl)
 if v['seq:' .. node] == seq then
   return {tonumber(v['last:' .. node] or '0'), tonumber(v['kept:' .. node] or '0')}
@@ -91,12 +137,14 @@ redis.call('PEXPIRE', h, 5356800000)
 return {grant, kept}
 "#;
 
-/// `KEYS[1]` pool; `ARGV` now (empty: Redis's clock), node, ttl_ms. Renews the node's lease if
-/// Redis still holds it (not reclaimed, not released); returns the month's use across every node
-/// and whether the lease was renewed.
+/// `KEYS[1]` pool, `KEYS[2]` the tenant's fence; `ARGV` now (empty: Redis's clock), node,
+/// ttl_ms, fence_ms. Renews the node's lease if Redis still holds it (not reclaimed, not
+/// released, not dropped by a fence); returns the month's use across every node and whether the
+/// lease was renewed.
 const RENEW: &str = r#"
 local h = KEYS[1]
 local now, node, ttl = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+fenced(h, KEYS[2], now, tonumber(ARGV[4]))
 local v = reclaim(h, now, node, ttl)
 local renewed = 0
 if v['exp:' .. node] then
@@ -132,11 +180,17 @@ pub fn pool_key(tenant: &str, month: MonthIndex) -> String {
     key(tenant, &format!("pool:{}", month_label(month)))
 }
 
-/// The grant and renew scripts, each after [`RECLAIM_FN`].
+/// The Redis key of a tenant's lease fence (`epoch`, `until`), kept across months so a pool a
+/// new month begins is judged by it too.
+pub fn fence_key(tenant: &str) -> String {
+    key(tenant, "fence")
+}
+
+/// The grant and renew scripts, each after [`RECLAIM_FN`] and [`FENCE_FN`].
 static LEASE_SCRIPT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{LEASE}"));
+    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{FENCE_FN}{LEASE}"));
 static RENEW_SCRIPT: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{RENEW}"));
+    std::sync::LazyLock::new(|| format!("{RECLAIM_FN}{FENCE_FN}{RENEW}"));
 
 /// One script call. (Lease calls are rare, a few per node per second at most, so the script
 /// text goes along each time.)
@@ -165,7 +219,7 @@ impl LeaseStore for RedisStore {
         let (units, kept): (u64, u8) = self.with_conn(|c| {
             let answer = eval(
                 &LEASE_SCRIPT,
-                &[pool_key(tenant, month)],
+                &[pool_key(tenant, month), fence_key(tenant)],
                 &[
                     now_arg(&call),
                     call.node.to_string(),
@@ -173,6 +227,7 @@ impl LeaseStore for RedisStore {
                     want.to_string(),
                     capacity.to_string(),
                     call.ttl_ms.to_string(),
+                    call.fence_ms.to_string(),
                 ],
             )
             .query(c)?;
@@ -196,8 +251,13 @@ impl LeaseStore for RedisStore {
                 .map(|t| {
                     vec![eval(
                         &RENEW_SCRIPT,
-                        &[pool_key(t, month)],
-                        &[now_arg(&call), call.node.to_string(), call.ttl_ms.to_string()],
+                        &[pool_key(t, month), fence_key(t)],
+                        &[
+                            now_arg(&call),
+                            call.node.to_string(),
+                            call.ttl_ms.to_string(),
+                            call.fence_ms.to_string(),
+                        ],
                     )]
                 })
                 .collect();
@@ -241,14 +301,53 @@ mod tests {
     use crate::metering::pool::TenantPool;
     use std::sync::Arc;
 
-    /// A real `redis-server` on a free loopback port, killed on drop.
-    struct Redis(std::process::Child, u16);
+    /// A real `redis-server` on a free loopback port, in its own folder (a replica's full sync
+    /// writes a file), killed on drop.
+    struct Redis(std::process::Child, u16, tempfile::TempDir);
 
     impl Redis {
+        /// A replica of `primary`, in sync once this returns.
+        fn replica_of(primary: &Redis) -> Self {
+            let replica = Self::start();
+            replica.cli(&["REPLICAOF", "127.0.0.1", &primary.1.to_string()]);
+            replica.synced_with(primary);
+            replica
+        }
+
+        /// Waits until this replica has every write of `primary`.
+        fn synced_with(&self, primary: &Redis) {
+            for _ in 0..1000 {
+                if self.cli(&["INFO", "replication"]).contains("master_link_status:up") {
+                    assert_eq!(primary.cli(&["WAIT", "1", "10000"]), "1", "the replica is in sync");
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("the replica did not sync");
+        }
+
+        /// The replica stops following its primary and serves on its own (what Sentinel and
+        /// Cluster do at a failover): what the primary writes from now on, it never has.
+        fn promote(&self) {
+            assert_eq!(self.cli(&["REPLICAOF", "NO", "ONE"]), "OK");
+        }
+
+        fn cli(&self, args: &[&str]) -> String {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &self.1.to_string()])
+                .args(args)
+                .output()
+                .expect("redis-cli");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+
         fn start() -> Self {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let dir = tempfile::tempdir().unwrap();
             let child = std::process::Command::new("redis-server")
                 .args([
+                    "--dir",
+                    dir.path().to_str().unwrap(),
                     "--bind",
                     "127.0.0.1",
                     "--port",
@@ -261,7 +360,7 @@ mod tests {
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("redis-server (scripts/test.sh installs it)");
-            let redis = Self(child, port);
+            let redis = Self(child, port, dir);
             for _ in 0..200 {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return redis;
@@ -276,6 +375,8 @@ mod tests {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
+            // Emptied now the server is gone (the folder itself goes with the field).
+            let _ = std::fs::remove_dir_all(self.2.path());
         }
     }
 
@@ -287,18 +388,119 @@ mod tests {
         Leases::new(Arc::new(store(redis)), node.into(), clock.clone(), config(store_time))
     }
 
+    /// A node's lease client on `redis`, fenced after a failover or not.
+    fn leases_fenced(redis: &Redis, node: &str, clock: &Arc<ManualClock>, fence: bool) -> Leases {
+        let config = LeaseConfig { fence, ..config(false) };
+        Leases::new(Arc::new(store(redis)), node.into(), clock.clone(), config)
+    }
+
+    /// A, holding a lease replicated to the replica, is granted more on the primary; the replica
+    /// is promoted before it has that grant, and the nodes move to it. Returns the clock, the
+    /// month, the new primary, A's and B's clients on it (fenced or not), and their pools, A's
+    /// holding both grants.
+    #[allow(clippy::type_complexity)]
+    fn a_grant_lost_in_a_failover(
+        fence: bool,
+    ) -> (Arc<ManualClock>, MonthIndex, Redis, Leases, Leases, Arc<TenantPool>, Arc<TenantPool>) {
+        let primary = Redis::start();
+        let replica = Redis::replica_of(&primary);
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let month = crate::metering::pool::month_of(clock.now_ms());
+        let (pa, pb) = (leased_pool(100, month), leased_pool(100, month));
+        let a = leases_fenced(&primary, "a", &clock, fence);
+        let first = a.refill_blocking(&pa, month).unwrap();
+        replica.synced_with(&primary);
+        replica.promote();
+        let second = a.refill_blocking(&pa, month).unwrap();
+        assert_eq!(pa.lease_available(month, clock.now_ms()), first + second);
+        drop(primary);
+        // The nodes follow the failover (a new client numbers its calls past the old one's).
+        clock.advance_ms(1);
+        let a = leases_fenced(&replica, "a", &clock, fence);
+        let b = leases_fenced(&replica, "b", &clock, fence);
+        (clock, month, replica, a, b, pa, pb)
+    }
+
+    #[test]
+    fn a_grant_lost_in_a_failover_fences_the_pool_and_it_is_never_oversold() {
+        let (clock, month, _redis, a, b, pa, pb) = a_grant_lost_in_a_failover(true);
+        // The promoted replica never granted A's second lease: it refuses every grant for a
+        // TTL, and A's next renewal drops what A holds.
+        let refused = b.refill_blocking(&pb, month).unwrap_err();
+        assert!(refused.contains("FENCED"), "{refused}");
+        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
+        assert_eq!(pa.lease_available(month, clock.now_ms()), 0, "A dropped its lease");
+        clock.advance_ms(9_999);
+        assert!(a.refill_blocking(&pa, month).is_err(), "still fenced");
+        clock.advance_ms(1);
+        let total = draw_to_the_end(&[(&a, &pa), (&b, &pb)], month, clock.now_ms());
+        assert_eq!(total, 100, "every unit of the pool, each once");
+    }
+
+    #[test]
+    fn without_the_fence_a_grant_lost_in_a_failover_is_granted_twice() {
+        // What the fence prevents (and why it is on whenever grants are not waited on): the
+        // promoted replica grants A's lost units again while A still draws on them.
+        let (clock, month, _redis, a, b, pa, pb) = a_grant_lost_in_a_failover(false);
+        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
+        let mut total = draw_all(&pa, clock.now_ms());
+        total += draw_to_the_end(&[(&a, &pa), (&b, &pb)], month, clock.now_ms());
+        assert!(total > 100, "oversold: {total}");
+    }
+
+    #[test]
+    fn a_pool_moved_to_a_primary_never_promoted_is_not_fenced() {
+        // A slot migration or a restart: the data is all there, on a server with a fresh
+        // replication history; the epoch changes without a fence.
+        let (from, to) = (Redis::start(), Redis::start());
+        let clock = ManualClock::at("2026-11-28T00:00:00Z");
+        let month = crate::metering::pool::month_of(clock.now_ms());
+        let pa = leased_pool(100, month);
+        let held = leases_fenced(&from, "a", &clock, true).refill_blocking(&pa, month).unwrap();
+        for key in [pool_key("t", month), fence_key("t")] {
+            let out = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &from.1.to_string(),
+                    "MIGRATE",
+                    "127.0.0.1",
+                    &to.1.to_string(),
+                    &key,
+                    "0",
+                    "5000",
+                ])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+        }
+        clock.advance_ms(1);
+        let a = leases_fenced(&to, "a", &clock, true);
+        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
+        assert_eq!(pa.lease_available(month, clock.now_ms()), held, "A keeps its lease");
+        assert!(a.refill_blocking(&pa, month).unwrap() > 0, "and is granted more");
+    }
+
     fn store(redis: &Redis) -> RedisStore {
         RedisStore::open(&format!("redis://127.0.0.1:{}/", redis.1)).unwrap()
     }
 
     fn config(store_time: bool) -> LeaseConfig {
-        LeaseConfig { ttl_ms: 10_000, target_secs: 5, max_grant: 1000, store_time }
+        LeaseConfig { ttl_ms: 10_000, target_secs: 5, max_grant: 1000, store_time, fence: true }
     }
 
     /// One grant call of `node` at `now`, straight to the store.
     fn grant(s: &RedisStore, node: &str, now: Millis, seq: u64, want: u64, cap: u64) -> u64 {
         let month = crate::metering::pool::month_of(now);
-        s.grant("p", month, LeaseCall { node, now: Some(now), ttl_ms: 10_000 }, seq, want, cap).unwrap().units
+        s.grant(
+            "p",
+            month,
+            LeaseCall { node, now: Some(now), ttl_ms: 10_000, fence_ms: 10_000 },
+            seq,
+            want,
+            cap,
+        )
+        .unwrap()
+        .units
     }
 
     /// A pool of `capacity` sessions a month drawing from a lease, as every node has one.
@@ -325,6 +527,18 @@ mod tests {
         n
     }
 
+    /// Every node refills and draws in turn, a hundred rounds: what they drew.
+    fn draw_to_the_end(nodes: &[(&Leases, &Arc<TenantPool>)], month: MonthIndex, now: Millis) -> u64 {
+        let mut total = 0;
+        for _ in 0..100 {
+            for (l, p) in nodes {
+                l.refill_blocking(p, month).unwrap();
+                total += draw_all(p, now);
+            }
+        }
+        total
+    }
+
     #[test]
     fn a_reclaimed_lease_stays_reclaimed_and_its_old_holder_draws_only_new_grants() {
         let redis = Redis::start();
@@ -346,12 +560,7 @@ mod tests {
         assert_eq!(draw_all(&pa, clock.now_ms()), granted);
         let drawn_b = draw_all(&pb, clock.now_ms());
         let mut total = granted + drawn_b;
-        for _ in 0..100 {
-            for (l, p) in [(&a, &pa), (&b, &pb)] {
-                l.refill_blocking(p, month).unwrap();
-                total += draw_all(p, clock.now_ms());
-            }
-        }
+        total += draw_to_the_end(&[(&a, &pa), (&b, &pb)], month, clock.now_ms());
         assert_eq!(total, 100, "the pool is never oversold");
     }
 
