@@ -618,7 +618,9 @@ enum Applied {
 }
 
 /// One tenant's control-plane change, atomically. `KEYS`: 1 tenant, 2 subs, 3 assign, 4 seats,
-/// 5 trials, 6 bots, 7 endpoints, 8 audit, 9 auditseq (all the tenant's, one slot). `ARGV`:
+/// 5 trials, 6 bots, 7 endpoints, 8 audit, 9 auditseq, 10 fence (all the tenant's, one slot).
+/// The tenant's lease epoch (`store::redis_lease`) starts with its first change, so that even a
+/// first grant lost in a failover finds the tenant fenced. `ARGV`:
 /// `1` when the tenant must be new (a seed), else `0`; the number of seat claims, then a user and
 /// the seat limit each; the number of audit entries, then each entry's JSON before and after its
 /// sequence number; then the operations, four arguments each: name, key index, two arguments.
@@ -665,12 +667,14 @@ if audits > 0 then
     redis.call('RPUSH', KEYS[8], ARGV[first_audit + 2 * j] .. (seq + j) .. ARGV[first_audit + 2 * j + 1])
   end
 end
+local info = redis.call('INFO', 'replication')
+redis.call('HSETNX', KEYS[10], 'epoch', string.match(info, 'master_replid:(%w+)'))
 return 1
 "#;
 
 /// The keys of [`APPLY`], in order.
-const APPLY_KEYS: [&str; 9] =
-    ["tenant", "subs", "assign", "seats", "trials", "bots", "endpoints", "audit", "auditseq"];
+const APPLY_KEYS: [&str; 10] =
+    ["tenant", "subs", "assign", "seats", "trials", "bots", "endpoints", "audit", "auditseq", "fence"];
 
 fn apply_key(name: &str) -> usize {
     APPLY_KEYS.iter().position(|k| *k == name).map_or(0, |i| i + 1)
