@@ -301,50 +301,10 @@ mod tests {
     use crate::metering::pool::TenantPool;
     use std::sync::Arc;
 
-    /// A real `redis-server` on a free loopback port, in its own folder (a replica's full sync
-    /// writes a file), killed on drop.
+    /// A real `redis-server` on a free loopback port, in its own folder, killed on drop.
     struct Redis(std::process::Child, u16, tempfile::TempDir);
 
     impl Redis {
-        /// A replica of `primary`, in sync once this returns.
-        fn replica_of(primary: &Redis) -> Self {
-            let replica = Self::start();
-            replica.cli(&["REPLICAOF", "127.0.0.1", &primary.1.to_string()]);
-            replica.synced_with(primary);
-            replica
-        }
-
-        /// Waits until this replica has every write of `primary`.
-        fn synced_with(&self, primary: &Redis) {
-            let offset = |r: &Redis, field: &str| {
-                let info = r.cli(&["INFO", "replication"]);
-                info.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
-            };
-            for _ in 0..1000 {
-                let at = offset(primary, "master_repl_offset:");
-                if at.is_some() && at == offset(self, "slave_repl_offset:") {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            panic!("the replica did not sync");
-        }
-
-        /// The replica stops following its primary and serves on its own (what Sentinel and
-        /// Cluster do at a failover): what the primary writes from now on, it never has.
-        fn promote(&self) {
-            assert_eq!(self.cli(&["REPLICAOF", "NO", "ONE"]), "OK");
-        }
-
-        fn cli(&self, args: &[&str]) -> String {
-            let out = std::process::Command::new("redis-cli")
-                .args(["-p", &self.1.to_string()])
-                .args(args)
-                .output()
-                .expect("redis-cli");
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        }
-
         fn start() -> Self {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let dir = tempfile::tempdir().unwrap();
@@ -390,120 +350,6 @@ mod tests {
 
     fn leases_on(redis: &Redis, node: &str, clock: &Arc<ManualClock>, store_time: bool) -> Leases {
         Leases::new(Arc::new(store(redis)), node.into(), clock.clone(), config(store_time))
-    }
-
-    /// A node's lease client on `redis`, fenced after a failover or not.
-    fn leases_fenced(redis: &Redis, node: &str, clock: &Arc<ManualClock>, fence: bool) -> Leases {
-        let config = LeaseConfig { fence, ..config(false) };
-        Leases::new(Arc::new(store(redis)), node.into(), clock.clone(), config)
-    }
-
-    /// A, holding a lease replicated to the replica, is granted more on the primary; the replica
-    /// is promoted before it has that grant, and the nodes move to it. Returns the clock, the
-    /// month, the new primary, A's and B's clients on it (fenced or not), and their pools, A's
-    /// holding both grants.
-    #[allow(clippy::type_complexity)]
-    fn a_grant_lost_in_a_failover(
-        fence: bool,
-    ) -> (Arc<ManualClock>, MonthIndex, Redis, Leases, Leases, Arc<TenantPool>, Arc<TenantPool>) {
-        let primary = Redis::start();
-        let replica = Redis::replica_of(&primary);
-        let clock = ManualClock::at("2026-11-28T00:00:00Z");
-        let month = crate::metering::pool::month_of(clock.now_ms());
-        let (pa, pb) = (leased_pool(100, month), leased_pool(100, month));
-        let a = leases_fenced(&primary, "a", &clock, fence);
-        let first = a.refill_blocking(&pa, month).unwrap();
-        replica.synced_with(&primary);
-        replica.promote();
-        let second = a.refill_blocking(&pa, month).unwrap();
-        assert_eq!(pa.lease_available(month, clock.now_ms()), first + second);
-        drop(primary);
-        // The nodes follow the failover (a new client numbers its calls past the old one's).
-        clock.advance_ms(1);
-        let a = leases_fenced(&replica, "a", &clock, fence);
-        let b = leases_fenced(&replica, "b", &clock, fence);
-        (clock, month, replica, a, b, pa, pb)
-    }
-
-    #[test]
-    fn a_grant_lost_in_a_failover_fences_the_pool_and_it_is_never_oversold() {
-        let (clock, month, _redis, a, b, pa, pb) = a_grant_lost_in_a_failover(true);
-        // The promoted replica never granted A's second lease: it refuses every grant for a
-        // TTL, and A's next renewal drops what A holds.
-        let refused = b.refill_blocking(&pb, month).unwrap_err();
-        assert!(refused.contains("FENCED"), "{refused}");
-        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
-        assert_eq!(pa.lease_available(month, clock.now_ms()), 0, "A dropped its lease");
-        clock.advance_ms(9_999);
-        assert!(a.refill_blocking(&pa, month).is_err(), "still fenced");
-        clock.advance_ms(1);
-        let total = draw_to_the_end(&[(&a, &pa), (&b, &pb)], month, clock.now_ms());
-        assert_eq!(total, 100, "every unit of the pool, each once");
-    }
-
-    #[test]
-    fn without_the_fence_a_grant_lost_in_a_failover_is_granted_twice() {
-        // What the fence prevents (and why it is on whenever grants are not waited on): the
-        // promoted replica grants A's lost units again while A still draws on them.
-        let (clock, month, _redis, a, b, pa, pb) = a_grant_lost_in_a_failover(false);
-        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
-        let mut total = draw_all(&pa, clock.now_ms());
-        total += draw_to_the_end(&[(&a, &pa), (&b, &pb)], month, clock.now_ms());
-        assert!(total > 100, "oversold: {total}");
-    }
-
-    #[test]
-    fn a_tenants_first_grant_lost_in_a_failover_is_fenced_too() {
-        // The tenant's epoch began with its first control-plane change, which the replica has;
-        // its first lease call is not.
-        use crate::store::Store;
-        use crate::store::control::{Mutation, Principal};
-        let primary = Redis::start();
-        let replica = Redis::replica_of(&primary);
-        let assign = Mutation::PutAssignment { tenant: "t".into(), kind: Principal::User, id: "u1".into() };
-        store(&primary).apply(&[assign], &[]).unwrap();
-        replica.synced_with(&primary);
-        replica.promote();
-        let clock = ManualClock::at("2026-11-28T00:00:00Z");
-        let month = crate::metering::pool::month_of(clock.now_ms());
-        let (pa, pb) = (leased_pool(100, month), leased_pool(100, month));
-        assert!(leases_fenced(&primary, "a", &clock, true).refill_blocking(&pa, month).unwrap() > 0);
-        clock.advance_ms(1);
-        let b = leases_fenced(&replica, "b", &clock, true);
-        let refused = b.refill_blocking(&pb, month).unwrap_err();
-        assert!(refused.contains("FENCED"), "{refused}");
-    }
-
-    #[test]
-    fn a_pool_moved_to_a_primary_never_promoted_is_not_fenced() {
-        // A slot migration or a restart: the data is all there, on a server with a fresh
-        // replication history; the epoch changes without a fence.
-        let (from, to) = (Redis::start(), Redis::start());
-        let clock = ManualClock::at("2026-11-28T00:00:00Z");
-        let month = crate::metering::pool::month_of(clock.now_ms());
-        let pa = leased_pool(100, month);
-        let held = leases_fenced(&from, "a", &clock, true).refill_blocking(&pa, month).unwrap();
-        for key in [pool_key("t", month), fence_key("t")] {
-            let out = std::process::Command::new("redis-cli")
-                .args([
-                    "-p",
-                    &from.1.to_string(),
-                    "MIGRATE",
-                    "127.0.0.1",
-                    &to.1.to_string(),
-                    &key,
-                    "0",
-                    "5000",
-                ])
-                .output()
-                .unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
-        }
-        clock.advance_ms(1);
-        let a = leases_fenced(&to, "a", &clock, true);
-        a.renew_blocking(std::slice::from_ref(&pa), month).unwrap();
-        assert_eq!(pa.lease_available(month, clock.now_ms()), held, "A keeps its lease");
-        assert!(a.refill_blocking(&pa, month).unwrap() > 0, "and is granted more");
     }
 
     fn store(redis: &Redis) -> RedisStore {

@@ -324,27 +324,50 @@ impl RedisServer {
 
     /// Starts (or restarts) in `dir` on `port` (0: a free one).
     pub fn start_in(dir: tempfile::TempDir, port: u16) -> Self {
-        let port = if port == 0 {
-            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-        } else {
-            port
-        };
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server; scripts/test.sh installs it)");
-        let server = Self { child, port, dir };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        let free = port == 0;
+        let mut dir = Some(dir);
+        for _ in 0..20 {
+            let port = if free {
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+            } else {
+                port
+            };
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port"])
+                .arg(port.to_string())
+                .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir.as_ref().unwrap().path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (Debian package redis-server; scripts/test.sh installs it)");
+            let mut server = Self { child, port, dir: dir.take().unwrap() };
+            if server.answers_as_itself() {
                 return server;
+            }
+            // Another test's server took the free port first: this one exited; try another.
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+            assert!(free, "redis-server did not start on port {port}");
+            dir = Some(std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap()));
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// Whether the server on this port is this process (a free port can be taken by another
+    /// test's server between the check and the start).
+    fn answers_as_itself(&mut self) -> bool {
+        let me = format!("process_id:{}", self.child.id());
+        for _ in 0..200 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return self.cli(&["INFO", "server"]).lines().any(|l| l.trim() == me);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        panic!("redis-server did not start on port {port}");
+        false
     }
 
     pub fn url(&self) -> String {
