@@ -92,12 +92,20 @@ impl Drop for RedisProcess {
     }
 }
 
-/// A free loopback port whose cluster bus port (+10000) is free too.
+/// A free loopback port whose cluster bus port (+10000) is free too, never handed out before in
+/// this test binary (its tests run in parallel, and a port is free again between this check and
+/// the server's start).
 fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let mut given = GIVEN.lock().unwrap();
+        if port < 55_000
+            && !given.iter().any(|&g| g == port || g + 10_000 == port || g == port + 10_000)
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            given.push(port);
             return port;
         }
     }
