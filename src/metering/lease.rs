@@ -23,13 +23,13 @@
 //!
 //! Leases stay fenced across a Redis failover. A promoted replica may lack the last grants and
 //! renewals its primary acknowledged (replication is asynchronous), so the nodes may hold units
-//! it would grant again. The pool's epoch is the replication id of the primary that last wrote
-//! it. A lease call that finds another epoch, on a primary that was promoted from a replica,
-//! drops every lease of the pool and refuses grants for one TTL: by then every node has stopped
-//! drawing on a lease from before the failover. A failover cannot bring an old epoch back, since
-//! each promotion starts a new replication id. Nodes that waited for a
-//! replica before drawing on each grant (`cluster.ledger_wait_replicas` above 0) lost none, and
-//! skip the fence.
+//! it would grant again. A tenant's leases carry an epoch: the replication id of the primary that
+//! last made a lease call on them (or first changed the tenant). A lease call that finds another
+//! epoch, on a primary that was promoted from a replica, drops every lease of the pool and
+//! refuses grants for one TTL: by then every node has stopped drawing on a lease from before the
+//! failover. A failover cannot bring an old epoch back, since
+//! each promotion starts a new replication id. Nodes that waited for a replica before drawing on
+//! each grant (`cluster.ledger_wait_replicas` above 0) lost none, and skip the fence.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
