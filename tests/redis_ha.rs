@@ -1,8 +1,9 @@
 //! botgate on Redis as operators run it beyond one server: a real 3-primary Redis Cluster
 //! (`redis-cli --cluster create`) and a primary with a replica under three real sentinels. The
 //! pools stay exact across nodes, slots, a primary's `kill -9`, a slot migration under load and a
-//! Sentinel failover; the oracle is the clients' own count of the messages answered 200. A grant
-//! the promoted replica never had is fenced, and the month still holds exactly its pool.
+//! Sentinel failover; the oracle is the clients' own count of the messages answered 200. Without
+//! waiting for replicas, a failover fences the tenant's leases: a grant the promoted replica
+//! never had is not granted again, and a graceful `CLUSTER FAILOVER` keeps the count exact.
 
 mod common;
 
@@ -589,4 +590,63 @@ async fn a_grant_the_promoted_replica_never_had_is_not_granted_again() {
     wait_for("the ledger to hold the whole pool", Duration::from_secs(30), || billed(&store) as u64 >= POOL);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(billed(&store) as u64, POOL, "the month's sessions are exactly its pool");
+}
+
+/// A graceful `CLUSTER FAILOVER` of the primary serving `contoso`, under load, with
+/// `ledger_wait_replicas = 0`: the promoted replica fences the tenant (new sessions are refused
+/// once the nodes' leases are dropped), the fence ends a lease TTL later on the nodes' clocks,
+/// sessions begin again, and the ledger holds exactly the sessions answered 200 (a graceful
+/// failover loses nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_without_waiting_fences_the_tenant_and_keeps_the_count_exact() {
+    const TTL_SECS: u64 = 3;
+    let cluster = RedisCluster::start(3, 1);
+    let tenants = vec!["contoso".to_string()];
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let base = node_on(cluster.store_config(), 1_000_000, 0, tenants.clone());
+        nodes.push(Arc::new(
+            TestServer::with(move |c: &mut Config| {
+                base(c);
+                c.cluster.lease_ttl_secs = TTL_SECS;
+            })
+            .await,
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = load(&nodes, &["helpdesk".to_string()], 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let primary = cluster.primary_of("bg:{contoso}:fence");
+    let port = format!("master_port:{}", cluster.nodes[primary].port);
+    let replica = (0..cluster.nodes.len())
+        .find(|&i| cluster.nodes[i].cli(&["INFO", "replication"]).contains(&port))
+        .expect("the primary's replica");
+    assert_eq!(cluster.nodes[replica].cli(&["CLUSTER", "FAILOVER"]), "OK");
+    wait_for("the replica to take over", Duration::from_secs(30), || {
+        cluster.primary_of("bg:{contoso}:fence") == replica
+    });
+    cluster.wait_ok();
+    // Within a renewal (a third of the TTL) the nodes drop their leases and are refused grants.
+    let refused_before = tally.refused.load(Ordering::Relaxed);
+    wait_for("new sessions refused during the fence", Duration::from_secs(10), || {
+        tally.refused.load(Ordering::Relaxed) > refused_before
+    });
+    let fenced = cluster.nodes[replica].cli(&["HGET", "bg:{contoso}:fence", "until"]);
+    assert!(!fenced.is_empty(), "the promoted replica fenced the tenant");
+    // The fence ends a TTL after it began, on the nodes' clocks.
+    let at_fence = tally.ok.load(Ordering::Relaxed);
+    for n in &nodes {
+        n.clock.advance_ms(TTL_SECS as i64 * 1000 + 1);
+    }
+    wait_for("sessions to begin again", Duration::from_secs(10), || {
+        tally.ok.load(Ordering::Relaxed) > at_fence + 50
+    });
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
+    println!("ok {ok} (at the fence {at_fence}), refused {}", tally.refused.load(Ordering::Relaxed));
+    assert_eq!(other, 0, "every answer was 200, 429 or 503");
+    ledger_settles_at(&cluster.store_config(), ok).await;
 }
