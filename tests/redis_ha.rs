@@ -137,6 +137,17 @@ fn load(
     (tally, tasks)
 }
 
+/// Stops a load and waits for its users; returns the messages answered 200, having checked that
+/// every answer was 200, 429 or 503.
+async fn stop_load(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<()>>, tally: &Tally) -> u64 {
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(tally.other.load(Ordering::Relaxed), 0, "every answer was 200, 429 or 503");
+    tally.ok.load(Ordering::Relaxed)
+}
+
 /// Waits until the ledger holds `expected` sessions (spooled batches are replayed about once a
 /// second), then checks it stays there: exactly the sessions answered 200, none twice.
 async fn ledger_settles_at(store: &StoreConfig, expected: u64) {
@@ -329,17 +340,12 @@ async fn a_cluster_primary_killed_mid_load_loses_no_acknowledged_session_and_cou
         cluster.nodes[victim].replica_in_sync()
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
+    let ok = stop_load(&stop, tasks, &tally).await;
     println!(
         "ok {ok} (before the kill {before}, 6 s after {during}), refused {}",
         tally.refused.load(Ordering::Relaxed)
     );
     assert!(before > 0 && ok > during, "sessions began before the kill and after the failover");
-    assert_eq!(other, 0, "every answer was 200, 429 or 503");
     ledger_settles_at(&cluster.store_config(), ok).await;
 
     // The change feed moved with its shard: a change on one node still reaches the other.
@@ -409,15 +415,10 @@ async fn a_slot_migration_under_load_keeps_the_count_exact() {
     }
     cluster.wait_ok();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let ok = stop_load(&stop, tasks, &tally).await;
     assert_eq!(cluster.primary_of("bg:{contoso}:sessions"), to, "the slot moved");
-    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
     println!("ok {ok}, refused {}", tally.refused.load(Ordering::Relaxed));
     assert!(ok > 0);
-    assert_eq!(other, 0, "every answer was 200, 429 or 503");
     ledger_settles_at(&cluster.store_config(), ok).await;
 }
 
@@ -469,13 +470,8 @@ async fn a_sentinel_failover_mid_load_is_followed_and_the_count_stays_exact() {
         group.primary.replica_in_sync()
     });
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
+    let ok = stop_load(&stop, tasks, &tally).await;
     println!("ok {ok} (at the kill {at_kill}), refused {}", tally.refused.load(Ordering::Relaxed));
-    assert_eq!(other, 0, "every answer was 200, 429 or 503");
     ledger_settles_at(&group.store_config(), ok).await;
 }
 
@@ -641,12 +637,7 @@ async fn a_cluster_failover_without_waiting_fences_the_tenant_and_keeps_the_coun
     wait_for("sessions to begin again", Duration::from_secs(10), || {
         tally.ok.load(Ordering::Relaxed) > at_fence + 50
     });
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (ok, other) = (tally.ok.load(Ordering::Relaxed), tally.other.load(Ordering::Relaxed));
+    let ok = stop_load(&stop, tasks, &tally).await;
     println!("ok {ok} (at the fence {at_fence}), refused {}", tally.refused.load(Ordering::Relaxed));
-    assert_eq!(other, 0, "every answer was 200, 429 or 503");
     ledger_settles_at(&cluster.store_config(), ok).await;
 }
