@@ -50,6 +50,19 @@ async fn endpoint(s: &TestServer, r: &Receiver, events: &[&str]) -> String {
 }
 
 /// The tenant's events, newest first, through the admin API.
+/// Waits until the notifier has completed two passes more than it had: the second began after
+/// this call, so whatever was due by then has been raised and delivered. (How a test checks that
+/// nothing more happens, without a fixed sleep.)
+async fn whole_pass(s: &TestServer) {
+    let passes = &s.state().notifier().passes;
+    let target = passes.get() + 2;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passes.get() < target {
+        assert!(Instant::now() < deadline, "the notifier stopped passing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn events(s: &TestServer) -> Vec<Value> {
     let v = s.get_json("/api/v1/admin/webhooks/events", &s.token_of("contoso", "root", true)).await;
     v["events"].as_array().unwrap().clone()
@@ -142,7 +155,7 @@ async fn capacity_thresholds_fire_once_each_signed_and_survive_a_restart() {
         assert_eq!(e["pending"], false);
     }
     // Exactly three deliveries: no repeats while the events stay settled.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    whole_pass(&s).await;
     assert_eq!(r.received().await.len(), 3);
 }
 
@@ -183,7 +196,7 @@ async fn three_failures_then_success_is_delivered_once_with_the_attempts_logged(
         // Not due before its wait (the first retry waits at least 4 s).
         if n == 2 {
             s.clock.advance_secs(3);
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            whole_pass(&s).await;
             assert_eq!(r.received().await.len(), 1, "retried early");
             s.clock.advance_secs(wait - 3);
         } else {
@@ -194,7 +207,7 @@ async fn three_failures_then_success_is_delivered_once_with_the_attempts_logged(
     }
     // Settled: time passing sends nothing more.
     s.clock.advance_secs(3600);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    whole_pass(&s).await;
     let got = r.received().await;
     assert_eq!(got.len(), 4, "{got:?}");
     assert!(got.iter().all(|g| g["id"] == event_id.as_str() && g["verified"] == true), "{got:?}");
@@ -515,7 +528,9 @@ async fn three_nodes_crossing_a_threshold_together_send_one_event() {
     }
     assert_eq!(ok, 30, "the pool of 30 across three nodes");
     let got = r.wait_for(2).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in &nodes {
+        whole_pass(n).await;
+    }
     let got_after = r.received().await;
     assert_eq!(got_after.len(), 2, "one delivery per threshold: {got_after:?}");
     let mut pct: Vec<u64> =
@@ -538,13 +553,13 @@ async fn events_of(s: &TestServer, tenant: &str, kind: &str) -> Vec<Value> {
 }
 
 /// Waits until `tenant` has `n` events of `kind` (the sweep runs every 20 ms), then checks
-/// that a few more sweeps add none.
+/// that a whole pass more adds none.
 async fn expect_events(s: &TestServer, tenant: &str, kind: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = events_of(s, tenant, kind).await;
         if got.len() >= n {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            whole_pass(s).await;
             let again = events_of(s, tenant, kind).await;
             assert_eq!(again.len(), n, "{kind} of {tenant}: {again:?}");
             return again;
@@ -651,7 +666,7 @@ async fn trials_grace_and_seats_raise_their_events_once() {
     const DAY: i64 = 86_400_000;
     assert!(events_of(&s, "fabrikam", "trial.expiring").await.is_empty());
     s.clock.set_ms(expires - 7 * DAY - 1000);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    whole_pass(&s).await;
     assert!(events_of(&s, "fabrikam", "trial.expiring").await.is_empty(), "not before 7 days");
     s.clock.set_ms(expires - 7 * DAY);
     let e = expect_events(&s, "fabrikam", "trial.expiring", 1).await;

@@ -18,7 +18,7 @@ pub mod sweep;
 
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use tokio::sync::watch;
 
 use crate::state::AppState;
@@ -29,6 +29,9 @@ use crate::telemetry::registry::Metrics;
 pub struct Notifier {
     /// Delivery attempts by outcome (`delivered`, `retry`, `failed`).
     pub attempts: IntCounterVec,
+    /// Sweep and delivery passes completed: a notifier that stalls stops counting (and a test
+    /// knows a whole pass has run since a change).
+    pub passes: IntCounter,
     /// The month's projected billed sessions per tenant at the current rate.
     pub projected: IntGaugeVec,
     /// When the pool runs out at the current rate, per tenant (seconds since the epoch; absent
@@ -63,7 +66,12 @@ impl Notifier {
             ),
             &["tenant"],
         )?;
+        let passes = IntCounter::new(
+            "botgate_notification_passes_total",
+            "Notification passes completed (each raises due events and delivers what is due).",
+        )?;
         metrics.registry().register(Box::new(attempts.clone()))?;
+        metrics.registry().register(Box::new(passes.clone()))?;
         for g in [&projected, &exhaustion] {
             metrics.registry().register(Box::new(g.clone()))?;
         }
@@ -72,7 +80,7 @@ impl Notifier {
         }
         let client =
             deliver::Client::new(outbound, Duration::from_millis(config.notifications.attempt_timeout_ms));
-        Ok(Self { attempts, projected, exhaustion, client })
+        Ok(Self { attempts, passes, projected, exhaustion, client })
     }
 }
 
@@ -90,6 +98,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {
                 sweeper.run(&state).await;
                 deliver::pass(&state).await;
+                state.notifier().passes.inc();
             }
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }
