@@ -115,12 +115,17 @@ fn pool(month: MonthIndex) -> Arc<TenantPool> {
 
 /// A replica of `primary`, once it has every write.
 fn replica_of(primary: &RedisServer) -> RedisServer {
+    let replica = RedisServer::start();
+    follow(primary, &replica);
+    replica
+}
+
+/// `replica` follows `primary`, and has every write of it when this returns.
+fn follow(primary: &RedisServer, replica: &RedisServer) {
     // A full sync at once, not after the default 5 s wait for more replicas.
     primary.cli(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"]);
-    let replica = RedisServer::start();
     replica.cli(&["REPLICAOF", "127.0.0.1", &primary.port.to_string()]);
-    synced(primary, &replica);
-    replica
+    synced(primary, replica);
 }
 
 /// Waits until `replica` has every write of `primary`.
@@ -178,26 +183,25 @@ impl World {
     /// recorded. Returns how many began.
     fn sessions(&mut self, n: usize, k: u64) -> u64 {
         let now = self.clock.now_ms();
-        let mut began = Vec::new();
+        let mut began = 0;
         for _ in 0..k {
             match self.pools[n].try_draw(now) {
-                Draw::Drawn { .. } => began.push(()),
+                Draw::Drawn { .. } => began += 1,
                 Draw::Exhausted { .. } => match self.leases[n].refill_blocking(&self.pools[n], self.month) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         if matches!(self.pools[n].try_draw(now), Draw::Drawn { .. }) {
-                            began.push(());
+                            began += 1;
                         }
                     }
                 },
             }
         }
-        if began.is_empty() {
+        if began == 0 {
             return 0;
         }
         self.batches += 1;
-        let batch: Vec<SessionRecord> = began
-            .iter()
+        let batch: Vec<SessionRecord> = (0..began)
             .map(|_| {
                 self.sessions += 1;
                 SessionRecord {
@@ -229,9 +233,10 @@ impl World {
             synced(&self.primary, &self.replica);
             self.replica.cli(&["REPLICAOF", "NO", "ONE"]);
         }
+        // The promoted replica is the primary now; the old primary dies; a new server joins.
         let promoted = std::mem::replace(&mut self.replica, RedisServer::start());
         drop(std::mem::replace(&mut self.primary, promoted));
-        self.replica = replica_of(&self.primary);
+        follow(&self.primary, &self.replica);
         self.cut = false;
         *self.current.0.lock().unwrap() = Arc::new(RedisStore::open(&self.primary.url()).unwrap());
     }
