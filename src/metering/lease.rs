@@ -15,7 +15,8 @@
 //! before the call), so no node draws on units another node may reclaim. A reclaimed lease
 //! stays reclaimed: renewal re-arms only a lease the store still holds and tells the node when
 //! it does not, and a grant tells the node whether its previous lease was still its own; either
-//! way the node then drops what it had left. An expired lease is reclaimed only after a further
+//! way the node then drops what it had left. (A renewal's "not held" is asked again under the
+//! pool's refill gate before anything is dropped: it may predate a grant made meanwhile.) An expired lease is reclaimed only after a further
 //! TTL (so a node catching up after a store outage replays its spool and renews first), and
 //! sessions recorded after their units were reclaimed (a partitioned node's spool, replayed
 //! later) raise the node's holding and `granted` by the excess, so later grants account for
@@ -190,12 +191,34 @@ impl Leases {
         let now = self.clock.now_ms();
         let tenants: Vec<&str> = pools.iter().map(|p| p.tenant.as_str()).collect();
         let answers = self.store.renew(&tenants, month, self.call(now)).map_err(|e| e.to_string())?;
+        let mut gone = Vec::new();
         for (p, Renewal { used, renewed }) in pools.iter().zip(answers) {
             if renewed {
                 p.renew_lease(now + self.config.ttl_ms - self.config.ttl_ms / 10);
+            } else if p.lease_remaining(month) > 0 {
+                gone.push(p.clone());
+            }
+            p.set_global_used(month, used);
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        // "Not held" may predate a grant made while the renewal was on its way (a node's first
+        // grant racing the heartbeat): dropping on it would strand that grant. So ask again with
+        // each such pool's refill gate held, no grant in flight; that answer decides. (Gates in
+        // tenant order: the only place that holds more than one.)
+        gone.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        let _gates: Vec<_> =
+            gone.iter().filter_map(|p| p.lease().map(|l| l.refill.blocking_lock())).collect();
+        let now = self.clock.now_ms();
+        let tenants: Vec<&str> = gone.iter().map(|p| p.tenant.as_str()).collect();
+        let answers = self.store.renew(&tenants, month, self.call(now)).map_err(|e| e.to_string())?;
+        for (p, Renewal { used, renewed }) in gone.iter().zip(answers) {
+            if renewed {
+                p.renew_lease(now + self.config.ttl_ms - self.config.ttl_ms / 10);
             } else {
-                // Reclaimed by another node (or never granted): what is left locally is not
-                // this node's any more.
+                // Reclaimed by another node, dropped by a fence, or never granted: what is left
+                // locally is not this node's any more.
                 p.drop_lease(month);
             }
             p.set_global_used(month, used);
