@@ -301,37 +301,35 @@ mod tests {
     use crate::metering::pool::TenantPool;
     use std::sync::Arc;
 
-    /// A real `redis-server` on a free loopback port, in its own folder, killed on drop.
-    struct Redis(std::process::Child, u16, tempfile::TempDir);
+    /// A real `redis-server` on a Unix socket in its own folder (no port for a parallel test's
+    /// server to take first), killed on drop.
+    struct Redis(std::process::Child, tempfile::TempDir);
 
     impl Redis {
         fn start() -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("redis.sock");
             let child = std::process::Command::new("redis-server")
-                .args([
-                    "--dir",
-                    dir.path().to_str().unwrap(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
+                .args(["--port", "0", "--unixsocket"])
+                .arg(&socket)
+                .args(["--dir"])
+                .arg(dir.path())
+                .args(["--save", "", "--appendonly", "no"])
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("redis-server (scripts/test.sh installs it)");
-            let redis = Self(child, port, dir);
+            let redis = Self(child, dir);
             for _ in 0..200 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                     return redis;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             panic!("redis-server did not start");
+        }
+
+        fn url(&self) -> String {
+            format!("redis+unix://{}", self.1.path().join("redis.sock").display())
         }
     }
 
@@ -339,8 +337,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
-            // Emptied now the server is gone (the folder itself goes with the field).
-            let _ = std::fs::remove_dir_all(self.2.path());
         }
     }
 
@@ -353,7 +349,7 @@ mod tests {
     }
 
     fn store(redis: &Redis) -> RedisStore {
-        RedisStore::open(&format!("redis://127.0.0.1:{}/", redis.1)).unwrap()
+        RedisStore::open(&redis.url()).unwrap()
     }
 
     fn config(store_time: bool) -> LeaseConfig {
