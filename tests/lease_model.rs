@@ -168,6 +168,11 @@ impl World {
     /// The tenant seeded, a replica in sync, three nodes with no lease yet; `fence` as with
     /// `ledger_wait_replicas = 0` (on) or above (off).
     fn new(fence: bool) -> Self {
+        Self::with_fences([fence; NODES])
+    }
+
+    /// The same, each node fencing or not: `ledger_wait_replicas` can differ between nodes.
+    fn with_fences(fences: [bool; NODES]) -> Self {
         let clock = ManualClock::at("2026-11-28T00:00:00Z");
         let month = month_of(clock.now_ms());
         let primary = RedisServer::start();
@@ -177,10 +182,13 @@ impl World {
         store.apply(&[assign], &[]).unwrap();
         let replica = replica_of(&primary);
         let current = Arc::new(Current(Mutex::new(store), Mutex::new(None)));
-        let config =
-            LeaseConfig { ttl_ms: TTL_MS, target_secs: 5, max_grant: 1000, store_time: false, fence };
         let leases = (0..NODES)
-            .map(|n| Arc::new(Leases::new(current.clone(), format!("n{n}"), clock.clone(), config)))
+            .map(|n| {
+                let fence = fences[n];
+                let config =
+                    LeaseConfig { ttl_ms: TTL_MS, target_secs: 5, max_grant: 1000, store_time: false, fence };
+                Arc::new(Leases::new(current.clone(), format!("n{n}"), clock.clone(), config))
+            })
             .collect();
         let pools = (0..NODES).map(|_| pool(month)).collect();
         Self { clock, month, primary, replica, cut: false, current, leases, pools, batches: 0, sessions: 0 }
@@ -430,4 +438,25 @@ fn a_renewal_answered_after_a_grant_does_not_drop_the_grant() {
     let granted = granted.load(std::sync::atomic::Ordering::SeqCst);
     assert!(granted > 0);
     assert_eq!(w.lease_left(0), granted, "the grant made while the renewal was answered is kept");
+}
+
+/// Nodes that differ in `ledger_wait_replicas`: node 0 waits for replicas, node 1 does not, and
+/// node 1's grant is lost in a failover. Node 0's lease call comes first on the promoted replica:
+/// it must fence too (a node that does not wait was active), or it would be granted node 1's
+/// lost units.
+#[test]
+fn a_node_that_waits_fences_for_a_node_that_does_not() {
+    let mut w = World::with_fences([false, true, true]);
+    assert_eq!(w.sessions(1, 3), 3);
+    synced(&w.primary, &w.replica);
+    w.step_cut();
+    assert_eq!(w.sessions(1, 8), 8);
+    assert!(w.lease_left(1) > 0, "node 1 holds units of the lost grant");
+    w.failover();
+    let refused = w.leases[0].refill_blocking(&w.pools[0], w.month).unwrap_err();
+    assert!(refused.contains("FENCED"), "{refused}");
+    assert!(w.renew(1));
+    assert_eq!(w.lease_left(1), 0, "node 1 dropped its lease");
+    w.drain();
+    assert_eq!(w.counts().1, CAPACITY, "the month holds exactly its pool");
 }

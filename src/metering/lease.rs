@@ -29,8 +29,9 @@
 //! epoch, on a primary that was promoted from a replica, drops every lease of the pool and
 //! refuses grants for one TTL: by then every node has stopped drawing on a lease from before the
 //! failover. A failover cannot bring an old epoch back, since
-//! each promotion starts a new replication id. Nodes that waited for a replica before drawing on
-//! each grant (`cluster.ledger_wait_replicas` above 0) lost none, and skip the fence.
+//! each promotion starts a new replication id. Nodes that wait for a replica before drawing on
+//! each grant (`cluster.ledger_wait_replicas` above 0) lose none, and fence only when a node that
+//! does not wait was active lately.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

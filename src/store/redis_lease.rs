@@ -67,24 +67,34 @@ local function reclaim(h, now, me, ttl)
 end
 "#;
 
-/// The fence (see `metering::lease`). `fenced(h, f, now, fence_ms)` compares the epoch in the
-/// tenant's fence hash `f` (the replication id of the primary that last made a lease call) with
-/// this primary's. On another epoch, it records this one; and if this primary was promoted from a
-/// replica (it has a previous replication id) and `fence_ms` is above 0, it drops every lease of
-/// pool `h` (each node keeps the units of the sessions Redis has recorded for it, and a node's
-/// sessions recorded later raise its holding again, as after a reclaim) and fences the tenant's
-/// grants until `now + fence_ms`. Returns the end of the fence, or 0 when not fenced.
+/// The fence (see `metering::lease`). `fenced(h, f, now, fence_ms, ttl)` compares the epoch in
+/// the tenant's fence hash `f` (the replication id of the primary that last made a lease call)
+/// with this primary's. On another epoch, it records this one; and if this primary was promoted
+/// from a replica (it has a previous replication id) and a node that does not wait for replicas
+/// may hold a lease, it drops every lease of pool `h` (each node keeps the units of the sessions
+/// Redis has recorded for it, and a node's sessions recorded later raise its holding again, as
+/// after a reclaim) and fences the tenant's grants for a TTL. Returns the end of the fence, or 0
+/// when not fenced.
+///
+/// A caller that does not wait passes `fence_ms` above 0, and notes the time in `nowait` (at most
+/// once a TTL). A caller that waits passes 0 and still fences when `nowait` is under three TTLs
+/// old: a non-waiting node active then may hold a lease, at most a TTL past its last call, and the
+/// replica's `nowait` lags the last one by at most a TTL and the replication lag. So the nodes of
+/// one deployment may differ in `cluster.ledger_wait_replicas`.
 const FENCE_FN: &str = r#"
-local function fenced(h, f, now, fence_ms)
+local function fenced(h, f, now, fence_ms, ttl)
   local info = redis.call('INFO', 'replication')
   local id = string.match(info, 'master_replid:(%w+)')
   local promoted = string.match(info, 'master_replid2:(%w+)') ~= string.rep('0', 40)
-  local e = redis.call('HMGET', f, 'epoch', 'until')
+  local e = redis.call('HMGET', f, 'epoch', 'until', 'nowait')
   local untl = tonumber(e[2] or '0')
+  local nowait = tonumber(e[3] or '0')
   if e[1] ~= id then
     redis.call('HSET', f, 'epoch', id)
-    if e[1] and promoted and fence_ms > 0 then
-      untl = now + fence_ms
+    local length = fence_ms
+    if length == 0 and e[3] and now - nowait < 3 * ttl then length = ttl end
+    if e[1] and promoted and length > 0 then
+      untl = now + length
       redis.call('HSET', f, 'until', untl)
       local p = redis.call('HGETALL', h)
       local granted = 0
@@ -102,6 +112,7 @@ local function fenced(h, f, now, fence_ms)
       if #p > 0 then redis.call('HSET', h, 'granted', granted) end
     end
   end
+  if fence_ms > 0 and (not e[3] or now - nowait >= ttl) then redis.call('HSET', f, 'nowait', now) end
   if now < untl then return untl end
   return 0
 end
@@ -115,7 +126,7 @@ const LEASE: &str = r#"
 local h = KEYS[1]
 local now, node, seq = clock(ARGV[1]), ARGV[2], ARGV[3]
 local want, cap, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local untl = fenced(h, KEYS[2], now, tonumber(ARGV[7]))
+local untl = fenced(h, KEYS[2], now, tonumber(ARGV[7]), ttl)
 if untl > 0 then
   return redis.error_reply('FENCED ' .. (untl - now) .. ' ms left after a failover')
 end
@@ -144,7 +155,7 @@ return {grant, kept}
 const RENEW: &str = r#"
 local h = KEYS[1]
 local now, node, ttl = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-fenced(h, KEYS[2], now, tonumber(ARGV[4]))
+fenced(h, KEYS[2], now, tonumber(ARGV[4]), ttl)
 local v = reclaim(h, now, node, ttl)
 local renewed = 0
 if v['exp:' .. node] then
