@@ -362,18 +362,21 @@ fn a_grant_lost_at_the_second_failover() {
     .unwrap();
 }
 
-/// A, holding a lease the replica has, is granted more by the primary after the replica was cut
-/// off; the replica is promoted and the nodes follow it.
-fn a_grant_lost_in_a_failover(fence: bool) -> World {
-    let mut w = World::new(fence);
-    assert_eq!(w.sessions(0, 3), 3);
+/// Node n, holding a lease the replica has, is granted more by the primary after the replica
+/// was cut off; the replica is promoted and the nodes follow it.
+fn lose_a_grant(mut w: World, n: usize) -> World {
+    assert_eq!(w.sessions(n, 3), 3);
     synced(&w.primary, &w.replica);
     w.step_cut();
-    // A draws what it has left, then is granted more (by the primary only).
-    assert_eq!(w.sessions(0, 8), 8);
-    assert!(w.lease_left(0) > 0, "A holds units of the lost grant");
+    // The node draws what it has left, then is granted more (by the primary only).
+    assert_eq!(w.sessions(n, 8), 8);
+    assert!(w.lease_left(n) > 0, "node {n} holds units of the lost grant");
     w.failover();
     w
+}
+
+fn a_grant_lost_in_a_failover(fence: bool) -> World {
+    lose_a_grant(World::new(fence), 0)
 }
 
 #[test]
@@ -446,13 +449,7 @@ fn a_renewal_answered_after_a_grant_does_not_drop_the_grant() {
 /// lost units.
 #[test]
 fn a_node_that_waits_fences_for_a_node_that_does_not() {
-    let mut w = World::with_fences([false, true, true]);
-    assert_eq!(w.sessions(1, 3), 3);
-    synced(&w.primary, &w.replica);
-    w.step_cut();
-    assert_eq!(w.sessions(1, 8), 8);
-    assert!(w.lease_left(1) > 0, "node 1 holds units of the lost grant");
-    w.failover();
+    let mut w = lose_a_grant(World::with_fences([false, true, true]), 1);
     let refused = w.leases[0].refill_blocking(&w.pools[0], w.month).unwrap_err();
     assert!(refused.contains("FENCED"), "{refused}");
     assert!(w.renew(1));
