@@ -16,11 +16,11 @@
 //! stays reclaimed: renewal re-arms only a lease the store still holds and tells the node when
 //! it does not, and a grant tells the node whether its previous lease was still its own; either
 //! way the node then drops what it had left. (A renewal's "not held" is asked again under the
-//! pool's refill gate before anything is dropped: it may predate a grant made meanwhile.) An expired lease is reclaimed only after a further
-//! TTL (so a node catching up after a store outage replays its spool and renews first), and
-//! sessions recorded after their units were reclaimed (a partitioned node's spool, replayed
-//! later) raise the node's holding and `granted` by the excess, so later grants account for
-//! them.
+//! pool's refill gate before anything is dropped: it may predate a grant made meanwhile.) An
+//! expired lease is reclaimed only after a further TTL (so a node catching up after a store
+//! outage replays its spool and renews first), and sessions recorded after their units were
+//! reclaimed (a partitioned node's spool, replayed later) raise the node's holding and `granted`
+//! by the excess, so later grants account for them.
 //!
 //! Leases stay fenced across a Redis failover. A promoted replica may lack the last grants and
 //! renewals its primary acknowledged (replication is asynchronous), so the nodes may hold units
@@ -28,10 +28,10 @@
 //! last made a lease call on them (or first changed the tenant). A lease call that finds another
 //! epoch, on a primary that was promoted from a replica, drops every lease of the pool and
 //! refuses grants for one TTL: by then every node has stopped drawing on a lease from before the
-//! failover. A failover cannot bring an old epoch back, since
-//! each promotion starts a new replication id. Nodes that wait for a replica before drawing on
-//! each grant (`cluster.ledger_wait_replicas` above 0) lose none, and fence only when a node that
-//! does not wait was active lately.
+//! failover. A failover cannot bring an old epoch back, since each promotion starts a new
+//! replication id. Nodes that wait for a replica before drawing on each grant
+//! (`cluster.ledger_wait_replicas` above 0) lose none, and fence only when a node that does not
+//! wait was active lately.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -189,6 +189,33 @@ impl Leases {
     /// Renews this node's leases of `pools` and reads each month's use across nodes
     /// (the heartbeat, every third of the TTL).
     pub fn renew_blocking(&self, pools: &[Arc<TenantPool>], month: MonthIndex) -> Result<(), String> {
+        let mut gone = self.renew_once(pools, month)?;
+        if gone.is_empty() {
+            return Ok(());
+        }
+        // "Not held" may predate a grant made while the renewal was on its way (a node's first
+        // grant racing the heartbeat): dropping on it would strand that grant. So ask again with
+        // each such pool's refill gate held, no grant in flight; that answer decides. (Gates in
+        // tenant order: the only place that holds more than one.)
+        gone.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        let _gates: Vec<_> =
+            gone.iter().filter_map(|p| p.lease().map(|l| l.refill.blocking_lock())).collect();
+        for p in self.renew_once(&gone, month)? {
+            // Reclaimed by another node, dropped by a fence, or never granted: what is left
+            // locally is not this node's any more.
+            p.drop_lease(month);
+        }
+        Ok(())
+    }
+
+    /// One renewal of `pools` in one round trip: extends each lease Redis still holds, notes
+    /// each month's use, and returns the pools Redis does not hold a lease of while this node
+    /// still has units of it.
+    fn renew_once(
+        &self,
+        pools: &[Arc<TenantPool>],
+        month: MonthIndex,
+    ) -> Result<Vec<Arc<TenantPool>>, String> {
         let now = self.clock.now_ms();
         let tenants: Vec<&str> = pools.iter().map(|p| p.tenant.as_str()).collect();
         let answers = self.store.renew(&tenants, month, self.call(now)).map_err(|e| e.to_string())?;
@@ -201,30 +228,7 @@ impl Leases {
             }
             p.set_global_used(month, used);
         }
-        if gone.is_empty() {
-            return Ok(());
-        }
-        // "Not held" may predate a grant made while the renewal was on its way (a node's first
-        // grant racing the heartbeat): dropping on it would strand that grant. So ask again with
-        // each such pool's refill gate held, no grant in flight; that answer decides. (Gates in
-        // tenant order: the only place that holds more than one.)
-        gone.sort_by(|a, b| a.tenant.cmp(&b.tenant));
-        let _gates: Vec<_> =
-            gone.iter().filter_map(|p| p.lease().map(|l| l.refill.blocking_lock())).collect();
-        let now = self.clock.now_ms();
-        let tenants: Vec<&str> = gone.iter().map(|p| p.tenant.as_str()).collect();
-        let answers = self.store.renew(&tenants, month, self.call(now)).map_err(|e| e.to_string())?;
-        for (p, Renewal { used, renewed }) in gone.iter().zip(answers) {
-            if renewed {
-                p.renew_lease(now + self.config.ttl_ms - self.config.ttl_ms / 10);
-            } else {
-                // Reclaimed by another node, dropped by a fence, or never granted: what is left
-                // locally is not this node's any more.
-                p.drop_lease(month);
-            }
-            p.set_global_used(month, used);
-        }
-        Ok(())
+        Ok(gone)
     }
 
     /// Gives back the unused units of `pools` (graceful shutdown), keeping for each tenant the
