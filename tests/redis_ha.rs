@@ -87,9 +87,9 @@ struct Tally {
     other: AtomicU64,
 }
 
-/// One conversation with one message on `node`: the message's status, or none if the
+/// One conversation with one message on `node`: the answer to the message, or none if the
 /// conversation did not start.
-async fn one_message(node: &TestServer, bot: &str) -> Option<u16> {
+async fn one_answer(node: &TestServer, bot: &str) -> Option<reqwest::Response> {
     let res = node.http.get(node.url(&format!("/api/v1/bots/{bot}/directline/token"))).send().await.ok()?;
     let v = res.json::<serde_json::Value>().await.ok()?;
     let (token, conv) = (v["token"].as_str()?, v["conversationId"].as_str()?);
@@ -97,7 +97,13 @@ async fn one_message(node: &TestServer, bot: &str) -> Option<u16> {
     if !matches!(started, Ok(ref r) if r.status() == 201) {
         return None;
     }
-    Some(node.say(token, conv, "vpn").await.status().as_u16())
+    Some(node.say(token, conv, "vpn").await)
+}
+
+/// One conversation with one message on `node`: the message's status, or none if the
+/// conversation did not start.
+async fn one_message(node: &TestServer, bot: &str) -> Option<u16> {
+    Some(one_answer(node, bot).await?.status().as_u16())
 }
 
 /// One conversation with one message on `node`, counted in `tally`.
@@ -557,19 +563,31 @@ async fn a_grant_the_promoted_replica_never_had_is_not_granted_again() {
         group.current_primary_port() == Some(group.replica.port)
     });
     // The fence: B is refused a grant; A's renewal (every third of the TTL) drops its lease.
+    // A refusal for the fence says when grants resume: within a TTL, not the outage guess of 5 s.
     let until = Instant::now() + Duration::from_secs(TTL_SECS);
-    let (mut refused, mut ok) = (0, 0);
+    let (mut refused, mut ok, mut fence_answers) = (0, 0, 0);
     while Instant::now() < until {
         for node in [a, b] {
-            match one_message(node, bot).await {
-                Some(200) => ok += 1,
-                Some(503) => refused += 1,
-                other => panic!("unexpected {other:?} during the fence"),
+            let res = one_answer(node, bot).await.expect("the conversation started");
+            match res.status().as_u16() {
+                200 => ok += 1,
+                503 => {
+                    refused += 1;
+                    let retry = res.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap();
+                    let body = res.json::<serde_json::Value>().await.unwrap();
+                    assert_eq!(body["error"]["code"], "MeteringUnavailable");
+                    if body["error"]["message"].as_str().unwrap().contains("failed over") {
+                        assert!((1..=TTL_SECS).contains(&retry), "Retry-After {retry} within the fence");
+                        fence_answers += 1;
+                    }
+                }
+                other => panic!("unexpected {other} during the fence"),
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(refused > 0, "new sessions were refused during the fence");
+    assert!(fence_answers > 0, "a refusal named the failover and the fence's time left");
     assert_eq!(
         pool_sum(&group.replica, "held:"),
         pool_sum(&group.replica, "used:"),

@@ -120,6 +120,15 @@ impl Drop for Refund {
     }
 }
 
+/// The time left on a pool's fence, from a refused lease call's error (`FENCED <ms> ms left`,
+/// written by `store::redis_lease`; the `redis` crate shows it as `"FENCED": <ms> ms left`), so
+/// that a refused session's `Retry-After` says when grants resume rather than a guess.
+fn fence_left_ms(cause: &str) -> Option<u64> {
+    let rest = cause[cause.find("FENCED")? + "FENCED".len()..].trim_start_matches(['"', ':', ' ']);
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..digits].parse().ok()
+}
+
 /// A session that began and is not recorded yet: [`commit`](Self::commit) records it (and
 /// answers only once it is durable); dropping it instead gives its unit back.
 pub struct PendingSession {
@@ -676,6 +685,17 @@ impl Metering {
             return Ok(());
         }
         d.refused.fetch_add(1, Relaxed);
+        if let Some(left_ms) = fence_left_ms(cause) {
+            let secs = left_ms.div_ceil(1000).max(1);
+            return Err(ApiError::unavailable(
+                "MeteringUnavailable",
+                format!(
+                    "The gateway's metering store has just failed over, so new sessions are paused \
+                     for about {secs} s more. Try again then."
+                ),
+            )
+            .with_retry_after(secs));
+        }
         Err(ApiError::unavailable(
             "MeteringUnavailable",
             "The gateway cannot reach its metering store, so it cannot start a new session now. Try again shortly.",
@@ -815,6 +835,15 @@ mod tests {
     fn day_month_parses() {
         assert_eq!(day_month("2026-11-28"), pool::parse_month("2026-11"));
         assert_eq!(day_month("bad"), None);
+    }
+
+    #[test]
+    fn a_fence_error_gives_its_time_left() {
+        // As the `redis` crate shows the script's error reply, and as the script writes it.
+        assert_eq!(fence_left_ms(r#""FENCED": 2999 ms left after a failover"#), Some(2999));
+        assert_eq!(fence_left_ms("lease call: FENCED 12 ms left after a failover"), Some(12));
+        assert_eq!(fence_left_ms("connection refused"), None);
+        assert_eq!(fence_left_ms("FENCED"), None);
     }
 
     /// A store whose session writes wait for `release`, then fail.
