@@ -126,6 +126,19 @@ server_share() {
     END { if (n > 0) printf "server-side: %.2f%% of %d requests within 1 ms, %.2f%% within 2.5 ms", 100 * a / n, n, 100 * b / n }'
 }
 
+# The ledger's own view (its histograms): p50 and p99 of a batch's durable write and of a billed
+# session's wait from queueing to its answer, each as the upper bound of its histogram bucket.
+ledger_view() {
+  curl -s "http://$ADM/metrics" | awk '
+    function q(f, p,   i) { for (i = 1; i <= n[f]; i++) if (c[f, i] >= p * t[f]) return le[f, i] * 1000; return "inf" }
+    /^botgate_ledger_(commit|session_wait)_seconds_bucket/ { f = ($0 ~ /commit/) ? "commit" : "wait"; match($0, /le="[^"]*"/)
+      n[f]++; le[f, n[f]] = substr($0, RSTART + 4, RLENGTH - 5); c[f, n[f]] = $NF }
+    /^botgate_ledger_commit_seconds_count/ { t["commit"] = $NF }
+    /^botgate_ledger_session_wait_seconds_count/ { t["wait"] = $NF }
+    END { if (t["wait"] > 0) printf "ledger: %d commits, p50 <= %s ms, p99 <= %s ms; %d sessions waited p50 <= %s ms, p99 <= %s ms",
+      t["commit"], q("commit", 0.5), q("commit", 0.99), t["wait"], q("wait", 0.5), q("wait", 0.99) }'
+}
+
 # Runs wrk pinned to the load core; sets REQS, RPS, NON2XX, CPU (server us per request).
 run_wrk() { # url [lua]
   local before after out
@@ -331,13 +344,13 @@ if [ "$EXTRAS" = 1 ]; then
     echo "server-implied max $(awk -v c="$cpu" 'BEGIN { printf "%d", 1e6 / c }') msg/s; generator reached $max msg/s; open loop at $half msg/s"
     s=$(taskset -c "$LOAD_CPU" "$LOAD" --target "http://$PUB" --admin "http://$ADM" --server-pid "$SERVER_PID" \
         --threads 1 -q -c 64 -k 20 --rate "$half" --duration 10 | grep '^summary' || true)
-    echo "open loop ($half msg/s, polling; latency = POST until the reply was read): $s $(server_share)"
+    echo "open loop ($half msg/s, polling; latency = POST until the reply was read): $s $(server_share); $(ledger_view)"
     # Each open-loop run on a fresh server: conversations of the runs before would still be
     # held and count against the node's bounds.
     stop_server; wait_quiet; start_botgate
     s=$(taskset -c "$LOAD_CPU" "$LOAD" --target "http://$PUB" --admin "http://$ADM" --server-pid "$SERVER_PID" \
         --threads 1 -q -c 64 -k 20 --rate "$half" --duration 10 --transport ws | grep '^summary' || true)
-    echo "open loop ($half msg/s, WebSocket): $s $(server_share)"
+    echo "open loop ($half msg/s, WebSocket): $s $(server_share); $(ledger_view)"
     stop_server; wait_quiet; start_botgate
     s=$(taskset -c "$LOAD_CPU" "$LOAD" --target "http://$PUB" --admin "http://$ADM" --server-pid "$SERVER_PID" \
         --threads 1 -q -c 64 -k 20 --rate "$half" --duration 10 --text "hello there" --topic system | grep '^summary' || true)

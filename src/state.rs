@@ -166,6 +166,7 @@ impl AppState {
                 .map_err(|e| StartError::Metering(e.to_string()))?
                 .map_err(|e| StartError::Metering(e.to_string()))?
         };
+        metering.ledger_stats().register(metrics.registry()).map_err(StartError::Metrics)?;
         let files = crate::conversation::files::FileStore::open(&config.channel, &config.store.data_dir)
             .map_err(|e| {
                 StartError::Control(format!(

@@ -83,6 +83,10 @@ async fn messages_and_polls_answer_as_the_full_stack_does() {
     // One conversation, one billed session, two turns.
     assert_eq!(metric(&m, r#"botgate_turns_total{tenant="contoso",bot="helpdesk"}"#), Some(2));
     assert_eq!(metric(&m, r#"botgate_billed_sessions_total{tenant="contoso",bot="helpdesk"}"#), Some(1));
+    // The session was the ledger's one batch, and its wait was observed once.
+    assert_eq!(metric(&m, "botgate_ledger_commit_seconds_count"), Some(1));
+    assert_eq!(metric(&m, "botgate_ledger_batch_sessions_sum"), Some(1));
+    assert_eq!(metric(&m, "botgate_ledger_session_wait_seconds_count"), Some(1));
 }
 
 /// A chunked body over the limit (no `Content-Length` to refuse early) is a 413 on the hot path.

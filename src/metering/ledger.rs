@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, HistogramOpts};
 use tokio::sync::oneshot;
 
 use super::Refund;
@@ -89,6 +90,64 @@ pub struct LedgerOptions {
     pub linger_after: usize,
     /// The capacity thresholds the store judges each batch against; none: no capacity events.
     pub watch: Option<Watch>,
+    /// Where the writer records its latencies.
+    pub stats: LedgerStats,
+}
+
+/// What the writer measures, for `/metrics`: each batch's write, its size, and each session's
+/// wait from queueing to its answer (what a message that begins a session waits in the ledger).
+/// Observed on the writer thread, a few atomic adds per batch and one per session.
+#[derive(Clone)]
+pub struct LedgerStats {
+    /// `botgate_ledger_commit_seconds`: one batch written to the store (or its spool).
+    pub commit: Histogram,
+    /// `botgate_ledger_batch_sessions`: sessions per batch.
+    pub batch: Histogram,
+    /// `botgate_ledger_session_wait_seconds`: a session's queueing to its batch's answer.
+    pub wait: Histogram,
+}
+
+impl std::fmt::Debug for LedgerStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LedgerStats(..)")
+    }
+}
+
+impl Default for LedgerStats {
+    fn default() -> Self {
+        const SECONDS: [f64; 16] = [
+            0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+            1.0, 2.5,
+        ];
+        let seconds = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()))
+                .expect("static histogram options")
+        };
+        Self {
+            commit: seconds(
+                "botgate_ledger_commit_seconds",
+                "Time to write one batch of billed sessions durably (store or spool).",
+            ),
+            batch: Histogram::with_opts(
+                HistogramOpts::new("botgate_ledger_batch_sessions", "Billed sessions per ledger batch.")
+                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 13).expect("static buckets")),
+            )
+            .expect("static histogram options"),
+            wait: seconds(
+                "botgate_ledger_session_wait_seconds",
+                "Time from a billed session's queueing at the ledger to its batch's answer.",
+            ),
+        }
+    }
+}
+
+impl LedgerStats {
+    /// Registers the three histograms.
+    pub fn register(&self, registry: &prometheus::Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.commit.clone()))?;
+        registry.register(Box::new(self.batch.clone()))?;
+        registry.register(Box::new(self.wait.clone()))
+    }
 }
 
 /// A handle to the ledger's writer thread; cloning is shallow.
@@ -132,8 +191,9 @@ fn run(
     options: LedgerOptions,
     rx: mpsc::Receiver<Pending>,
 ) {
+    let stats = options.stats.clone();
     let mut batch = Vec::with_capacity(64);
-    let mut acks = Vec::with_capacity(64);
+    let mut acks: Vec<(Ack, Instant)> = Vec::with_capacity(64);
     let mut refunds: Vec<Option<Refund>> = Vec::with_capacity(64);
     let mut seq: u64 = 0;
     let mut replayed = Instant::now();
@@ -159,7 +219,7 @@ fn run(
             }
         };
         batch.push(rec);
-        acks.push(ack);
+        acks.push((ack, queued));
         refunds.push(refund);
         let busy = last_batch >= options.linger_after;
         let deadline = if busy { queued + options.linger } else { queued };
@@ -172,13 +232,14 @@ fn run(
                     if left.is_zero() { None } else { rx.recv_timeout(left).ok() }
                 }
             };
-            let Some((rec, _, ack, refund)) = next else { break };
+            let Some((rec, queued, ack, refund)) = next else { break };
             batch.push(rec);
-            acks.push(ack);
+            acks.push((ack, queued));
             refunds.push(refund);
         }
         seq += 1;
         let batch_id = format!("{}.{seq}", options.batch_prefix);
+        let writing = Instant::now();
         let result = record(&*store, options.watch.as_ref(), &batch_id, &batch).or_else(|e: StoreError| match &spool {
             Some(spool) => {
                 tracing::warn!(error = %e, sessions = batch.len(), "The store refused billed sessions; spooling them locally.");
@@ -198,7 +259,11 @@ fn run(
         } else {
             refunds.clear();
         }
-        for ack in acks.drain(..) {
+        let answered = Instant::now();
+        stats.commit.observe(answered.duration_since(writing).as_secs_f64());
+        stats.batch.observe(batch.len() as f64);
+        for (ack, queued) in acks.drain(..) {
+            stats.wait.observe(answered.duration_since(queued).as_secs_f64());
             let _ = ack.send(result.clone());
         }
         last_batch = batch.len();
@@ -266,6 +331,7 @@ mod tests {
             linger: Duration::from_millis(500),
             linger_after: 0,
             watch: None,
+            stats: LedgerStats::default(),
         };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         // Ten sessions queued one after another, each in its own task: with a 500 ms linger the
@@ -294,6 +360,7 @@ mod tests {
             linger: Duration::ZERO,
             linger_after: 0,
             watch: None,
+            stats: LedgerStats::default(),
         };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         for i in 0..3 {
@@ -313,6 +380,7 @@ mod tests {
             linger: Duration::from_secs(600),
             linger_after: 5,
             watch: None,
+            stats: LedgerStats::default(),
         };
         let ledger = Ledger::start(store.clone(), None, Arc::default(), options).unwrap();
         // Not busy: lone sessions are written at once, not after 600 s.

@@ -254,6 +254,8 @@ struct Inner {
     clock: SharedClock,
     store: SharedStore,
     ledger: Ledger,
+    /// The ledger writer's histograms, for `/metrics`.
+    ledger_stats: ledger::LedgerStats,
     /// Per (tenant, bot): a bot is its tenant and id together, so the same id in another tenant
     /// (after the first deleted it) is another bot with its own counters and pool.
     bots: DashMap<BotKey, Arc<BotCounters>>,
@@ -323,7 +325,9 @@ impl Metering {
                 })
             }))
         });
+        let ledger_stats = ledger::LedgerStats::default();
         let inner = Inner {
+            ledger_stats: ledger_stats.clone(),
             rules: SessionRules {
                 idle_ms: m.session_idle_secs as i64 * 1000,
                 max_ms: m.session_max_secs as i64 * 1000,
@@ -343,6 +347,7 @@ impl Metering {
                     }),
                     linger_after: LINGER_AFTER,
                     watch,
+                    stats: ledger_stats.clone(),
                 },
             )?,
             store,
@@ -406,6 +411,12 @@ impl Metering {
     /// The metering configuration.
     pub fn config(&self) -> &MeteringConfig {
         &self.inner.config
+    }
+
+    /// The ledger writer's histograms (commit time, batch size, a session's wait), registered on
+    /// `/metrics` at start.
+    pub fn ledger_stats(&self) -> &ledger::LedgerStats {
+        &self.inner.ledger_stats
     }
 
     /// The counters of a bot, created (from the rebuilt totals) on first use.
