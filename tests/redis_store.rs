@@ -94,6 +94,38 @@ fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
 
 /// Many sessions finding the node's lease empty at once make one lease call at a time, not one
 /// each: the others wait for it and take what it brought.
+/// A flush of the non-billing counters sent again (its answer lost) is applied once, per node;
+/// another node's flush, and the same node's next start, count on their own.
+#[test]
+fn a_usage_flush_sent_again_counts_once() {
+    use botgate::store::{Store, UsageDelta, UsageFlush};
+    let redis = RedisServer::start();
+    let store = botgate::store::redis::RedisStore::open(&redis.url()).unwrap();
+    let rows = |turns, rejected_rate| {
+        let d = UsageDelta { turns, rejected_rate, ..UsageDelta::default() };
+        vec![
+            ("contoso".to_string(), "helpdesk".to_string(), "2026-11-28".to_string(), d.clone()),
+            ("contoso".to_string(), "faq".to_string(), "2026-11-28".to_string(), d.clone()),
+            ("fabrikam".to_string(), "helpdesk".to_string(), "2026-11-28".to_string(), d),
+        ]
+    };
+    let flush = |node, incarnation, seq| UsageFlush { node, incarnation, seq };
+    let totals = || {
+        let u = store.load_usage().unwrap();
+        (u.iter().map(|u| u.turns).sum::<u64>(), u.iter().map(|u| u.rejected_rate).sum::<u64>(), u.len())
+    };
+    store.add_usage(flush("n1", "1.a", 1), &rows(3, 1)).unwrap();
+    store.add_usage(flush("n1", "1.a", 1), &rows(3, 1)).unwrap();
+    assert_eq!(totals(), (9, 3, 3), "sent twice, counted once");
+    store.add_usage(flush("n1", "1.a", 2), &rows(2, 0)).unwrap();
+    store.add_usage(flush("n1", "1.a", 1), &rows(3, 1)).unwrap();
+    assert_eq!(totals(), (15, 3, 3), "an older flush of the same start is not applied again");
+    store.add_usage(flush("n2", "1.b", 1), &rows(1, 0)).unwrap();
+    store.add_usage(flush("n1", "2.c", 1), &rows(1, 0)).unwrap();
+    assert_eq!(totals(), (21, 3, 3), "another node and a new start count on their own");
+    assert_eq!(redis.cli(&["HGET", "bg:{contoso}:usage:flushes", "n1"]), "2.c 1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_herd_on_an_empty_lease_makes_few_lease_calls() {
     let redis = RedisServer::start();

@@ -23,7 +23,7 @@ use crate::clock::SharedClock;
 use crate::config::{CapacityPolicy, Config, MeteringConfig, TenantConfig};
 use crate::error::ApiError;
 use crate::store::outbox::CapacityWatch;
-use crate::store::{DailyUsage, SessionRecord, SharedStore, UsageDelta};
+use crate::store::{DailyUsage, SessionRecord, SharedStore, UsageDelta, UsageFlush};
 use counters::{BotCounters, CounterSnapshot};
 use ledger::{Ledger, LedgerOptions, Watch};
 use pool::{CapacityPlan, Draw, MonthIndex, TenantPool, month_of, month_start_ms};
@@ -261,8 +261,8 @@ struct Inner {
     bots: DashMap<BotKey, Arc<BotCounters>>,
     /// Shared with the ledger's writer, which reads each batch's capacity thresholds from them.
     pools: Arc<DashMap<String, Arc<TenantPool>>>,
-    /// Counters as of the last flush of the non-billing counters to the store.
-    flushed: Mutex<HashMap<BotKey, CounterSnapshot>>,
+    /// The flushes of the non-billing counters to the store.
+    flushed: Mutex<Flushes>,
     /// Totals rebuilt from the store per bot (before any bot of that id registers).
     rebuilt: Mutex<HashMap<(String, String), CounterSnapshot>>,
 }
@@ -305,12 +305,10 @@ impl Metering {
         let degraded = Degraded::default();
         // Batch ids never repeat: the node's id, this start's time and a random word prefix a
         // counter (two starts in one millisecond, even under one misconfigured node id, differ).
-        let batch_prefix = format!(
-            "{}.{}.{:08x}",
-            cluster.as_ref().map(|c| c.leases.node()).unwrap_or("local"),
-            clock.now_ms(),
-            rand::random::<u32>()
-        );
+        // The same start names the flushes of the non-billing counters.
+        let node = cluster.as_ref().map_or("local", |c| c.leases.node()).to_string();
+        let incarnation = format!("{}.{:08x}", clock.now_ms(), rand::random::<u32>());
+        let batch_prefix = format!("{node}.{incarnation}");
         let pools: Arc<DashMap<String, Arc<TenantPool>>> = Arc::default();
         let watch = config.notifications.enabled.then(|| {
             let pools = pools.clone();
@@ -355,7 +353,7 @@ impl Metering {
             degraded,
             bots: DashMap::new(),
             pools,
-            flushed: Mutex::new(HashMap::new()),
+            flushed: Mutex::new(Flushes { node, incarnation, ..Flushes::default() }),
             rebuilt: Mutex::new(rebuilt.clone()),
         };
         // Every tenant's month is rebuilt from the ledger the same way, however the tenant was
@@ -377,7 +375,7 @@ impl Metering {
             };
             inner.pools.insert(tenant.to_string(), pool);
         }
-        *inner.flushed.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt.clone();
+        inner.flushed.lock().unwrap_or_else(|p| p.into_inner()).snapshots = rebuilt.clone();
         let me = Self { inner: Arc::new(inner) };
         // Every bot the ledger knows is exported from the start, with its totals (the per-bot
         // series then add up to the tenant's, also for bots since deleted).
@@ -760,14 +758,23 @@ impl Metering {
 
     /// Writes the non-billing counters (turns, refusals, flow runs) accumulated since the last flush to the
     /// store, under today's date. Billed sessions are already in the ledger.
+    ///
+    /// A flush that failed may still have been applied (its answer lost): it is sent again,
+    /// whole and under its own sequence number, before anything newer, and the store applies
+    /// each flush once. The counters it carried are never sent in another flush.
     pub fn flush(&self) -> Result<(), crate::store::StoreError> {
         let day = crate::store::sqlite::day_of(self.inner.clock.now_ms());
-        let mut flushed = self.inner.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.inner.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let f = &mut *guard;
+        if let Some((seq, deltas)) = &f.unsettled {
+            let name = UsageFlush { node: &f.node, incarnation: &f.incarnation, seq: *seq };
+            self.inner.store.add_usage(name, deltas)?;
+            f.unsettled = None;
+        }
         let mut deltas = Vec::new();
-        let mut next = Vec::new();
         for b in self.inner.bots.iter() {
             let now = b.snapshot();
-            let before = flushed.get(b.key()).copied().unwrap_or_default();
+            let before = f.snapshots.get(b.key()).copied().unwrap_or_default();
             // Saturating: the counters only grow (a session is counted once recorded, never
             // taken back), and a bot's counters start from the same rebuilt totals as its flushed
             // snapshot; never wrap if that ever fails to hold.
@@ -779,14 +786,19 @@ impl Metering {
             };
             if d != UsageDelta::default() {
                 deltas.push((b.tenant.clone(), b.bot.clone(), day.clone(), d));
-                next.push((b.key().clone(), now));
+                f.snapshots.insert(b.key().clone(), now);
             }
         }
-        self.inner.store.add_usage(&deltas)?;
-        for (key, snap) in next {
-            flushed.insert(key, snap);
+        if deltas.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        f.seq += 1;
+        let name = UsageFlush { node: &f.node, incarnation: &f.incarnation, seq: f.seq };
+        let result = self.inner.store.add_usage(name, &deltas);
+        if result.is_err() {
+            f.unsettled = Some((f.seq, deltas));
+        }
+        result
     }
 
     /// Flushes, then reads every day's usage from the store.
@@ -794,6 +806,23 @@ impl Metering {
         self.flush()?;
         self.inner.store.load_usage()
     }
+}
+
+/// One flush's counters: (tenant, bot, day, increments).
+type UsageRows = Vec<(String, String, String, UsageDelta)>;
+
+/// This node's flushes of the non-billing counters.
+#[derive(Default)]
+struct Flushes {
+    /// Names the flushes (see [`UsageFlush`]).
+    node: String,
+    incarnation: String,
+    /// The last flush's number.
+    seq: u64,
+    /// Counters as of the last flush (sent, whatever its outcome).
+    snapshots: HashMap<BotKey, CounterSnapshot>,
+    /// A flush whose outcome is unknown: its number and counters, sent again first.
+    unsettled: Option<(u64, UsageRows)>,
 }
 
 /// The month of a `YYYY-MM-DD` day.
@@ -857,11 +886,13 @@ mod tests {
         assert_eq!(fence_left_ms("FENCED"), None);
     }
 
-    /// A store whose session writes wait for `release`, then fail.
+    /// A store whose session writes wait for `release`, then fail; and whose next
+    /// `lost_answers` usage flushes are applied, then answered with an error (the answer lost).
     struct FailingWrites {
         inner: crate::store::sqlite::SqliteStore,
         entered: std::sync::mpsc::SyncSender<()>,
         release: Mutex<std::sync::mpsc::Receiver<()>>,
+        lost_answers: std::sync::atomic::AtomicU32,
     }
 
     impl crate::store::Store for FailingWrites {
@@ -875,9 +906,19 @@ mod tests {
         }
         fn add_usage(
             &self,
+            f: UsageFlush<'_>,
             d: &[(String, String, String, UsageDelta)],
         ) -> Result<(), crate::store::StoreError> {
-            self.inner.add_usage(d)
+            self.inner.add_usage(f, d)?;
+            let lost = self
+                .lost_answers
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
+            if lost { Err(crate::store::StoreError::Closed) } else { Ok(()) }
         }
         fn load_usage(&self) -> Result<Vec<DailyUsage>, crate::store::StoreError> {
             self.inner.load_usage()
@@ -955,6 +996,7 @@ mod tests {
             inner: crate::store::sqlite::SqliteStore::open(dir.path()).unwrap(),
             entered: entered_tx,
             release: Mutex::new(release_rx),
+            lost_answers: Default::default(),
         });
         let clock = ManualClock::at("2026-11-28T10:00:00Z");
         let config = Config::embedded_default().unwrap();
@@ -982,6 +1024,33 @@ mod tests {
         assert_eq!(metering.pool(tenant).used(month), 0, "the unit is back in the pool");
         assert_eq!(metering.counters(tenant, &config.bots[0].id).snapshot().billed, 0);
         assert!(!meter.state().is_open(), "the session that was never recorded is closed");
+    }
+
+    #[test]
+    fn a_flush_whose_answer_was_lost_counts_its_turns_once() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingWrites {
+            inner: crate::store::sqlite::SqliteStore::open(dir.path()).unwrap(),
+            entered: std::sync::mpsc::sync_channel(1).0,
+            release: Mutex::new(std::sync::mpsc::channel().1),
+            lost_answers: 2.into(),
+        });
+        let clock = crate::clock::ManualClock::at("2026-11-28T10:00:00Z");
+        let config = Config::embedded_default().unwrap();
+        let metering = Metering::start(&config, clock, store.clone(), None).unwrap();
+        let counters = metering.counters(&config.bots[0].tenant, &config.bots[0].id);
+        let turns = || store.inner.load_usage().unwrap().iter().map(|u| u.turns).sum::<u64>();
+        // Three turns flushed, and the answer lost; then the same flush sent again, its answer
+        // lost too; two more turns, and both flushes answered.
+        (0..3).for_each(|_| counters.add_turn());
+        assert!(metering.flush().is_err());
+        assert!(metering.flush().is_err());
+        (0..2).for_each(|_| counters.add_turn());
+        metering.flush().unwrap();
+        assert_eq!(turns(), 5, "each turn counted once");
+        metering.flush().unwrap();
+        assert_eq!(turns(), 5);
     }
 
     #[test]

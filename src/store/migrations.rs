@@ -135,4 +135,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE daily_usage ADD COLUMN flow_timeout INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daily_usage ADD COLUMN flow_refused INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 7: the last flush of non-billing counters applied per node, so that a flush sent again
+    // after an unknown outcome is applied once.
+    r#"
+    CREATE TABLE usage_flushes (
+        node        TEXT PRIMARY KEY,
+        incarnation TEXT NOT NULL,
+        seq         INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];

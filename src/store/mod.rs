@@ -139,6 +139,19 @@ pub struct UsageDelta {
     pub flows: [u64; 4],
 }
 
+/// Names one flush of a node's non-billing counters. A flush whose outcome is unknown (an
+/// error after the store may have applied it) is sent again, whole and under the same name,
+/// before any later one; the store applies each once, keeping per node the last flush applied.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageFlush<'a> {
+    /// The node's id.
+    pub node: &'a str,
+    /// This start of the node (its start time and a random word): never repeats.
+    pub incarnation: &'a str,
+    /// Grows by one with each flush of this incarnation.
+    pub seq: u64,
+}
+
 /// The durable state of botgate.
 pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers (readiness).
@@ -191,8 +204,13 @@ pub trait Store: Send + Sync + 'static {
     /// A tenant's events, newest first, at most `limit`, with their deliveries.
     fn events(&self, tenant: &str, limit: usize) -> Result<Vec<EventState>, StoreError>;
 
-    /// Adds non-billing counters for (tenant, bot, day).
-    fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError>;
+    /// Adds non-billing counters for (tenant, bot, day), unless `flush` was applied already
+    /// (then nothing changes and the answer is `Ok`).
+    fn add_usage(
+        &self,
+        flush: UsageFlush<'_>,
+        deltas: &[(String, String, String, UsageDelta)],
+    ) -> Result<(), StoreError>;
 
     /// Every day's usage of every bot, sessions counted from the ledger.
     fn load_usage(&self) -> Result<Vec<DailyUsage>, StoreError>;

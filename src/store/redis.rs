@@ -32,7 +32,7 @@ use super::control::{
 };
 use super::outbox::{Attempt, CapacityWatch, Claimed, EventState, OutboxEvent, Target};
 use super::redis_conn::{Conn, Topology};
-use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta};
+use super::{DailyUsage, SessionRecord, Store, StoreError, UsageDelta, UsageFlush};
 use crate::store::sqlite::day_of;
 
 /// The pub/sub channel carrying the id of each tenant whose control plane changed (a shard
@@ -57,6 +57,24 @@ pub fn key(t: &str, name: &str) -> String {
 /// Its cost is fixed per batch, not per session: `HSETNX`, one `HINCRBY` per bot and day (two
 /// with overage), one for the pool and one for the month's count, whatever the batch holds.
 const RECORD: &str = super::redis_outbox::RECORD;
+
+/// A flush of one tenant's non-billing counters (`KEYS[1]` the usage hash, `KEYS[2]` the last
+/// flush applied per node): `ARGV` node, incarnation, seq, then field and increment pairs.
+/// Applied unless it is that node's last flush applied (or an earlier one of the same
+/// incarnation), so a flush sent again after a lost answer counts once. Flushes are rare (each
+/// node's every 10 s), so the script text goes along each time.
+const ADD_USAGE: &str = r#"
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev then
+  local inc, seq = string.match(prev, '^(%S+) (%d+)$')
+  if inc == ARGV[2] and tonumber(seq) >= tonumber(ARGV[3]) then return 0 end
+end
+for i = 4, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+return 1
+"#;
 
 /// The Redis store.
 pub struct RedisStore {
@@ -387,16 +405,17 @@ impl Store for RedisStore {
         super::redis_outbox::parse_events(raw, limit).map_err(|e| bad_data(&self.url, "outbox event", e))
     }
 
-    fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError> {
+    fn add_usage(
+        &self,
+        flush: UsageFlush<'_>,
+        deltas: &[(String, String, String, UsageDelta)],
+    ) -> Result<(), StoreError> {
         if deltas.is_empty() {
             return Ok(());
         }
-        // One group per row (its tenant's slot), then the tenant set's additions.
-        let mut groups: Vec<Vec<Cmd>> = Vec::with_capacity(deltas.len() + 1);
-        let mut register: Vec<Cmd> = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
+        // One script per tenant (its slot), then the tenant set's additions.
+        let mut by_tenant: std::collections::BTreeMap<&str, Vec<(String, u64)>> = Default::default();
         for (tenant, bot, day, d) in deltas {
-            let k = key(tenant, "usage");
             let counts = [
                 ("turns", d.turns),
                 ("rc", d.rejected_capacity),
@@ -406,19 +425,24 @@ impl Store for RedisStore {
                 ("ftime", d.flows[2]),
                 ("fref", d.flows[3]),
             ];
-            let group: Vec<Cmd> = counts
-                .iter()
-                .filter(|(_, v)| *v > 0)
-                .map(|(name, v)| {
-                    redis::cmd("HINCRBY").arg(&k).arg(format!("{bot}|{day}|{name}")).arg(*v).to_owned()
-                })
-                .collect();
-            if !group.is_empty() {
-                groups.push(group);
+            let fields = by_tenant.entry(tenant.as_str()).or_default();
+            fields.extend(
+                counts.iter().filter(|(_, v)| *v > 0).map(|(name, v)| (format!("{bot}|{day}|{name}"), *v)),
+            );
+        }
+        let mut groups: Vec<Vec<Cmd>> = Vec::with_capacity(by_tenant.len() + 1);
+        let mut register = Vec::with_capacity(by_tenant.len());
+        for (tenant, fields) in &by_tenant {
+            if !fields.is_empty() {
+                let mut c = redis::cmd("EVAL");
+                c.arg(ADD_USAGE).arg(2).arg(key(tenant, "usage")).arg(key(tenant, "usage:flushes"));
+                c.arg(flush.node).arg(flush.incarnation).arg(flush.seq);
+                for (field, v) in fields {
+                    c.arg(field).arg(*v);
+                }
+                groups.push(vec![c]);
             }
-            if seen.insert(tenant.as_str()) {
-                register.push(redis::cmd("SADD").arg(TENANTS).arg(tenant).to_owned());
-            }
+            register.push(redis::cmd("SADD").arg(TENANTS).arg(*tenant).to_owned());
         }
         groups.push(register);
         self.with_conn(|c| c.query_groups(&groups).map(|_| ()))

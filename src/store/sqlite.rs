@@ -17,7 +17,7 @@ use super::control::{
 };
 use super::migrations::MIGRATIONS;
 use super::outbox::{Attempt, CapacityWatch, Claimed, EventState, OutboxEvent, Target};
-use super::{DailyUsage, SessionRecord, SpooledBatch, Store, StoreError, UsageDelta};
+use super::{DailyUsage, SessionRecord, SpooledBatch, Store, StoreError, UsageDelta, UsageFlush};
 
 pub use crate::config::SqliteSync as Sync;
 
@@ -209,12 +209,29 @@ impl Store for SqliteStore {
         self.with_reader(|c| super::sqlite_outbox::events(c, tenant, limit))
     }
 
-    fn add_usage(&self, deltas: &[(String, String, String, UsageDelta)]) -> Result<(), StoreError> {
+    fn add_usage(
+        &self,
+        flush: UsageFlush<'_>,
+        deltas: &[(String, String, String, UsageDelta)],
+    ) -> Result<(), StoreError> {
         if deltas.is_empty() {
             return Ok(());
         }
         self.with_conn(|c| {
             let tx = c.transaction()?;
+            let applied: Option<(String, i64)> = tx
+                .query_row("SELECT incarnation, seq FROM usage_flushes WHERE node = ?1", [flush.node], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            if applied.is_some_and(|(inc, seq)| inc == flush.incarnation && seq >= flush.seq as i64) {
+                return Ok(());
+            }
+            tx.execute(
+                "INSERT INTO usage_flushes (node, incarnation, seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (node) DO UPDATE SET incarnation = excluded.incarnation, seq = excluded.seq",
+                params![flush.node, flush.incarnation, flush.seq as i64],
+            )?;
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO daily_usage (tenant, bot, day, turns, rejected_capacity, rejected_rate,
@@ -651,11 +668,19 @@ mod tests {
         let s = SqliteStore::open(dir.path()).unwrap();
         let d = UsageDelta { turns: 3, rejected_capacity: 1, rejected_rate: 0, flows: [2, 1, 0, 1] };
         let key = ("t".to_string(), "b".to_string(), "2026-11-28".to_string());
-        s.add_usage(&[(key.0.clone(), key.1.clone(), key.2.clone(), d.clone())]).unwrap();
-        s.add_usage(&[(key.0, key.1, key.2, d)]).unwrap();
+        let flush = |seq| UsageFlush { node: "n1", incarnation: "1.a", seq };
+        s.add_usage(flush(1), &[(key.0.clone(), key.1.clone(), key.2.clone(), d.clone())]).unwrap();
+        s.add_usage(flush(2), &[(key.0.clone(), key.1.clone(), key.2.clone(), d.clone())]).unwrap();
         let u = s.load_usage().unwrap();
         assert_eq!((u[0].turns, u[0].rejected_capacity, u[0].sessions), (6, 2, 0));
         assert_eq!(u[0].flows, [4, 2, 0, 2], "flow runs add up per outcome");
+        // A flush sent again (its answer lost) is applied once; a new start of the node counts
+        // from its own first flush.
+        s.add_usage(flush(2), &[(key.0.clone(), key.1.clone(), key.2.clone(), d.clone())]).unwrap();
+        assert_eq!(s.load_usage().unwrap()[0].turns, 6);
+        let again = UsageFlush { node: "n1", incarnation: "2.b", seq: 1 };
+        s.add_usage(again, &[(key.0, key.1, key.2, d)]).unwrap();
+        assert_eq!(s.load_usage().unwrap()[0].turns, 9);
     }
 
     #[test]
