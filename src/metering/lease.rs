@@ -245,3 +245,26 @@ impl Leases {
         Ok(back.into_iter().map(|b| b.max(0) as u64).sum())
     }
 }
+
+/// The time left on a pool's fence, from a refused lease call's error (`FENCED <ms> ms left`,
+/// written by `store::redis_lease`; the `redis` crate shows it as `"FENCED": <ms> ms left`), so
+/// that a refused session's `Retry-After` says when grants resume rather than a guess.
+pub(crate) fn fence_left_ms(cause: &str) -> Option<u64> {
+    let rest = cause[cause.find("FENCED")? + "FENCED".len()..].trim_start_matches(['"', ':', ' ']);
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..digits].parse().ok()
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::fence_left_ms;
+
+    #[test]
+    fn a_fence_error_gives_its_time_left() {
+        // As the `redis` crate shows the script's error reply, and as the script writes it.
+        assert_eq!(fence_left_ms(r#""FENCED": 2999 ms left after a failover"#), Some(2999));
+        assert_eq!(fence_left_ms("lease call: FENCED 12 ms left after a failover"), Some(12));
+        assert_eq!(fence_left_ms("connection refused"), None);
+        assert_eq!(fence_left_ms("FENCED"), None);
+    }
+}

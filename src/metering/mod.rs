@@ -120,15 +120,6 @@ impl Drop for Refund {
     }
 }
 
-/// The time left on a pool's fence, from a refused lease call's error (`FENCED <ms> ms left`,
-/// written by `store::redis_lease`; the `redis` crate shows it as `"FENCED": <ms> ms left`), so
-/// that a refused session's `Retry-After` says when grants resume rather than a guess.
-fn fence_left_ms(cause: &str) -> Option<u64> {
-    let rest = cause[cause.find("FENCED")? + "FENCED".len()..].trim_start_matches(['"', ':', ' ']);
-    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-    rest[..digits].parse().ok()
-}
-
 /// A session that began and is not recorded yet: [`commit`](Self::commit) records it (and
 /// answers only once it is durable); dropping it instead gives its unit back.
 pub struct PendingSession {
@@ -630,12 +621,15 @@ impl Metering {
         let (Some(cluster), Some(lease)) = (&self.inner.cluster, pool.lease()) else { return Ok(()) };
         let seen = lease.refills();
         let gate = lease.refill.clone().lock_owned().await;
+        let now = self.inner.clock.now_ms();
+        if let Some(left) = lease.fenced_for(now) {
+            return Err(format!("FENCED {left} ms left after a failover, as the last lease call said"));
+        }
         match lease.refilled_since(seen) {
             Some(true) => return Ok(()),
             Some(false) => return Err("the lease refill this session waited for failed".into()),
             None => {}
         }
-        let now = self.inner.clock.now_ms();
         if pool.lease_available(month, now) > 0 || lease.known_empty(month, now) {
             return Ok(());
         }
@@ -661,7 +655,7 @@ impl Metering {
             return;
         }
         let now = self.inner.clock.now_ms();
-        if lease.known_empty(month, now) {
+        if lease.known_empty(month, now) || lease.fenced_for(now).is_some() {
             return;
         }
         let Ok(gate) = lease.refill.clone().try_lock_owned() else { return };
@@ -694,7 +688,7 @@ impl Metering {
             return Ok(());
         }
         d.refused.fetch_add(1, Relaxed);
-        if let Some(left_ms) = fence_left_ms(cause) {
+        if let Some(left_ms) = lease::fence_left_ms(cause) {
             let secs = left_ms.div_ceil(1000).max(1);
             return Err(ApiError::unavailable(
                 "MeteringUnavailable",
@@ -875,15 +869,6 @@ mod tests {
     fn day_month_parses() {
         assert_eq!(day_month("2026-11-28"), pool::parse_month("2026-11"));
         assert_eq!(day_month("bad"), None);
-    }
-
-    #[test]
-    fn a_fence_error_gives_its_time_left() {
-        // As the `redis` crate shows the script's error reply, and as the script writes it.
-        assert_eq!(fence_left_ms(r#""FENCED": 2999 ms left after a failover"#), Some(2999));
-        assert_eq!(fence_left_ms("lease call: FENCED 12 ms left after a failover"), Some(12));
-        assert_eq!(fence_left_ms("connection refused"), None);
-        assert_eq!(fence_left_ms("FENCED"), None);
     }
 
     /// A store whose session writes wait for `release`, then fail; and whose next

@@ -152,6 +152,10 @@ pub struct Lease {
     /// refill in flight takes its outcome instead of asking again.
     refills: AtomicU64,
     last_refill_ok: std::sync::atomic::AtomicBool,
+    /// Until when (ms, this node's clock) Redis refuses grants for a failover's fence, as the
+    /// last refused call said (0: not fenced). Until then no lease call is made for a session:
+    /// each would be refused.
+    fenced_until: std::sync::atomic::AtomicI64,
     /// The last grant: when (ms), the units used then, and its size (0: none yet). Written
     /// under the refill gate, so the three are read together consistently by the next refill;
     /// the per-session low-lease check reads only the size.
@@ -207,8 +211,19 @@ impl Lease {
             let until = (now + Self::EMPTY_FOR_MS).max(0) as u64 & ((1 << 48) - 1);
             self.empty_until.store((u64::from(month) << 48) | until, Ordering::Relaxed);
         }
+        let fenced = match outcome {
+            Ok(_) => 0,
+            Err(e) => super::lease::fence_left_ms(e).map_or(0, |left| now.saturating_add(left as i64)),
+        };
+        self.fenced_until.store(fenced, Ordering::Relaxed);
         self.last_refill_ok.store(outcome.is_ok(), Ordering::Relaxed);
         self.refills.fetch_add(1, Ordering::Release);
+    }
+
+    /// The ms left on a failover's fence, as the last refused lease call said, if any.
+    pub fn fenced_for(&self, now: Millis) -> Option<u64> {
+        let until = self.fenced_until.load(Ordering::Relaxed);
+        (until > now).then(|| (until - now) as u64)
     }
 }
 
@@ -254,6 +269,7 @@ impl TenantPool {
                 empty_until: AtomicU64::new(0),
                 refills: AtomicU64::new(0),
                 last_refill_ok: std::sync::atomic::AtomicBool::new(true),
+                fenced_until: std::sync::atomic::AtomicI64::new(0),
                 last_grant_at: std::sync::atomic::AtomicI64::new(0),
                 last_grant_used: AtomicU64::new(0),
                 last_grant: AtomicU64::new(0),
