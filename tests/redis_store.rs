@@ -94,6 +94,56 @@ fn a_batch_recorded_twice_counts_once_at_a_fixed_cost() {
 
 /// Many sessions finding the node's lease empty at once make one lease call at a time, not one
 /// each: the others wait for it and take what it brought.
+/// A Redis that speaks TLS (`rediss://`): the node verifies its certificate against
+/// `store.redis_tls_ca` and records sessions through it; with the system's roots instead, the
+/// same server's certificate is refused and nothing connects.
+#[tokio::test]
+async fn a_redis_over_tls_is_verified_against_the_configured_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, _) = tls::certificate(certs.path(), "redis");
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = tls_port.to_string();
+    let extra: Vec<&std::ffi::OsStr> = vec![
+        "--tls-port".as_ref(),
+        port.as_ref(),
+        "--tls-cert-file".as_ref(),
+        cert.as_os_str(),
+        "--tls-key-file".as_ref(),
+        key.as_os_str(),
+        "--tls-ca-cert-file".as_ref(),
+        cert.as_os_str(),
+        "--tls-auth-clients".as_ref(),
+        "no".as_ref(),
+    ];
+    // The plain port stays open for the test's own `redis-cli`; the node uses the TLS port.
+    let redis = RedisServer::start_with(tempfile::tempdir().unwrap(), 0, &extra);
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let (u, ca) = (url.clone(), cert.clone());
+    let s = TestServer::with(move |c| {
+        on_redis(c, &u);
+        c.store.redis_tls_ca = ca.clone();
+    })
+    .await;
+    for _ in 0..2 {
+        let (t, c, _) = s.conversation("helpdesk").await;
+        s.say_ok(&t, &c, "vpn").await;
+    }
+    assert_eq!(metric(&s.metrics().await, BILLED), Some(2));
+    assert_eq!(redis.billed_sessions(), 2, "recorded over TLS");
+    let clients = redis.cli(&["CLIENT", "LIST"]);
+    assert!(clients.lines().any(|l| l.contains(&format!("laddr=127.0.0.1:{tls_port}"))), "{clients}");
+    // Without the CA, the system's roots do not know the server's certificate.
+    let config = botgate::config::StoreConfig {
+        backend: botgate::config::StoreBackend::Redis,
+        redis_url: url,
+        ..Default::default()
+    };
+    let Err(refused) = botgate::store::redis::RedisStore::connect(&config, 0, 0) else {
+        panic!("a certificate no root vouches for was accepted")
+    };
+    assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
+}
+
 /// A flush of the non-billing counters sent again (its answer lost) is applied once, per node;
 /// another node's flush, and the same node's next start, count on their own.
 #[test]

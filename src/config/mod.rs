@@ -284,6 +284,21 @@ mod tests {
     }
 
     #[test]
+    fn tls_urls_are_all_or_nothing_and_the_ca_needs_them() {
+        let err = |text: &str| Config::from_str(text, "x.toml").unwrap_err().to_string();
+        let redis = "[store]\nbackend = \"redis\"\n";
+        let tls =
+            Config::from_str(&format!("{redis}redis_url = \"rediss://cache:6380/\"\n"), "x.toml").unwrap();
+        assert!(tls.store.redis_tls());
+        let mixed = format!(
+            "{redis}redis_mode = \"cluster\"\nredis_cluster_nodes = [\"rediss://a:6379/\", \"redis://b:6379/\"]\n"
+        );
+        assert!(err(&mixed).contains("every entry or for none"), "{}", err(&mixed));
+        let ca = format!("{redis}redis_url = \"redis://cache:6379/\"\nredis_tls_ca = \"/etc/ca.pem\"\n");
+        assert!(err(&ca).contains("store.redis_tls_ca"), "{}", err(&ca));
+    }
+
+    #[test]
     fn bot_of_unknown_tenant_is_refused() {
         let text = r#"
 [[bots]]

@@ -245,6 +245,10 @@ pub struct StoreConfig {
     /// For `redis_mode = "cluster"`: seed nodes, e.g. `["redis://10.0.0.31:6379/"]`.
     #[serde(default)]
     pub redis_cluster_nodes: Vec<String>,
+    /// With `rediss://` URLs (TLS): a PEM file of the certificate authorities that sign the
+    /// servers' certificates, trusted instead of the system's roots. Default none.
+    #[serde(default)]
+    pub redis_tls_ca: PathBuf,
     /// SQLite commit durability: `full` (default, fsync per commit) or `normal` (survives a
     /// process crash, not a power loss).
     #[serde(default)]
@@ -261,12 +265,22 @@ impl Default for StoreConfig {
             redis_sentinels: Vec::new(),
             redis_master_name: String::new(),
             redis_cluster_nodes: Vec::new(),
+            redis_tls_ca: PathBuf::new(),
             sqlite_sync: SqliteSync::default(),
         }
     }
 }
 
 impl StoreConfig {
+    /// Whether the Redis URLs of `redis_mode` ask for TLS (`rediss://`).
+    pub fn redis_tls(&self) -> bool {
+        match self.redis_mode {
+            RedisMode::Standalone => self.redis_url.starts_with("rediss://"),
+            RedisMode::Sentinel => self.redis_sentinels.iter().any(|u| u.starts_with("rediss://")),
+            RedisMode::Cluster => self.redis_cluster_nodes.iter().any(|u| u.starts_with("rediss://")),
+        }
+    }
+
     pub(super) fn validate(&self) -> Result<(), Invalid> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("store.data_dir", "must not be empty"));
@@ -276,16 +290,24 @@ impl StoreConfig {
         }
         let urls = |key: &'static str, list: &[String]| {
             if list.is_empty() {
-                return Err(invalid(key, "list at least one redis:// URL"));
+                return Err(invalid(key, "list at least one redis:// (or rediss://, TLS) URL"));
             }
-            match list.iter().find(|u| !u.starts_with("redis://")) {
-                Some(_) => Err(invalid(key, "every entry must be a redis:// URL")),
-                None => Ok(()),
+            if list.iter().any(|u| !u.starts_with("redis://") && !u.starts_with("rediss://")) {
+                return Err(invalid(key, "every entry must be a redis:// (or rediss://, TLS) URL"));
             }
+            if list.iter().any(|u| u.starts_with("rediss://") != list[0].starts_with("rediss://")) {
+                return Err(invalid(key, "use TLS (rediss://) for every entry or for none"));
+            }
+            Ok(())
         };
+        if !self.redis_tls_ca.as_os_str().is_empty() && !self.redis_tls() {
+            return Err(invalid("store.redis_tls_ca", "applies only to rediss:// (TLS) URLs"));
+        }
         match self.redis_mode {
-            RedisMode::Standalone if !self.redis_url.starts_with("redis://") => {
-                Err(invalid("store.redis_url", "the redis backend needs a redis:// URL"))
+            RedisMode::Standalone
+                if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") =>
+            {
+                Err(invalid("store.redis_url", "the redis backend needs a redis:// (or rediss://, TLS) URL"))
             }
             RedisMode::Standalone => Ok(()),
             RedisMode::Sentinel => {

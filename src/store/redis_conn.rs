@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, Connection, ConnectionLike, RedisResult, Value};
 
 use crate::config::{RedisMode, StoreConfig};
@@ -28,8 +28,9 @@ pub enum Topology {
     Standalone(redis::Client),
     /// The current primary of a Sentinel-managed group (the client asks a sentinel each time).
     Sentinel(Mutex<SentinelClient>),
-    /// A Redis Cluster, from its seed nodes.
-    Cluster(ClusterClient),
+    /// A Redis Cluster, from its seed nodes; with how to reach one node of it directly (the
+    /// sharded subscription): over TLS or not, and the CA to verify it against.
+    Cluster(ClusterClient, Option<Option<redis::TlsCertificates>>),
 }
 
 impl std::fmt::Debug for Topology {
@@ -38,7 +39,7 @@ impl std::fmt::Debug for Topology {
             // The names of `store.redis_mode`.
             Topology::Standalone(_) => "standalone",
             Topology::Sentinel(_) => "sentinel",
-            Topology::Cluster(_) => "cluster",
+            Topology::Cluster(..) => "cluster",
         })
     }
 }
@@ -53,10 +54,46 @@ pub enum Conn {
 
 impl Topology {
     /// The topology `config` names (nothing is connected yet).
+    ///
+    /// With `rediss://` URLs every connection is TLS, verified against `store.redis_tls_ca`
+    /// when it is set, else the system's roots. Under Sentinel, the primary is reached as the
+    /// sentinels are: over TLS when their URLs are `rediss://`.
     pub fn of(config: &StoreConfig) -> RedisResult<Self> {
+        let certs = tls_certificates(config)?;
         match config.redis_mode {
-            RedisMode::Standalone => {
-                Ok(Topology::Standalone(redis::Client::open(config.redis_url.as_str())?))
+            RedisMode::Standalone => Ok(Topology::Standalone(match certs {
+                Some(certs) => redis::Client::build_with_tls(config.redis_url.as_str(), certs)?,
+                None => redis::Client::open(config.redis_url.as_str())?,
+            })),
+            RedisMode::Sentinel if config.redis_tls() => {
+                let mut addrs = Vec::new();
+                let mut auth = None;
+                for url in &config.redis_sentinels {
+                    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
+                    auth = auth.or_else(|| {
+                        let r = info.redis_settings();
+                        r.password().map(|p| (r.username().map(str::to_string), p.to_string()))
+                    });
+                    addrs.push(info.addr().clone());
+                }
+                let mut builder = SentinelClientBuilder::new(
+                    addrs,
+                    config.redis_master_name.clone(),
+                    SentinelServerType::Master,
+                )?
+                .set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+                if let Some((username, password)) = auth {
+                    if let Some(u) = username {
+                        builder = builder.set_client_to_sentinel_username(u);
+                    }
+                    builder = builder.set_client_to_sentinel_password(password);
+                }
+                if let Some(certs) = certs {
+                    builder = builder
+                        .set_client_to_sentinel_certificates(certs.clone())
+                        .set_client_to_redis_certificates(certs);
+                }
+                Ok(Topology::Sentinel(Mutex::new(builder.build()?)))
             }
             RedisMode::Sentinel => {
                 let client = SentinelClient::build(
@@ -68,12 +105,14 @@ impl Topology {
                 Ok(Topology::Sentinel(Mutex::new(client)))
             }
             RedisMode::Cluster => {
-                let client = ClusterClient::builder(config.redis_cluster_nodes.clone())
+                let mut builder = ClusterClient::builder(config.redis_cluster_nodes.clone())
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(COMMAND_TIMEOUT)
-                    .retries(4)
-                    .build()?;
-                Ok(Topology::Cluster(client))
+                    .retries(4);
+                if let Some(certs) = certs.clone() {
+                    builder = builder.certs(certs);
+                }
+                Ok(Topology::Cluster(builder.build()?, config.redis_tls().then_some(certs)))
             }
         }
     }
@@ -89,7 +128,7 @@ impl Topology {
                 let c = client.lock().unwrap_or_else(|p| p.into_inner()).get_connection()?;
                 single(c)
             }
-            Topology::Cluster(client) => Ok(Conn::Cluster(Box::new(client.get_connection()?))),
+            Topology::Cluster(client, _) => Ok(Conn::Cluster(Box::new(client.get_connection()?))),
         }
     }
 
@@ -101,12 +140,18 @@ impl Topology {
             Topology::Sentinel(client) => {
                 client.lock().unwrap_or_else(|p| p.into_inner()).get_connection()?
             }
-            Topology::Cluster(client) => {
+            Topology::Cluster(client, tls) => {
                 // Ask the cluster which node serves the channel's slot, then connect there.
                 let mut conn = client.get_connection()?;
                 let (host, port) = slot_owner(&mut conn, slot(channel))?;
-                redis::Client::open(format!("redis://{host}:{port}/"))?
-                    .get_connection_with_timeout(CONNECT_TIMEOUT)?
+                let node = match tls {
+                    None => redis::Client::open(format!("redis://{host}:{port}/"))?,
+                    Some(None) => redis::Client::open(format!("rediss://{host}:{port}/"))?,
+                    Some(Some(certs)) => {
+                        redis::Client::build_with_tls(format!("rediss://{host}:{port}/"), certs.clone())?
+                    }
+                };
+                node.get_connection_with_timeout(CONNECT_TIMEOUT)?
             }
         };
         c.set_write_timeout(Some(timeout))?;
@@ -115,8 +160,23 @@ impl Topology {
 
     /// Whether change notices are sharded (`SPUBLISH`/`SSUBSCRIBE`, cluster) or not.
     pub fn sharded(&self) -> bool {
-        matches!(self, Topology::Cluster(_))
+        matches!(self, Topology::Cluster(..))
     }
+}
+
+/// The CA file of `store.redis_tls_ca`, if set, as the `redis` crate takes it.
+fn tls_certificates(config: &StoreConfig) -> RedisResult<Option<redis::TlsCertificates>> {
+    if config.redis_tls_ca.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let pem = std::fs::read(&config.redis_tls_ca).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "cannot read store.redis_tls_ca",
+            format!("{}: {e}", config.redis_tls_ca.display()),
+        ))
+    })?;
+    Ok(Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }))
 }
 
 fn single(c: Connection) -> RedisResult<Conn> {

@@ -324,6 +324,11 @@ impl RedisServer {
 
     /// Starts (or restarts) in `dir` on `port` (0: a free one).
     pub fn start_in(dir: tempfile::TempDir, port: u16) -> Self {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// Starts in `dir` on `port` (0: a free one), with `extra` arguments (a TLS port, say).
+    pub fn start_with(dir: tempfile::TempDir, port: u16, extra: &[&std::ffi::OsStr]) -> Self {
         let free = port == 0;
         let mut dir = Some(dir);
         for _ in 0..20 {
@@ -337,6 +342,7 @@ impl RedisServer {
                 .arg(port.to_string())
                 .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir"])
                 .arg(dir.as_ref().unwrap().path())
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
