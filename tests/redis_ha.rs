@@ -49,6 +49,7 @@ fn node_on(
         c.store.redis_cluster_nodes = store.redis_cluster_nodes;
         c.store.redis_sentinels = store.redis_sentinels;
         c.store.redis_master_name = store.redis_master_name;
+        c.store.redis_tls_ca = store.redis_tls_ca;
         c.metering.tenant_license_sessions = pool;
         c.metering.rate_limit_per_minute = 1_000_000;
         c.cluster.lease_ttl_secs = 60;
@@ -312,6 +313,45 @@ async fn three_nodes_on_a_redis_cluster_keep_every_pool_exact_and_share_changes(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(seen, "the bot created elsewhere reached node C within two seconds");
+}
+
+/// A Redis Cluster over TLS (`rediss://` seeds, `tls-cluster yes`), its nodes verified against
+/// `store.redis_tls_ca`: two botgate nodes draw three tenants' pools (on three primaries) to
+/// exactly their size, the ledger holds exactly those sessions, and each node's sharded change
+/// subscription is a TLS connection too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_over_tls_keeps_every_pool_exact() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, _) = common::tls::certificate(certs.path(), "redis");
+    let cluster = RedisCluster::start_tls(3, 0, &cert, &key);
+    let tenants = tenants_on_distinct_primaries(&cluster, 3);
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Arc::new(TestServer::with(node_on(cluster.store_config(), 20, 0, tenants.clone())).await));
+    }
+    for t in &tenants {
+        let mut ok = 0;
+        let mut exhausted = [false; 2];
+        while !exhausted.iter().all(|&e| e) {
+            for (i, n) in nodes.iter().enumerate() {
+                match one_message(n, &bot_of(t)).await {
+                    Some(200) => ok += 1,
+                    Some(429) => exhausted[i] = true,
+                    other => panic!("tenant {t}: unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(ok, 20, "tenant {t}: a pool of 20");
+    }
+    ledger_settles_at(&cluster.store_config(), 60).await;
+    let subscribers: usize = (0..cluster.nodes.len())
+        .map(|i| {
+            let tls = format!("laddr=127.0.0.1:{}", cluster.tls_ports[i]);
+            let list = cluster.nodes[i].cli(&["CLIENT", "LIST"]);
+            list.lines().filter(|l| l.contains(&tls) && !l.contains("ssub=0")).count()
+        })
+        .sum();
+    assert_eq!(subscribers, 2, "each node's shard subscription, over TLS");
 }
 
 /// A cluster with a replica per primary and `cluster.ledger_wait_replicas = 1`: the primary of a

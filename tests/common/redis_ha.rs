@@ -122,36 +122,92 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 /// A Redis Cluster of `primaries` primaries with `replicas` replicas each.
 pub struct RedisCluster {
     pub nodes: Vec<RedisProcess>,
+    /// Each node's TLS port, if the cluster speaks TLS (`tls-cluster yes`; the plain ports stay
+    /// open for the test's own `redis-cli`).
+    pub tls_ports: Vec<u16>,
+    /// The CA file that signs the nodes' certificate, if TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl RedisCluster {
     pub fn start(primaries: usize, replicas: usize) -> Self {
+        Self::start_with(primaries, replicas, None)
+    }
+
+    /// A cluster whose nodes, bus and replication speak TLS with the certificate `cert` (and
+    /// its key `key`), which is also the CA clients verify it against.
+    pub fn start_tls(
+        primaries: usize,
+        replicas: usize,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Self {
+        Self::start_with(primaries, replicas, Some((cert, key)))
+    }
+
+    fn start_with(
+        primaries: usize,
+        replicas: usize,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Self {
         let n = primaries * (1 + replicas);
+        let mut tls_ports = Vec::new();
         let nodes: Vec<RedisProcess> = (0..n)
             .map(|_| {
-                RedisProcess::data_node(
-                    free_port(),
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "1000",
-                    ],
-                )
+                let mut extra: Vec<String> = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ]
+                .map(String::from)
+                .to_vec();
+                if let Some((cert, key)) = tls {
+                    // The bus port is the TLS port + 10000, which `free_port` keeps free too.
+                    let port = free_port();
+                    tls_ports.push(port);
+                    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+                    extra.extend(
+                        [
+                            "--tls-port",
+                            &port.to_string(),
+                            "--tls-cert-file",
+                            &cert,
+                            "--tls-key-file",
+                            &key,
+                            "--tls-ca-cert-file",
+                            &cert,
+                            "--tls-auth-clients",
+                            "no",
+                            "--tls-cluster",
+                            "yes",
+                            "--tls-replication",
+                            "yes",
+                        ]
+                        .map(String::from),
+                    );
+                }
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                RedisProcess::data_node(free_port(), &extra)
             })
             .collect();
-        let addrs: Vec<String> = nodes.iter().map(|p| format!("127.0.0.1:{}", p.port)).collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .unwrap();
+        let mut create = Command::new("redis-cli");
+        match tls {
+            Some((cert, _)) => {
+                create.arg("--tls").arg("--cacert").arg(cert).arg("--cluster").arg("create");
+                create.args(tls_ports.iter().map(|p| format!("127.0.0.1:{p}")));
+            }
+            None => {
+                create.arg("--cluster").arg("create");
+                create.args(nodes.iter().map(|p| format!("127.0.0.1:{}", p.port)));
+            }
+        }
+        let out =
+            create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]).output().unwrap();
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, tls_ports, tls_ca: tls.map(|(cert, _)| cert.to_path_buf()) };
         cluster.wait_ok();
         let expected = primaries * replicas;
         wait_for("the replicas to sync", Duration::from_secs(30), || {
@@ -170,8 +226,15 @@ impl RedisCluster {
         });
     }
 
+    /// The live nodes' URLs (`rediss://` on their TLS ports, if TLS).
     pub fn seeds(&self) -> Vec<String> {
-        self.nodes.iter().filter(|p| p.child.is_some()).map(RedisProcess::url).collect()
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .map(|i| match self.tls_ports.get(i) {
+                Some(port) => format!("rediss://127.0.0.1:{port}/"),
+                None => self.nodes[i].url(),
+            })
+            .collect()
     }
 
     /// The live node that is the primary serving `key`'s slot.
@@ -198,6 +261,7 @@ impl RedisCluster {
             backend: botgate::config::StoreBackend::Redis,
             redis_mode: botgate::config::RedisMode::Cluster,
             redis_cluster_nodes: self.seeds(),
+            redis_tls_ca: self.tls_ca.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
