@@ -354,6 +354,34 @@ async fn a_redis_cluster_over_tls_keeps_every_pool_exact() {
     assert_eq!(subscribers, 2, "each node's shard subscription, over TLS");
 }
 
+/// Sentinel over TLS: the sentinels on `rediss://` URLs and the primary they name, both
+/// verified against `store.redis_tls_ca`. A node draws a pool to exactly its size, the ledger
+/// holds exactly those sessions, and the node's connections to the primary are on its TLS port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_reaches_the_primary_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, _) = common::tls::certificate(certs.path(), "redis");
+    let group = RedisSentinel::start_tls(&cert, &key);
+    let node = TestServer::with(node_on(group.store_config(), 20, 0, vec!["contoso".to_string()])).await;
+    let mut ok = 0;
+    loop {
+        match one_message(&node, "helpdesk").await {
+            Some(200) => ok += 1,
+            Some(429) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(ok, 20, "a pool of 20");
+    ledger_settles_at(&group.store_config(), 20).await;
+    let primary_tls = group.tls.as_ref().unwrap().2;
+    let clients = group.primary.cli(&["CLIENT", "LIST"]);
+    let on_tls = clients.lines().filter(|l| l.contains(&format!("laddr=127.0.0.1:{primary_tls}"))).count();
+    let on_plain =
+        clients.lines().filter(|l| l.contains(&format!("laddr=127.0.0.1:{} ", group.primary.port))).count();
+    assert!(on_tls >= 2, "the node's connections (and the replica's) over TLS: {clients}");
+    assert_eq!(on_plain, 1, "only this CLIENT LIST on the plain port: {clients}");
+}
+
 /// A cluster with a replica per primary and `cluster.ledger_wait_replicas = 1`: the primary of a
 /// loaded tenant is killed with `kill -9` mid-load, its replica takes over. Every session
 /// answered 200 is in the ledger once, and no other.

@@ -310,6 +310,9 @@ pub struct RedisSentinel {
     pub primary: RedisProcess,
     pub replica: RedisProcess,
     pub sentinels: Vec<RedisProcess>,
+    /// If every process speaks TLS: the sentinels' TLS ports, the CA that signs them all, and
+    /// the first primary's TLS port.
+    pub tls: Option<(Vec<u16>, std::path::PathBuf, u16)>,
 }
 
 /// The name the sentinels monitor the primary under.
@@ -317,10 +320,55 @@ pub const MASTER_NAME: &str = "botgate";
 
 impl RedisSentinel {
     pub fn start() -> Self {
-        let primary = RedisProcess::data_node(free_port(), &[]);
-        let replica =
-            RedisProcess::data_node(free_port(), &["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        Self::start_with(None)
+    }
+
+    /// Every process (primary, replica, sentinels) also listens for TLS with the certificate
+    /// `cert` (key `key`, and `cert` as the CA), and replication and the sentinels' links use
+    /// it: the sentinels name the primary by its TLS port. Plain ports stay open for the test's
+    /// own `redis-cli`.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> Self {
+        let tls_args = |port: u16| -> Vec<String> {
+            let Some((cert, key)) = tls else { return Vec::new() };
+            let (cert, key) = (cert.display().to_string(), key.display().to_string());
+            [
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &cert,
+                "--tls-auth-clients",
+                "no",
+                "--tls-replication",
+                "yes",
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let (primary_tls, replica_tls) = (free_port(), free_port());
+        let primary_args = tls_args(primary_tls);
+        let primary = RedisProcess::data_node(
+            free_port(),
+            &primary_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        // Replication and the sentinels use the TLS ports when TLS is on.
+        let primary_link = if tls.is_some() { primary_tls } else { primary.port };
+        let mut replica_args =
+            vec!["--replicaof".to_string(), "127.0.0.1".to_string(), primary_link.to_string()];
+        replica_args.extend(tls_args(replica_tls));
+        let replica = RedisProcess::data_node(
+            free_port(),
+            &replica_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         wait_for("the replica to sync", Duration::from_secs(10), || replica.replica_in_sync());
+        let mut sentinel_tls = Vec::new();
         let sentinels = (0..3)
             .map(|_| {
                 let port = free_port();
@@ -329,22 +377,32 @@ impl RedisSentinel {
                 std::fs::write(
                     &conf,
                     format!(
-                        "bind 127.0.0.1\nport {port}\nsentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
+                        "bind 127.0.0.1\nport {port}\nsentinel monitor {MASTER_NAME} 127.0.0.1 {primary_link} 2\n\
                          sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
                          sentinel failover-timeout {MASTER_NAME} 5000\n\
                          sentinel parallel-syncs {MASTER_NAME} 1\n",
-                        primary.port
                     ),
                 )
                 .unwrap();
-                let args = vec![conf.display().to_string(), "--sentinel".to_string()];
+                let mut args = vec![conf.display().to_string(), "--sentinel".to_string()];
+                if tls.is_some() {
+                    let t = free_port();
+                    sentinel_tls.push(t);
+                    args.extend(tls_args(t));
+                }
                 RedisProcess::spawn(port, dir, &args)
             })
             .collect();
-        let s = Self { primary, replica, sentinels };
+        let replica_link = if tls.is_some() { replica_tls } else { replica.port };
+        let s = Self {
+            primary,
+            replica,
+            sentinels,
+            tls: tls.map(|(cert, _)| (sentinel_tls, cert.to_path_buf(), primary_tls)),
+        };
         wait_for("the sentinels to see the replica", Duration::from_secs(20), || {
             s.sentinels.iter().all(|x| {
-                x.cli(&["SENTINEL", "REPLICAS", MASTER_NAME]).contains(&s.replica.port.to_string())
+                x.cli(&["SENTINEL", "REPLICAS", MASTER_NAME]).contains(&replica_link.to_string())
                     && x.cli(&["SENTINEL", "SENTINELS", MASTER_NAME]).matches("127.0.0.1").count() >= 2
             })
         });
@@ -365,8 +423,12 @@ impl RedisSentinel {
         botgate::config::StoreConfig {
             backend: botgate::config::StoreBackend::Redis,
             redis_mode: botgate::config::RedisMode::Sentinel,
-            redis_sentinels: self.sentinels.iter().map(RedisProcess::url).collect(),
+            redis_sentinels: match &self.tls {
+                Some((ports, ..)) => ports.iter().map(|p| format!("rediss://127.0.0.1:{p}/")).collect(),
+                None => self.sentinels.iter().map(RedisProcess::url).collect(),
+            },
             redis_master_name: MASTER_NAME.to_string(),
+            redis_tls_ca: self.tls.as_ref().map(|(_, ca, _)| ca.clone()).unwrap_or_default(),
             ..Default::default()
         }
     }
