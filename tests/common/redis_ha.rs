@@ -111,6 +111,28 @@ fn free_port() -> u16 {
     }
 }
 
+/// A server's arguments to also listen for TLS on `port` with the certificate and key of `tls`
+/// (the certificate is its own CA), replicating over TLS; clients need no certificate.
+fn tls_args((cert, key): (&std::path::Path, &std::path::Path), port: u16) -> Vec<String> {
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    [
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &cert,
+        "--tls-auth-clients",
+        "no",
+        "--tls-replication",
+        "yes",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
@@ -164,30 +186,12 @@ impl RedisCluster {
                 ]
                 .map(String::from)
                 .to_vec();
-                if let Some((cert, key)) = tls {
+                if let Some(tls) = tls {
                     // The bus port is the TLS port + 10000, which `free_port` keeps free too.
                     let port = free_port();
                     tls_ports.push(port);
-                    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-                    extra.extend(
-                        [
-                            "--tls-port",
-                            &port.to_string(),
-                            "--tls-cert-file",
-                            &cert,
-                            "--tls-key-file",
-                            &key,
-                            "--tls-ca-cert-file",
-                            &cert,
-                            "--tls-auth-clients",
-                            "no",
-                            "--tls-cluster",
-                            "yes",
-                            "--tls-replication",
-                            "yes",
-                        ]
-                        .map(String::from),
-                    );
+                    extra.extend(tls_args(tls, port));
+                    extra.extend(["--tls-cluster", "yes"].map(String::from));
                 }
                 let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
                 RedisProcess::data_node(free_port(), &extra)
@@ -332,26 +336,7 @@ impl RedisSentinel {
     }
 
     fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> Self {
-        let tls_args = |port: u16| -> Vec<String> {
-            let Some((cert, key)) = tls else { return Vec::new() };
-            let (cert, key) = (cert.display().to_string(), key.display().to_string());
-            [
-                "--tls-port",
-                &port.to_string(),
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &cert,
-                "--tls-auth-clients",
-                "no",
-                "--tls-replication",
-                "yes",
-            ]
-            .map(String::from)
-            .to_vec()
-        };
+        let tls_args = |port: u16| tls.map(|tls| tls_args(tls, port)).unwrap_or_default();
         let (primary_tls, replica_tls) = (free_port(), free_port());
         let primary_args = tls_args(primary_tls);
         let primary = RedisProcess::data_node(
