@@ -130,7 +130,7 @@ server_share() {
 # session's wait from queueing to its answer, each as the upper bound of its histogram bucket.
 ledger_view() {
   curl -s "http://$ADM/metrics" | awk '
-    function q(f, p,   i) { for (i = 1; i <= n[f]; i++) if (c[f, i] >= p * t[f]) return le[f, i] * 1000; return "inf" }
+    function q(f, p,   i) { for (i = 1; i <= n[f]; i++) if (c[f, i] >= p * t[f]) return le[f, i] == "+Inf" ? "inf" : le[f, i] * 1000; return "inf" }
     /^botgate_ledger_(commit|session_wait)_seconds_bucket/ { f = ($0 ~ /commit/) ? "commit" : "wait"; match($0, /le="[^"]*"/)
       n[f]++; le[f, n[f]] = substr($0, RSTART + 4, RLENGTH - 5); c[f, n[f]] = $NF }
     /^botgate_ledger_commit_seconds_count/ { t["commit"] = $NF }

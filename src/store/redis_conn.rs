@@ -29,8 +29,29 @@ pub enum Topology {
     /// The current primary of a Sentinel-managed group (the client asks a sentinel each time).
     Sentinel(Mutex<SentinelClient>),
     /// A Redis Cluster, from its seed nodes; with how to reach one node of it directly (the
-    /// sharded subscription): over TLS or not, and the CA to verify it against.
-    Cluster(ClusterClient, Option<Option<redis::TlsCertificates>>),
+    /// sharded subscription).
+    Cluster(ClusterClient, NodeLink),
+}
+
+/// How a connection to one node of a cluster is made: as the seeds' URLs say, plain or TLS
+/// (verified against `store.redis_tls_ca` if set).
+pub enum NodeLink {
+    /// `redis://`.
+    Plain,
+    /// `rediss://`, with the CA of `store.redis_tls_ca` (none: the system's roots).
+    Tls(Option<redis::TlsCertificates>),
+}
+
+impl NodeLink {
+    fn client(&self, host: &str, port: u16) -> RedisResult<redis::Client> {
+        match self {
+            NodeLink::Plain => redis::Client::open(format!("redis://{host}:{port}/")),
+            NodeLink::Tls(None) => redis::Client::open(format!("rediss://{host}:{port}/")),
+            NodeLink::Tls(Some(certs)) => {
+                redis::Client::build_with_tls(format!("rediss://{host}:{port}/"), certs.clone())
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Topology {
@@ -112,7 +133,8 @@ impl Topology {
                 if let Some(certs) = certs.clone() {
                     builder = builder.certs(certs);
                 }
-                Ok(Topology::Cluster(builder.build()?, config.redis_tls().then_some(certs)))
+                let link = if config.redis_tls() { NodeLink::Tls(certs) } else { NodeLink::Plain };
+                Ok(Topology::Cluster(builder.build()?, link))
             }
         }
     }
@@ -140,18 +162,11 @@ impl Topology {
             Topology::Sentinel(client) => {
                 client.lock().unwrap_or_else(|p| p.into_inner()).get_connection()?
             }
-            Topology::Cluster(client, tls) => {
+            Topology::Cluster(client, link) => {
                 // Ask the cluster which node serves the channel's slot, then connect there.
                 let mut conn = client.get_connection()?;
                 let (host, port) = slot_owner(&mut conn, slot(channel))?;
-                let node = match tls {
-                    None => redis::Client::open(format!("redis://{host}:{port}/"))?,
-                    Some(None) => redis::Client::open(format!("rediss://{host}:{port}/"))?,
-                    Some(Some(certs)) => {
-                        redis::Client::build_with_tls(format!("rediss://{host}:{port}/"), certs.clone())?
-                    }
-                };
-                node.get_connection_with_timeout(CONNECT_TIMEOUT)?
+                link.client(&host, port)?.get_connection_with_timeout(CONNECT_TIMEOUT)?
             }
         };
         c.set_write_timeout(Some(timeout))?;
